@@ -1,0 +1,34 @@
+"""Named model shapes. Each entry is the published config.json, translated to GLMConfig fields."""
+
+PRESETS: dict[str, dict] = {
+    # https://huggingface.co/THUDM/chatglm-6b/blob/main/config.json
+    "chatglm-6b": dict(
+        vocab_size=130528, hidden_size=4096, num_layers=28, num_heads=32, ffn_hidden_size=16384, max_seq_len=2048,
+        norm="layernorm", norm_eps=1e-5, residual="deepnorm", mlp="gelu", qkv_layout="per_head", rope="2d",
+        rope_fp16="table", attention="prefix_lm", family="chatglm", torch_dtype="float16",
+    ),
+    # https://huggingface.co/THUDM/chatglm2-6b/blob/main/config.json
+    "chatglm2-6b": dict(
+        vocab_size=65024, hidden_size=4096, num_layers=28, num_heads=32, num_kv_heads=2, head_dim=128,
+        ffn_hidden_size=13696, max_seq_len=32768, norm="rmsnorm", norm_eps=1e-5, residual="prenorm", mlp="swiglu",
+        qkv_bias=True, proj_bias=False, mlp_bias=False, qkv_layout="grouped", rope="half_interleaved",
+        attention="causal", bos_token_id=None, eos_token_id=2, pad_token_id=0, mask_token_id=None,
+        gmask_token_id=None, family="chatglm2", torch_dtype="float16",
+    ),
+    # https://huggingface.co/THUDM/chatglm3-6b/blob/main/config.json
+    "chatglm3-6b": dict(
+        vocab_size=65024, hidden_size=4096, num_layers=28, num_heads=32, num_kv_heads=2, head_dim=128,
+        ffn_hidden_size=13696, max_seq_len=8192, norm="rmsnorm", norm_eps=1e-5, residual="prenorm", mlp="swiglu",
+        qkv_bias=True, proj_bias=False, mlp_bias=False, qkv_layout="grouped", rope="half_interleaved",
+        attention="causal", bos_token_id=None, eos_token_id=2, pad_token_id=0, mask_token_id=None,
+        gmask_token_id=None, family="chatglm2", torch_dtype="float16",
+    ),
+    # https://huggingface.co/THUDM/glm-4-9b-chat/blob/main/config.json (rope_ratio 500 -> base 5e6)
+    "glm-4-9b-chat": dict(
+        vocab_size=151552, hidden_size=4096, num_layers=40, num_heads=32, num_kv_heads=2, head_dim=128,
+        ffn_hidden_size=13696, max_seq_len=131072, norm="rmsnorm", norm_eps=1.5625e-7, residual="prenorm",
+        mlp="swiglu", qkv_bias=True, proj_bias=False, mlp_bias=False, qkv_layout="grouped", rope="half_interleaved",
+        rope_base=5e6, attention="causal", bos_token_id=None, eos_token_id=[151329, 151336, 151338],
+        pad_token_id=151329, mask_token_id=None, gmask_token_id=None, family="glm4", torch_dtype="bfloat16",
+    ),
+}
