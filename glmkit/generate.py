@@ -1,0 +1,220 @@
+"""The one generation module: sampling, KV-cache prefill/decode, streaming. Chat, CLI, server and UI all use it.
+
+Order of score processing per step (as transformers does it): caller's logits processors (e.g. ChatGLM's NaN/inf
+guard) -> repetition penalty -> (sampling only) temperature -> top-k -> top-p -> multinomial; greedy = argmax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import torch
+
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+HF_DEFAULT_MAX_LENGTH = 20  # transformers' default total length when neither limit is given
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+def apply_repetition_penalty(input_ids: torch.Tensor, scores: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty on every token already present (prompt included), as transformers applies it."""
+    if penalty == 1.0:
+        return scores
+    picked = scores.gather(1, input_ids)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return scores.scatter(1, input_ids, picked)
+
+
+def warp(scores: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """temperature -> top-k -> top-p, returning filtered logits (-inf outside the kept set; at least one kept)."""
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_k and top_k > 0:
+        k = min(top_k, scores.shape[-1])
+        kth = torch.topk(scores, k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
+        cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum <= (1 - top_p)
+        remove[..., -1:] = False  # keep the most likely token
+        scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    return scores
+
+
+def sample(scores: torch.Tensor, *, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+           top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """scores [B, V] -> next tokens [B]. temperature 0 (or do_sample=False) is greedy."""
+    if not do_sample or temperature == 0:
+        return scores.argmax(dim=-1)
+    probs = warp(scores.float(), temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+def invalid_score_guard(input_ids: torch.Tensor, scores: torch.Tensor, fallback_id: int = 5) -> torch.Tensor:
+    """ChatGLM's InvalidScoreLogitsProcessor: NaN/inf scores become a certain pick of token `fallback_id`."""
+    if torch.isnan(scores).any() or torch.isinf(scores).any():
+        scores = torch.zeros_like(scores)
+        scores[..., fallback_id] = 5e4
+    return scores
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def _next_positions(last: torch.Tensor) -> torch.Tensor:
+    """Position ids of the token after `last` ([B, 2] for 2D rotary, [B] otherwise)."""
+    if last.dim() == 1:
+        return last + 1
+    in_part_b = last[:, 1] > 0  # ChatGLM-6B: Part B keeps the mask's position and counts blocks up
+    pos = torch.where(in_part_b, last[:, 0], last[:, 0] + 1)
+    block = torch.where(in_part_b, last[:, 1] + 1, last[:, 1])
+    return torch.stack((pos, block), dim=1)
+
+
+def _as_batch(input_ids) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor):
+        input_ids = torch.tensor(input_ids, dtype=torch.long)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be a non-empty [batch, seq] tensor, got shape {tuple(input_ids.shape)}")
+    return input_ids.long()
+
+
+@torch.inference_mode()
+def generate_stream(model, input_ids, attention_mask: torch.Tensor | None = None, *,
+                    max_new_tokens: int | None = None, max_length: int | None = None, do_sample: bool = False,
+                    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+                    eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                    seed: int | None = None, logits_processors: Iterable[LogitsProcessor] = (),
+                    use_cache: bool = True) -> Iterator[torch.Tensor]:
+    """Yields the next token of every row ([B] LongTensor) per step; finished rows yield pad.
+
+    attention_mask [B, T]: 1 = token, 0 = left padding. A row stops when it produces one of eos_token_id
+    (default: the model's). max_length counts prompt + answer, as in transformers; max_new_tokens only the answer.
+    """
+    cfg = model.config
+    input_ids = _as_batch(input_ids).to(model.wte.weight.device)
+    B, T = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(input_ids.device).long()
+    if tuple(attention_mask.shape) != (B, T):
+        raise ValueError(f"attention_mask must have shape {(B, T)}, got {tuple(attention_mask.shape)}")
+    if max_new_tokens is None:
+        max_new_tokens = (max_length if max_length is not None else HF_DEFAULT_MAX_LENGTH) - T
+    elif max_length is not None:
+        max_new_tokens = min(max_new_tokens, max_length - T)
+    if max_new_tokens <= 0:
+        return
+    if temperature < 0 or not 0 <= top_p <= 1 or top_k < 0 or repetition_penalty <= 0:
+        raise ValueError("need temperature >= 0, 0 <= top_p <= 1, top_k >= 0, repetition_penalty > 0")
+    eos = cfg.eos_token_ids if eos_token_id is None else (
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    eos_t = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
+    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else
+                                                         (eos[0] if eos else 0))
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=input_ids.device).manual_seed(int(seed))
+    processors = list(logits_processors)
+
+    positions = model.default_position_ids(input_ids, attention_mask)  # [B, T] or [B, 2, T]
+    total = T + max_new_tokens
+    tokens = torch.full((B, total), pad, dtype=torch.long, device=input_ids.device)
+    tokens[:, :T] = input_ids
+    key_valid = torch.zeros(B, total, dtype=torch.bool, device=input_ids.device)
+    key_valid[:, :T] = attention_mask.bool()
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+
+    if use_cache:
+        model.setup_cache(B, total)
+    try:
+        prompt_mask = model.default_attention_mask(input_ids, attention_mask)  # [B, 1, T, T]
+        if use_cache:
+            mask = torch.zeros(B, 1, T, total, dtype=torch.bool, device=input_ids.device)
+            mask[..., :T] = prompt_mask
+            logits = model(input_ids, positions, mask, input_pos=torch.arange(T, device=input_ids.device),
+                           last_logits_only=True)
+        else:
+            logits = model(input_ids, positions, prompt_mask, last_logits_only=True)
+        last_pos = positions[..., -1]
+        for step in range(max_new_tokens):
+            cur = T + step
+            scores = logits[:, -1, :].float()
+            seen = tokens[:, :cur]
+            for proc in processors:
+                scores = proc(seen, scores)
+            scores = apply_repetition_penalty(seen, scores, repetition_penalty)
+            nxt = sample(scores, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                         generator=generator)
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+            tokens[:, cur] = nxt
+            key_valid[:, cur] = True
+            yield nxt
+            finished |= torch.isin(nxt, eos_t)
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            last_pos = _next_positions(last_pos)
+            if use_cache:
+                mask = key_valid[:, None, None, :].clone()  # (B, 1, 1, total)
+                mask[..., cur + 1:] = False
+                logits = model(nxt[:, None], last_pos[..., None], mask,
+                               input_pos=torch.tensor([cur], device=input_ids.device))
+            else:
+                full = tokens[:, : cur + 1]
+                logits = model(full, model.default_position_ids(full, key_valid[:, : cur + 1].long()),
+                               model.default_attention_mask(full, key_valid[:, : cur + 1].long()),
+                               last_logits_only=True)
+    finally:
+        if use_cache:
+            model.clear_cache()
+
+
+def generate(model, input_ids, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """The new tokens [B, N] (rows that stopped early are padded); same arguments as generate_stream."""
+    steps = list(generate_stream(model, input_ids, attention_mask, **kwargs))
+    B = _as_batch(input_ids).shape[0]
+    if not steps:
+        return torch.zeros(B, 0, dtype=torch.long)
+    return torch.stack(steps, dim=1).cpu()
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def cli_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="glmkit generate", description="Generate a continuation of PROMPT, "
+                                     "streaming it to stdout. For chat models prefer `glmkit chat`.")
+    parser.add_argument("prompt", help="the text to continue")
+    parser.add_argument("--model", default="glm-tiny", help="model folder, Hugging Face id, or bundled name")
+    parser.add_argument("--adapter", default=None, help="P-tuning or LoRA folder to apply")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None, help="quantize while loading")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    from glmkit.loader import load_model
+    from glmkit.tokenizer import load_tokenizer
+
+    model = load_model(args.model, adapter=args.adapter, quantize=args.quantize)
+    tokenizer = load_tokenizer(args.model)
+    ids = tokenizer.encode(args.prompt)
+    out: list[int] = []
+    printed = ""
+    for tok in generate_stream(model, torch.tensor([ids]), max_new_tokens=args.max_new_tokens,
+                               do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
+                               top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                               seed=args.seed):
+        if int(tok[0]) in model.config.eos_token_ids:
+            break
+        out.append(int(tok[0]))
+        text = tokenizer.decode(out)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+    sys.stdout.write(tokenizer.decode(out)[len(printed):] + "\n")
+    return 0

@@ -1,0 +1,347 @@
+"""Loading published GLM-family checkpoints: local folders, the bundled model, Hugging Face ids.
+
+The model is built on the meta device and tensors are streamed in one at a time (safetensors by mmap, .bin shards
+with torch.load(mmap=True)), so peak memory stays near the final model size. Every checkpoint tensor must map to a
+model tensor and every model tensor must be filled: missing, unexpected and mis-shaped weights are errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from glmkit.config import ConfigError, GLMConfig
+from glmkit.convert import UnexpectedWeightError, converter_for, to_hf_config, to_thudm_state_dict
+
+BUNDLED = {"glm-tiny": Path(__file__).parent / "assets" / "glm-tiny"}
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that cannot be loaded as it is (missing, corrupt, mismatched)."""
+
+
+# ------------------------------------------------------------------------------------------------ locating files
+def resolve_model_dir(path_or_id: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:
+    """A local folder, a bundled model name, or a Hugging Face id (downloaded through huggingface_hub's cache)."""
+    s = str(path_or_id)
+    if s in BUNDLED:
+        if not (BUNDLED[s] / "config.json").exists():
+            raise FileNotFoundError(f"the bundled model {s!r} is not installed at {BUNDLED[s]}")
+        return BUNDLED[s]
+    p = Path(s).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise FileNotFoundError(f"{p} is a file; pass the model folder that holds config.json and the weights")
+    if s.count("/") != 1 or s.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"no model folder at {p} (and {s!r} is not a Hugging Face id like 'THUDM/chatglm-6b')")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = allow_patterns or ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.tiktoken"]
+        return Path(snapshot_download(repo_id=s, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo, gated, ...
+        raise FileNotFoundError(
+            f"could not fetch {s!r} from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            "Without network access, download the model elsewhere and pass its local folder.") from None
+
+
+def read_hf_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return data
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a folder, preferring safetensors; shards come from their index."""
+    for name in WEIGHT_FILES:
+        path = folder / name
+        if not path.exists():
+            continue
+        if name.endswith(".index.json"):
+            try:
+                index = json.loads(path.read_text(encoding="utf-8"))
+                shards = sorted(set(index["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                raise CheckpointError(f"{path} is not a valid shard index ({e})") from None
+            missing = [s for s in shards if not (folder / s).exists()]
+            if missing:
+                raise CheckpointError(f"{path} lists shards that are missing: {missing}")
+            return [folder / s for s in shards]
+        return [path]
+    # shards without an index (hand-copied folders)
+    shards = sorted(folder.glob("pytorch_model-*-of-*.bin")) or sorted(folder.glob("model-*-of-*.safetensors"))
+    if shards:
+        return shards
+    raise FileNotFoundError(f"{folder} holds no weights (looked for {', '.join(WEIGHT_FILES)} and shards)")
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (name, tensor) one at a time; safetensors are memory-mapped, .bin files mmap'ed when possible."""
+    for path in files:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    for name in f.keys():
+                        yield name, f.get_tensor(name)
+            except (OSError, RuntimeError, ValueError) as e:
+                raise CheckpointError(f"cannot read {path}: {e}") from None
+        else:
+            try:
+                try:
+                    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:  # legacy (non-zip) format cannot be mmap'ed
+                    sd = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+            if not isinstance(sd, dict):
+                raise CheckpointError(f"{path} does not hold a state dict")
+            for name in list(sd):
+                yield name, sd.pop(name)
+            del sd
+
+
+def safetensors_metadata(files: list[Path]) -> dict[str, str] | None:
+    for path in files:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    return f.metadata()
+            except Exception as e:
+                raise CheckpointError(f"cannot read {path}: {e}") from None
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device: str = "cpu",
+               adapter: str | os.PathLike | None = None, quantize: str | None = None, group_size: int | None = None,
+               scheme: str | None = None):
+    """Loads a GLM-family checkpoint folder (or bundled name, or Hugging Face id) as a GLMForCausalLM.
+
+    dtype: torch dtype or name; default = config.json's torch_dtype, as transformers does with
+    torch_dtype="auto" (pass dtype= to change it). adapter: a P-tuning or LoRA folder applied on top.
+    quantize: "int8" | "int4" quantizes the four linears of every layer while loading, shard by shard.
+    """
+    from glmkit.api import GLMForCausalLM
+
+    folder = resolve_model_dir(path_or_id)
+    hf = read_hf_config(folder)
+    try:
+        config = GLMConfig.from_hf_config(hf)
+    except ConfigError as e:
+        raise ConfigError(f"{folder / 'config.json'}: {e}") from None
+    files = weight_files(folder)
+    target_dtype = _dtype(dtype) if dtype is not None else _dtype(config.torch_dtype)
+    config.torch_dtype = str(target_dtype).removeprefix("torch.")
+
+    with torch.device("meta"):
+        model = GLMForCausalLM(config)
+    if config.pre_seq_len:
+        from glmkit.ptuning import attach_prefix
+
+        attach_prefix(model, config.pre_seq_len, config.prefix_projection, config.prefix_hidden_size)
+
+    quant_spec = _quantization_spec(hf, files, quantize, group_size, scheme)
+    if quant_spec is not None:
+        from glmkit import quantize as q
+
+        q.prepare_model(model, quant_spec)
+        config.extra["quantization"] = quant_spec
+
+    converter = converter_for(config, hf)
+    _stream_into(model, converter, iter_tensors(files), target_dtype, source=folder)
+    _detect_rope_precision(model, converter)
+    _finish(model, converter, folder)
+
+    if adapter is not None:
+        load_adapter(model, adapter, dtype=target_dtype)
+    model.to(device)
+    model.eval()
+    model.name_or_path = str(path_or_id)
+    return model
+
+
+def load_adapter(model: nn.Module, adapter: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+    """Applies a P-tuning v2 folder (ChatGLM's layout) or a LoRA folder (PEFT's layout) to a loaded model."""
+    folder = Path(adapter).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder {folder} does not exist")
+    if (folder / "adapter_config.json").exists():
+        from glmkit.lora import load_lora_adapter
+
+        return load_lora_adapter(model, folder)
+    hf = read_hf_config(folder)
+    pre_seq_len = hf.get("pre_seq_len")
+    if not pre_seq_len:
+        raise CheckpointError(f"{folder} is neither a LoRA folder (adapter_config.json) nor a P-tuning folder "
+                              "(config.json with pre_seq_len)")
+    from glmkit.ptuning import PREFIX_KEY, attach_prefix
+
+    encoder = attach_prefix(model, int(pre_seq_len), bool(hf.get("prefix_projection", False)))
+    files = weight_files(folder)
+    dtype = dtype or model.wte.weight.dtype
+    loaded = set()
+    for name, tensor in iter_tensors(files):
+        if not name.startswith(PREFIX_KEY):
+            raise CheckpointError(f"{folder}: a P-tuning checkpoint holds only {PREFIX_KEY}* weights, found {name!r}")
+        _assign(model, "prefix_encoder." + name[len(PREFIX_KEY):], tensor, dtype)
+        loaded.add(name)
+    expected = {PREFIX_KEY + k for k in encoder.state_dict()}
+    if loaded != expected:
+        raise CheckpointError(f"{folder}: prefix weights missing {sorted(expected - loaded)}, "
+                              f"unexpected {sorted(loaded - expected)}")
+    return model
+
+
+def _dtype(d: str | torch.dtype) -> torch.dtype:
+    if isinstance(d, torch.dtype):
+        return d
+    if d not in DTYPES:
+        raise ValueError(f"unknown dtype {d!r}; use one of float32, float16, bfloat16")
+    return DTYPES[d]
+
+
+def _quantization_spec(hf, files, quantize, group_size, scheme):
+    pre = None
+    has_marker = hf.get("quantization_bit") or "glmkit_quantization" in hf
+    if has_marker:
+        from glmkit.quantize import quantization_spec
+
+        pre = quantization_spec(hf, safetensors_metadata(files))
+    if quantize is None:
+        return pre
+    if pre is not None:
+        raise ValueError("this checkpoint is already quantized; load it without quantize=")
+    bits = {"int8": 8, "int4": 4, "8": 8, "4": 4, 8: 8, 4: 4}.get(quantize)
+    if bits is None:
+        raise ValueError(f"quantize must be 'int8' or 'int4', got {quantize!r}")
+    from glmkit.quantize import default_spec
+
+    return default_spec(bits, group_size=group_size, scheme=scheme)
+
+
+def _stream_into(model, converter, tensors, dtype, source) -> None:
+    for name, tensor in tensors:
+        try:
+            for target, t in converter.feed(name, tensor):
+                _assign(model, target, t, dtype)
+        except UnexpectedWeightError:
+            raise CheckpointError(f"{source}: unexpected weight {name!r} (shape {tuple(tensor.shape)}) does not "
+                                  "belong to this model's architecture") from None
+    left = converter.leftovers()
+    if left:
+        raise CheckpointError(f"{source}: incomplete weights: {left}")
+
+
+def _assign(model: nn.Module, target: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    module_name, _, attr = target.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        raise UnexpectedWeightError(target) from None
+    if hasattr(module, "load_weight_tensor"):  # e.g. quantize.QuantizedLinear
+        module.load_weight_tensor(attr, tensor)
+        return
+    current = getattr(module, attr, None)
+    if not isinstance(current, torch.Tensor):
+        raise UnexpectedWeightError(target)
+    if tuple(current.shape) != tuple(tensor.shape):
+        raise CheckpointError(f"shape mismatch for {target}: checkpoint has {tuple(tensor.shape)}, the config "
+                              f"implies {tuple(current.shape)}")
+    value = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    if not current.is_meta:
+        raise CheckpointError(f"weight {target} appears twice in the checkpoint")
+    if isinstance(current, nn.Parameter):
+        setattr(module, attr, nn.Parameter(value.contiguous(), requires_grad=current.requires_grad))
+    else:
+        module.register_buffer(attr, value.contiguous())
+
+
+def _detect_rope_precision(model, converter) -> None:
+    """ChatGLM-6B's fp16 rotary quirk: a checkpoint saved from a .float()-ed model stores inv_freq in fp32, and
+    that model computed its cos/sin table in fp32 from the fp16-rounded inv_freq; otherwise the table is fp16."""
+    if model.config.rope != "2d":
+        return
+    stored = [t for n, t in converter.dropped.items() if n.endswith("rotary_emb.inv_freq")]
+    if stored and stored[0].dtype == torch.float32:
+        model.config.rope_fp16 = "inv_freq"
+    converter.dropped.clear()
+
+
+def _finish(model, converter, folder) -> None:
+    # ChatGLM-6B's config never sets tie_word_embeddings, so transformers' default (tied) applies when a
+    # checkpoint comes without lm_head; the later families publish an untied output_layer.
+    tie = model.config.tie_word_embeddings or model.config.family == "chatglm"
+    if model.lm_head.weight.is_meta and not model.wte.weight.is_meta and tie:
+        model.lm_head.weight = model.wte.weight
+        model.config.tie_word_embeddings = True
+    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if missing:
+        head = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise CheckpointError(f"{folder}: weights missing from the checkpoint: {head}")
+
+
+# ------------------------------------------------------------------------------------------------ saving
+def save_model(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, dtype: torch.dtype | None = None,
+               max_shard_bytes: int | None = None) -> Path:
+    """Writes a THUDM-layout folder (config.json + model.safetensors, sharded if asked) that glmkit and the
+    original code both load; adds the tokenizer files when a tokenizer is given."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config: GLMConfig = model.config
+    sd = {}
+    for name, t in model.state_dict().items():
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        t = t.detach().cpu()
+        sd[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+    sd = to_thudm_state_dict(sd, config)
+    hf = to_hf_config(config)
+    if dtype is not None:
+        hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if max_shard_bytes:
+        shards, current, size = [], {}, 0
+        for k, v in sd.items():
+            nbytes = v.numel() * v.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[k] = v
+            size += nbytes
+        shards.append(current)
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+                 "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    else:
+        save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
