@@ -102,7 +102,7 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 with safe_open(str(path), framework="pt", device="cpu") as f:
                     for name in f.keys():
                         yield name, f.get_tensor(name)
-            except (OSError, RuntimeError, ValueError) as e:
+            except Exception as e:  # safetensors raises its own SafetensorError for corrupt headers
                 raise CheckpointError(f"cannot read {path}: {e}") from None
         else:
             try:
@@ -156,10 +156,10 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None
 
     with torch.device("meta"):
         model = GLMForCausalLM(config)
-    if config.pre_seq_len:
-        from glmkit.ptuning import attach_prefix
+        if config.pre_seq_len:  # P-tuning weights merged into the checkpoint
+            from glmkit.ptuning import attach_prefix
 
-        attach_prefix(model, config.pre_seq_len, config.prefix_projection, config.prefix_hidden_size)
+            attach_prefix(model, config.pre_seq_len, config.prefix_projection, config.prefix_hidden_size)
 
     quant_spec = _quantization_spec(hf, files, quantize, group_size, scheme)
     if quant_spec is not None:
@@ -197,7 +197,8 @@ def load_adapter(model: nn.Module, adapter: str | os.PathLike, dtype: torch.dtyp
                               "(config.json with pre_seq_len)")
     from glmkit.ptuning import PREFIX_KEY, attach_prefix
 
-    encoder = attach_prefix(model, int(pre_seq_len), bool(hf.get("prefix_projection", False)))
+    with torch.device("meta"):
+        encoder = attach_prefix(model, int(pre_seq_len), bool(hf.get("prefix_projection", False)))
     files = weight_files(folder)
     dtype = dtype or model.wte.weight.dtype
     loaded = set()

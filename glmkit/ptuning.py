@@ -57,8 +57,8 @@ def attach_prefix(model: nn.Module, pre_seq_len: int, prefix_projection: bool = 
     cfg: GLMConfig = model.config
     device = model.wte.weight.device
     encoder = PrefixEncoder(cfg, pre_seq_len, prefix_projection, prefix_hidden_size)
-    if device.type != "meta":
-        encoder = encoder.to(device)
+    if not encoder.embedding.weight.is_meta:  # built under torch.device("meta") by the loader: filled later
+        encoder = encoder.to(device=device, dtype=model.wte.weight.dtype)
     model.prefix_encoder = encoder
     cfg.pre_seq_len, cfg.prefix_projection, cfg.prefix_hidden_size = pre_seq_len, prefix_projection, prefix_hidden_size
     return encoder

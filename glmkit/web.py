@@ -1,0 +1,112 @@
+"""`glmkit web`: a Gradio chat page in the browser, the answer streamed as it is generated.
+
+The page names the model and has max_length / top_p / temperature sliders (ChatGLM-6B's web demo defaults:
+2048, 0.7, 0.95; temperature 0 = greedy) and a Clear button. All chat events share one concurrency slot, so only
+one answer is generated at a time (the model's KV cache is per model); other visitors wait in Gradio's queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Iterator
+
+from glmkit.chat_cli import add_model_arguments, context_length, load_chat_model, model_name
+
+# Gradio phones home for analytics unless told not to; this tool runs offline.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+DEFAULTS = {"max_length": 2048, "top_p": 0.7, "temperature": 0.95}
+
+
+def chat_kwargs(max_length: float, top_p: float, temperature: float, context: int) -> dict[str, Any]:
+    """Slider values -> model.stream_chat keyword arguments."""
+    kwargs: dict[str, Any] = {"max_length": max(1, min(int(max_length), context))}
+    if temperature <= 0 or top_p <= 0:
+        kwargs["do_sample"] = False
+    else:
+        kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))
+    return kwargs
+
+
+def build_demo(model: Any, tokenizer: Any, name: str):
+    """The Gradio Blocks page for one loaded model."""
+    import gradio as gr
+
+    context = context_length(model)
+
+    def respond(query: str, messages: list, history: list, max_length: float, top_p: float,
+                temperature: float) -> Iterator[tuple[list, list, str]]:
+        query = (query or "").strip()
+        if not query:
+            yield messages, history, ""
+            return
+        messages = list(messages or []) + [{"role": "user", "content": query}, {"role": "assistant", "content": ""}]
+        yield messages, history, ""
+        kwargs = chat_kwargs(max_length, top_p, temperature, context)
+        for response, new_history in model.stream_chat(tokenizer, query, history=history, **kwargs):
+            messages[-1] = {"role": "assistant", "content": response}
+            history = new_history
+            yield messages, history, ""
+
+    with gr.Blocks(title=f"glmkit chat: {name}") as demo:
+        gr.Markdown(f"## glmkit chat\nModel: **{name}** (context {context} tokens)", elem_id="model-name")
+        chatbot = gr.Chatbot(label=name, height=460, elem_id="chatbot")
+        history = gr.State([])  # what model.chat takes as history, kept apart from the rendered messages
+        with gr.Row():
+            box = gr.Textbox(show_label=False, placeholder="Type a message and press Enter", scale=5,
+                             elem_id="query", autofocus=True)
+            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+        with gr.Row():
+            max_length = gr.Slider(1, context, value=min(DEFAULTS["max_length"], context), step=1,
+                                   label="max_length", elem_id="max-length")
+            top_p = gr.Slider(0, 1, value=DEFAULTS["top_p"], step=0.01, label="top_p", elem_id="top-p")
+            temperature = gr.Slider(0, 1, value=DEFAULTS["temperature"], step=0.01,
+                                    label="temperature (0 = greedy)", elem_id="temperature")
+        clear = gr.Button("Clear", elem_id="clear")
+
+        inputs = [box, chatbot, history, max_length, top_p, temperature]
+        outputs = [chatbot, history, box]
+        for event in (box.submit, send.click):
+            event(respond, inputs, outputs, concurrency_limit=1, concurrency_id="chat", show_progress="hidden")
+        clear.click(lambda: ([], [], ""), None, outputs, queue=False)
+    return demo
+
+
+def _theme():
+    """Gradio's default theme with system fonts: the default pulls web fonts from Google, unreachable offline."""
+    import gradio as gr
+
+    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                             font_mono=["ui-monospace", "Consolas", "monospace"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glmkit web",
+                                     description="Chat with a GLM model in the browser (Gradio), answers streamed.")
+    add_model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
+    return parser
+
+
+def cli_main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        model, tokenizer = load_chat_model(args.model, quantize=args.quantize, adapter=args.adapter,
+                                           device=args.device)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        print(f"glmkit web: cannot load {args.model!r}: {err}", file=sys.stderr)
+        return 1
+    name = model_name(args.model)
+    demo = build_demo(model, tokenizer, name)
+    print(f"glmkit web: {name} on http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr, flush=True)
+    demo.queue(max_size=64).launch(server_name=args.host, server_port=args.port, share=args.share,
+                                   inbrowser=False, show_error=True, ssr_mode=False, theme=_theme(), quiet=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(sys.argv[1:]))

@@ -1,0 +1,223 @@
+"""`glmkit chat` driven through a real pseudo-terminal (an answer, `clear`, Ctrl-C, `stop`, Ctrl-D) and a pipe.
+
+Also holds `build_tiny_chat_model`, the tiny random checkpoint + trained tokenizer that test_serve.py and
+test_web.py reuse (the bundled model is not needed for these tests).
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import random
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("the a cat dog runs fast slow model answer question hello world river stone light 你好 世界 模型 回答 问题 "
+         "我们 今天 天气 很好 , . ? !").split()
+
+
+def build_tiny_chat_model(out: Path, family: str = "chatglm3", *, never_stop: bool = False, max_seq_len: int = 512,
+                          seed: int = 0) -> Path:
+    """Writes a tiny random GLM checkpoint with a freshly trained tokenizer to `out`; returns `out`.
+
+    never_stop=True zeroes the output rows of every special token, so greedy decoding never picks a stop token
+    (the other logits of a random model are never all below 0): answers run to the length limit, long enough to
+    interrupt.
+    """
+    from glmkit.api import GLMForCausalLM
+    from glmkit.config import GLMConfig
+    from glmkit.loader import save_model
+    from glmkit.tokenizer import train_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    corpus = out.parent / f"{out.name}-corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(2000)),
+                      encoding="utf-8")
+    tok = train_tokenizer([corpus], 600 if family == "chatglm" else 512, family, out)
+    overrides = dict(vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4, ffn_hidden_size=64,
+                     max_seq_len=max_seq_len, torch_dtype="float32", eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id)
+    if family == "chatglm":
+        overrides.update(bos_token_id=tok.bos_token_id, mask_token_id=tok.get_command("[MASK]"),
+                         gmask_token_id=tok.get_command("[gMASK]"))
+        preset = "chatglm-6b"
+    else:
+        overrides.update(num_kv_heads=2, head_dim=8)
+        preset = "chatglm3-6b" if family == "chatglm3" else "chatglm2-6b"
+    config = GLMConfig.from_name(preset, **overrides)
+    torch.manual_seed(seed)
+    model = GLMForCausalLM(config)
+    model.init_weights()
+    if never_stop:
+        with torch.no_grad():
+            for i in sorted(tok.special_token_ids):
+                if 0 <= i < config.vocab_size:
+                    model.lm_head.weight[i] = 0
+    save_model(model, out, tokenizer=tok)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ pty driver
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]|\r")
+
+
+class Terminal:
+    """`glmkit chat` on a pseudo-terminal, read and written like a user would."""
+
+    def __init__(self, argv: list[str]) -> None:
+        pid, fd = pty.fork()
+        if pid == 0:  # child: the pty is its controlling terminal, so Ctrl-C (\x03) becomes SIGINT
+            os.environ["TERM"] = "dumb"
+            os.execv(sys.executable, [sys.executable, "-m", "glmkit", "chat", *argv])
+        self.pid, self.fd, self.buffer = pid, fd, ""
+
+    def read_until(self, pattern: str, timeout: float = 60.0) -> str:
+        """Reads until `pattern` (a regex) appears in the screen text after the last match; returns that text."""
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while True:
+            clean = ANSI.sub("", self.buffer)
+            m = regex.search(clean)
+            if m:
+                self.buffer = clean[m.end():]
+                return clean[: m.end()]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"timed out waiting for {pattern!r}; the screen shows:\n{clean[-2000:]}")
+            ready, _, _ = select.select([self.fd], [], [], min(left, 0.5))
+            if ready:
+                try:
+                    data = os.read(self.fd, 4096)
+                except OSError:  # the child exited and the pty closed
+                    data = b""
+                if not data:
+                    raise AssertionError(f"glmkit chat exited while waiting for {pattern!r}:\n{clean[-2000:]}")
+                self.buffer += data.decode("utf-8", "replace")
+
+    def send(self, text: str) -> None:
+        os.write(self.fd, text.encode())
+
+    def wait(self, timeout: float = 30.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                os.close(self.fd)
+                return os.waitstatus_to_exitcode(status)
+            try:  # keep draining so the child never blocks on a full pty
+                if select.select([self.fd], [], [], 0.1)[0]:
+                    self.buffer += os.read(self.fd, 4096).decode("utf-8", "replace")
+            except OSError:
+                time.sleep(0.05)
+        self.kill()
+        raise AssertionError("glmkit chat did not exit")
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+@pytest.fixture(scope="module")
+def endless_model(tmp_path_factory) -> Path:
+    return build_tiny_chat_model(tmp_path_factory.mktemp("chat") / "tiny-endless", never_stop=True)
+
+
+def _answer_text(screen: str, name: str) -> str:
+    return screen.split(f"{name}: ", 1)[1].rsplit("You:", 1)[0].strip()
+
+
+def test_terminal_session(endless_model):
+    name = endless_model.name
+    # greedy, so the same question gets the same answer; max-length bounds each answer (prompt + answer tokens)
+    term = Terminal(["--model", str(endless_model), "--temperature", "0", "--max-length", "60"])
+    try:
+        welcome = term.read_until(r"You: ")
+        assert f"glmkit chat with {name}" in welcome
+        assert "'clear'" in welcome and "'stop'" in welcome and "Ctrl-C" in welcome
+
+        term.send("hello world\n")
+        first = _answer_text(term.read_until(r"\nYou: "), name)
+        assert first, "no answer was printed"
+
+        # a second turn sees the history, so (greedy) it starts from a different prompt than the first one
+        term.send("hello world\n")
+        second = _answer_text(term.read_until(r"\nYou: "), name)
+
+        term.send("clear\n")
+        assert "History cleared." in term.read_until(r"You: ")
+        term.send("hello world\n")
+        again = _answer_text(term.read_until(r"\nYou: "), name)
+        assert again == first, "after 'clear' the same question must get the first answer again"
+        assert second != first, "the second turn should have seen the history"
+    finally:
+        term.send("stop\n")
+        code = term.wait()
+    assert code == 0
+
+
+def test_ctrl_c_interrupts_answer_and_chat_continues(endless_model):
+    name = endless_model.name
+    # a long answer (the model never picks a stop token) that Ctrl-C cuts short
+    term = Terminal(["--model", str(endless_model), "--temperature", "0", "--max-length", "500"])
+    try:
+        term.read_until(r"You: ")
+        term.send("tell me a long story\n")
+        term.read_until(f"{re.escape(name)}: \\S")  # the answer has started streaming
+        start = time.monotonic()
+        term.send("\x03")
+        screen = term.read_until(r"\[interrupted\]", timeout=20)
+        assert time.monotonic() - start < 15
+        assert "Traceback" not in screen
+        term.read_until(r"You: ")
+        term.send("clear\n")  # still alive and reading commands
+        assert "History cleared." in term.read_until(r"You: ")
+        term.send("\x04")  # Ctrl-D at the prompt quits
+        code = term.wait()
+    except BaseException:
+        term.kill()
+        raise
+    assert code == 0
+
+
+def _run_pipe(model: Path, text: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "glmkit", "chat", "--model", str(model), "--temperature", "0",
+                           "--max-length", "60"], input=text, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_pipe_mode(endless_model):
+    run = _run_pipe(endless_model, "hello world\nclear\n\nhello world\nstop\nnever answered\n")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.split("\n")
+    # one line per answered input (the empty line, the commands and everything after 'stop' get none)
+    assert len(lines) == 3 and lines[2] == "", run.stdout
+    assert lines[0] and lines[0] == lines[1], "'clear' must reset the history between the two questions"
+    assert "You:" not in run.stdout and "glmkit chat" not in run.stdout  # no decoration on stdout
+    assert "glmkit chat with" in run.stderr  # the welcome line goes to stderr
+
+    # without 'clear', the second answer comes from a prompt that includes the first turn
+    kept = _run_pipe(endless_model, "hello world\nhello world\n")
+    assert kept.returncode == 0, kept.stderr
+    first, second = kept.stdout.split("\n")[:2]
+    assert first == lines[0] and second != first
+
+
+def test_bad_arguments():
+    run = subprocess.run([sys.executable, "-m", "glmkit", "chat", "--top-p", "1.5"], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert run.returncode == 2 and "--top-p" in run.stderr
+    run = subprocess.run([sys.executable, "-m", "glmkit", "chat", "--model", "/nonexistent/model"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert run.returncode == 1 and "cannot load" in run.stderr

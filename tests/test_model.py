@@ -1,0 +1,226 @@
+"""ChatGLM-6B / ChatGLM2 semantics from the spec, checked against independent reference implementations."""
+
+from __future__ import annotations
+
+import torch
+
+import glmkit
+from glmkit.config import GLMConfig
+from glmkit.api import GLMForCausalLM
+from tests.conftest import CHATGLM_V1_HF, CHATGLM_V2_HF, thudm_v1_state_dict, thudm_v2_state_dict, write_folder
+from tests.reference_impls import chatglm_v1_logits, chatglm_v2_logits
+
+BOS, GMASK, MASK = CHATGLM_V1_HF["bos_token_id"], CHATGLM_V1_HF["gmask_token_id"], CHATGLM_V1_HF["mask_token_id"]
+
+
+def test_chatglm_v1_logits_match_reference(chatglm_v1_dir):
+    model = glmkit.load_model(chatglm_v1_dir).eval()
+    sd = torch.load(chatglm_v1_dir / "pytorch_model.bin")
+    ids = torch.tensor([[5, 17, 33, 8, GMASK, BOS, 40, 41, 42], [9, 10, MASK, 12, 13, GMASK, BOS, 60, 61]])
+    ref = chatglm_v1_logits(sd, CHATGLM_V1_HF, ids, fp16_table=True)
+    with torch.no_grad():
+        ours = model(ids)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_chatglm_v1_fp32_inv_freq_checkpoint_uses_fp32_table(tmp_path):
+    sd = thudm_v1_state_dict(CHATGLM_V1_HF)
+    for k in sd:
+        if k.endswith("inv_freq"):
+            sd[k] = sd[k].float()  # as saved from a .float()-ed original model
+    folder = write_folder(tmp_path / "m", CHATGLM_V1_HF, sd)
+    model = glmkit.load_model(folder)
+    assert model.config.rope_fp16 == "inv_freq"
+    ids = torch.tensor([[5, 17, 33, 8, GMASK, BOS, 40, 41]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), chatglm_v1_logits(sd, CHATGLM_V1_HF, ids, fp16_table=False),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_chatglm_v1_positions_and_mask():
+    model = GLMForCausalLM(GLMConfig.from_hf_config(CHATGLM_V1_HF))
+    ids = torch.tensor([[5, 6, MASK, 7, GMASK, BOS, 20, 21]])
+    pos = model.default_position_ids(ids)
+    # [gMASK] wins over [MASK]; Part B (from <sop>) frozen at its index, block ids 1, 2, 3 from <sop>
+    assert pos[0, 0].tolist() == [0, 1, 2, 3, 4, 4, 4, 4]
+    assert pos[0, 1].tolist() == [0, 0, 0, 0, 0, 1, 2, 3]
+    ids2 = torch.tensor([[5, MASK, 7, BOS, 20]])
+    assert model.default_position_ids(ids2)[0].tolist() == [[0, 1, 2, 1, 1], [0, 0, 0, 1, 2]]
+    mask = model.default_attention_mask(ids)[0, 0]
+    ctx = 5
+    assert mask[:, :ctx].all()  # everything before <sop> is visible to everyone
+    for i in range(8):
+        for j in range(ctx, 8):
+            assert bool(mask[i, j]) == (j <= i)  # causal from <sop> on
+
+
+def test_prefix_lm_is_bidirectional_before_sop_and_causal_after(chatglm_v1_dir):
+    model = glmkit.load_model(chatglm_v1_dir)
+    a = torch.tensor([[5, 6, 7, GMASK, BOS, 30, 31, 32]])
+    b = a.clone()
+    b[0, 2] = 99  # a later Part A token changes the logits of earlier Part A positions
+    c = a.clone()
+    c[0, 7] = 99  # a Part B token never changes earlier positions
+    with torch.no_grad():
+        la, lb, lc = model(a), model(b), model(c)
+    assert not torch.allclose(la[0, 0], lb[0, 0])
+    torch.testing.assert_close(la[0, :7], lc[0, :7])
+
+
+def test_chatglm_v2_logits_match_reference(chatglm_v2_dir):
+    model = glmkit.load_model(chatglm_v2_dir)
+    from safetensors.torch import load_file  # noqa: F401  (bin fixture)
+
+    sd = torch.load(chatglm_v2_dir / "pytorch_model.bin")
+    ids = torch.tensor([[64, 65, 5, 6, 7, 8, 9], [64, 65, 11, 12, 13, 14, 15]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), chatglm_v2_logits(sd, CHATGLM_V2_HF, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_glm4_rope_ratio(tmp_path):
+    hf = dict(CHATGLM_V2_HF, rope_ratio=500.0)
+    sd = thudm_v2_state_dict(hf, seed=3)
+    model = glmkit.load_model(write_folder(tmp_path / "g", hf, sd))
+    assert model.config.rope_base == 5e6
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), chatglm_v2_logits(sd, hf, ids), atol=1e-4, rtol=1e-4)
+
+
+def _check_cache_equals_full(model, ids):
+    new = model.generate(ids, max_new_tokens=6, eos_token_id=[])
+    seq = torch.cat([ids, new], dim=1)
+    with torch.no_grad():
+        full = model(seq)
+    # greedy with cache equals greedy over full forwards
+    assert torch.equal(full[0, ids.shape[1] - 1:-1].argmax(-1), new[0])
+    # and the cached step logits equal the full forward's, position by position
+    steps = []
+    model.setup_cache(1, seq.shape[1])
+    try:
+        pos = model.default_position_ids(seq)
+        T = ids.shape[1]
+        mask = torch.zeros(1, 1, T, seq.shape[1], dtype=torch.bool)
+        mask[..., :T] = model.default_attention_mask(ids)
+        with torch.no_grad():
+            steps.append(model(ids, pos[..., :T], mask, input_pos=torch.arange(T))[:, -1])
+            for t in range(T, seq.shape[1]):
+                m = torch.zeros(1, 1, 1, seq.shape[1], dtype=torch.bool)
+                m[..., : t + 1] = True
+                steps.append(model(seq[:, t:t + 1], pos[..., t:t + 1], m, input_pos=torch.tensor([t]))[:, -1])
+    finally:
+        model.clear_cache()
+    torch.testing.assert_close(torch.stack(steps, 1)[0], full[0, ids.shape[1] - 1:], atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_matches_full_forward(chatglm_v1_dir, chatglm_v2_dir):
+    _check_cache_equals_full(glmkit.load_model(chatglm_v1_dir), torch.tensor([[5, 6, 7, GMASK, BOS]]))
+    _check_cache_equals_full(glmkit.load_model(chatglm_v2_dir), torch.tensor([[64, 65, 5, 6, 7]]))
+
+
+def test_padded_batch_equals_rows_alone(chatglm_v1_dir, chatglm_v2_dir):
+    for folder, rows, pad in [
+        (chatglm_v1_dir, [[5, 6, 7, 8, 9, GMASK, BOS], [11, 12, GMASK, BOS]], 3),
+        (chatglm_v2_dir, [[64, 65, 5, 6, 7, 8, 9], [64, 65, 10]], 0),
+    ]:
+        model = glmkit.load_model(folder)
+        T = max(map(len, rows))
+        ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows])
+        am = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+        with torch.no_grad():
+            batch_logits = model(ids, attention_mask=am)
+            for b, r in enumerate(rows):
+                alone = model(torch.tensor([r]))
+                torch.testing.assert_close(batch_logits[b, T - len(r):], alone[0], atol=1e-5, rtol=1e-5)
+        batch_out = model.generate(ids, am, max_new_tokens=5, eos_token_id=[])
+        for b, r in enumerate(rows):
+            assert batch_out[b].tolist() == model.generate(torch.tensor([r]), max_new_tokens=5, eos_token_id=[])[0].tolist()
+
+
+def test_generate_stops_at_eos_and_pads_finished_rows(chatglm_v2_dir):
+    model = glmkit.load_model(chatglm_v2_dir)
+    ids = torch.tensor([[64, 65, 5, 6, 7], [64, 65, 8, 9, 10]])
+    free = model.generate(ids, max_new_tokens=6, eos_token_id=[])
+    eos = int(free[0, 1])  # make row 0's second token the eos
+    out = model.generate(ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    assert out[0, 1] == eos and (out[0, 2:] == 0).all()
+    if eos not in free[1].tolist():
+        assert out.shape[1] == 6 and out[1].tolist() == free[1].tolist()
+
+
+def test_max_length_counts_prompt(chatglm_v2_dir):
+    model = glmkit.load_model(chatglm_v2_dir)
+    ids = torch.tensor([[64, 65, 5, 6, 7]])
+    assert model.generate(ids, max_length=9, eos_token_id=[]).shape == (1, 4)
+    assert model.generate(ids, max_new_tokens=3, eos_token_id=[]).shape == (1, 3)
+
+
+def test_sampling_is_seeded_and_streaming_matches(chatglm_v2_dir):
+    model = glmkit.load_model(chatglm_v2_dir)
+    ids = torch.tensor([[64, 65, 5, 6, 7]])
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=0.9, top_p=0.9, top_k=20, seed=7, eos_token_id=[])
+    a, b = model.generate(ids, **kw), model.generate(ids, **kw)
+    assert torch.equal(a, b)
+    streamed = torch.stack(list(model.stream_generate(ids, **kw)), 1)
+    assert torch.equal(streamed, a)
+
+
+def test_zero_length_prefix_equals_base(chatglm_v1_dir):
+    from glmkit.ptuning import attach_prefix
+
+    model = glmkit.load_model(chatglm_v1_dir)
+    ids = torch.tensor([[5, 6, 7, GMASK, BOS, 9]])
+    with torch.no_grad():
+        base = model(ids)
+        attach_prefix(model, 0)
+        torch.testing.assert_close(model(ids), base)
+
+
+def test_ptuned_v1_matches_reference(tmp_path):
+    from glmkit.ptuning import PrefixEncoder  # noqa: F401
+
+    for projection in (False, True):
+        sd = thudm_v1_state_dict(CHATGLM_V1_HF, pre_seq_len=4, prefix_projection=projection)
+        hf = dict(CHATGLM_V1_HF, pre_seq_len=4, prefix_projection=projection)
+        model = glmkit.load_model(write_folder(tmp_path / f"p{projection}", hf, sd))
+        ids = torch.tensor([[5, 6, 7, GMASK, BOS, 9, 10]])
+        kv = _reference_prefix(sd, hf, ids.shape[0], projection, heads=hf["num_attention_heads"])
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids), chatglm_v1_logits(sd, hf, ids, prefix_kv=kv), atol=1e-4, rtol=1e-4)
+
+
+def test_ptuned_v2_matches_reference(tmp_path):
+    sd = thudm_v2_state_dict(CHATGLM_V2_HF, pre_seq_len=3, prefix_projection=True)
+    hf = dict(CHATGLM_V2_HF, pre_seq_len=3, prefix_projection=True)
+    model = glmkit.load_model(write_folder(tmp_path / "p", hf, sd, fmt="safetensors"))
+    ids = torch.tensor([[64, 65, 5, 6, 7, 8]])
+    kv = _reference_prefix(sd, hf, 1, True, heads=hf["multi_query_group_num"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), chatglm_v2_logits(sd, hf, ids, prefix_kv=kv), atol=1e-4, rtol=1e-4)
+
+
+def _reference_prefix(sd, hf, batch, projection, heads):
+    """THUDM get_prompt: embedding (-> trans) -> view (b, P, 2L, heads, d) -> permute [2,1,0,3,4] -> split(2)."""
+    import torch.nn.functional as F
+
+    P = hf["pre_seq_len"]
+    x = sd["transformer.prefix_encoder.embedding.weight"][torch.arange(P)]
+    if projection:
+        x = F.linear(x, sd["transformer.prefix_encoder.trans.0.weight"], sd["transformer.prefix_encoder.trans.0.bias"])
+        x = F.linear(torch.tanh(x), sd["transformer.prefix_encoder.trans.2.weight"], sd["transformer.prefix_encoder.trans.2.bias"])
+    L = hf["num_layers"]
+    x = x[None].expand(batch, -1, -1).reshape(batch, P, 2 * L, heads, -1).permute(2, 1, 0, 3, 4).split(2)
+    return [(t[0], t[1]) for t in x]
+
+
+def test_glm_config_validation():
+    import pytest
+
+    from glmkit.config import ConfigError
+
+    with pytest.raises(ConfigError):
+        GLMConfig(hidden_size=30, num_heads=4)
+    with pytest.raises(ConfigError):
+        GLMConfig.from_hf_config({"model_type": "llama"})
+    with pytest.raises(ValueError):
+        GLMForCausalLM(GLMConfig.from_hf_config(CHATGLM_V1_HF))(torch.tensor([[1000]]))

@@ -1,0 +1,318 @@
+"""`glmkit serve` as a real process on a loopback port: the official `openai` client (plain and streamed), the
+legacy ChatGLM-6B route over raw HTTP, bad inputs (each a 4xx JSON error, the server still healthy after), 16
+concurrent greedy clients that each get what they get alone, API keys, and graceful shutdown."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+try:
+    from test_chat_cli import build_tiny_chat_model
+except ImportError:  # tests run as a package
+    from tests.test_chat_cli import build_tiny_chat_model
+
+openai = pytest.importorskip("openai", reason="the official openai client is a dev dependency (pip install openai)")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m glmkit serve` in a subprocess, with its log kept for failure messages."""
+
+    def __init__(self, model: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = (model.parent / f"serve-{self.port}.log").open("w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "glmkit", "serve", "--port", str(self.port), "--model",
+                                      str(model), *extra], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 90
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"glmkit serve exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"glmkit serve did not become healthy:\n{self.output()}")
+            time.sleep(0.2)
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return build_tiny_chat_model(tmp_path_factory.mktemp("serve") / "tiny-chat")
+
+
+@pytest.fixture(scope="module")
+def local(model_dir):
+    """The same model in this process, for what each request gets alone through the library."""
+    from glmkit import load_model, load_tokenizer
+
+    return load_model(model_dir), load_tokenizer(model_dir)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    srv = Server(model_dir)
+    yield srv
+    code = srv.stop()
+    assert code == 0, f"glmkit serve did not shut down cleanly ({code}):\n{srv.output()}"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="not-needed", max_retries=0, timeout=120)
+
+
+def ask(client, content: str, **kwargs):
+    return client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": content}], **kwargs)
+
+
+def test_models_and_health(server, client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny-chat"]
+    assert client.models.retrieve("tiny-chat").id == "tiny-chat"
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["model"] == "tiny-chat"
+
+
+def test_plain_matches_library_and_stream_matches_plain(client, local):
+    from glmkit.chat import build_chat_input
+
+    model, tok = local
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "hello"}, {"role": "assistant", "content": "the cat runs"},
+                {"role": "user", "content": "and the dog?"}]
+    plain = client.chat.completions.create(model="tiny-chat", messages=messages, temperature=0, max_tokens=24)
+    text = plain.choices[0].message.content
+    assert plain.object == "chat.completion" and plain.choices[0].message.role == "assistant"
+    assert plain.choices[0].finish_reason in ("stop", "length")
+    prompt = build_chat_input(tok, "and the dog?", [("hello", "the cat runs")], system="You are terse.")
+    assert plain.usage.prompt_tokens == len(prompt)
+    assert 0 < plain.usage.completion_tokens <= 24
+    assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
+
+    # the library alone, greedy, with the same room: the same answer
+    alone, _ = model.chat(tok, "and the dog?", history=[("hello", "the cat runs")], system="You are terse.",
+                          do_sample=False, max_length=len(prompt) + 24)
+    assert text == alone
+
+    chunks = list(client.chat.completions.create(model="tiny-chat", messages=messages, temperature=0, max_tokens=24,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 1  # it really streamed
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [plain.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_raw_sse_format(server):
+    body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+            "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+
+
+def test_max_tokens_stop_and_seed(client):
+    full = ask(client, "the river", temperature=0, max_tokens=12)
+    assert full.choices[0].finish_reason == "length" or full.usage.completion_tokens < 12
+    one = ask(client, "the river", temperature=0, max_tokens=1)
+    assert one.usage.completion_tokens <= 1 and full.choices[0].message.content.startswith(
+        one.choices[0].message.content)
+
+    text = full.choices[0].message.content
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    if stop.strip():
+        cut = ask(client, "the river", temperature=0, max_tokens=12, stop=[stop, "never-there"])
+        assert cut.choices[0].message.content == text[: text.find(stop)]
+        assert cut.choices[0].finish_reason == "stop"
+        streamed = "".join(c.choices[0].delta.content or "" for c in ask(
+            client, "the river", temperature=0, max_tokens=12, stop=stop, stream=True))
+        assert streamed == text[: text.find(stop)]
+
+    a = ask(client, "the river", temperature=1.0, top_p=1.0, seed=1234, max_tokens=16).choices[0].message.content
+    b = ask(client, "the river", temperature=1.0, top_p=1.0, seed=1234, max_tokens=16).choices[0].message.content
+    assert a == b
+
+
+def test_legacy_route(server, local):
+    model, tok = local
+    r = httpx.post(server.url + "/", json={"prompt": "你好", "history": [], "max_length": 40, "top_p": 0.7,
+                                           "temperature": 0}, timeout=60)
+    assert r.status_code == 200
+    body = r.json()
+    assert set(body) == {"response", "history", "status", "time"}
+    assert body["status"] == 200 and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", body["time"])
+    assert body["history"] == [["你好", body["response"]]]
+    assert body["response"] == model.chat(tok, "你好", history=[], max_length=40, do_sample=False)[0]
+
+    # a second round with that history, and api.py's defaults when fields are missing
+    r2 = httpx.post(server.url + "/", json={"prompt": "hello", "history": body["history"]}, timeout=60)
+    assert r2.status_code == 200
+    assert r2.json()["history"][:1] == body["history"] and r2.json()["history"][1][0] == "hello"
+
+
+BAD_REQUESTS = [
+    # (name, path, raw body, expected status, expected error code)
+    ("invalid json", "/v1/chat/completions", b'{"messages": [', 400, "invalid_json"),
+    ("not an object", "/v1/chat/completions", b"[1, 2]", 400, "invalid_type"),
+    ("no messages", "/v1/chat/completions", b'{"model": "x"}', 400, "invalid_type"),
+    ("empty messages", "/v1/chat/completions", b'{"messages": []}', 400, "invalid_value"),
+    ("unknown role", "/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400,
+     "invalid_role"),
+    ("content type", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": 5}]}', 400, "invalid_type"),
+    ("last not user", "/v1/chat/completions", b'{"messages": [{"role": "assistant", "content": "hi"}]}', 400,
+     "invalid_value"),
+    ("temperature type", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}', 400, "invalid_type"),
+    ("temperature range", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 7}', 400, "invalid_value"),
+    ("top_p range", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_p": -1}', 400,
+     "invalid_value"),
+    ("stream type", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}',
+     400, "invalid_type"),
+    ("negative max_tokens", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}', 400, "invalid_value"),
+    ("zero max_tokens", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', 400, "invalid_value"),
+    ("huge max_tokens", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000000000}', 400, "context_length_exceeded"),
+    ("float max_tokens", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2.5}', 400, "invalid_type"),
+    ("stop type", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "stop": 3}', 400,
+     "invalid_type"),
+    ("n > 1", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "n": 3}', 400,
+     "invalid_value"),
+    ("over-long prompt", "/v1/chat/completions",
+     json.dumps({"messages": [{"role": "user", "content": "hello world " * 2000}]}).encode(), 400,
+     "context_length_exceeded"),
+    ("body too large", "/v1/chat/completions", b'{"pad": "' + b"x" * (2 << 20) + b'"}', 413, "request_too_large"),
+    ("legacy invalid json", "/", b"prompt=hi", 400, "invalid_json"),
+    ("legacy prompt type", "/", b'{"prompt": 42}', 400, "invalid_type"),
+    ("legacy history type", "/", b'{"prompt": "hi", "history": "none"}', 400, "invalid_type"),
+    ("legacy history pair", "/", b'{"prompt": "hi", "history": [["only one"]]}', 400, "invalid_type"),
+    ("legacy negative max_length", "/", b'{"prompt": "hi", "max_length": -3}', 400, "invalid_value"),
+    ("legacy over-long prompt", "/", json.dumps({"prompt": "hello world " * 2000}).encode(), 400,
+     "context_length_exceeded"),
+    ("unknown route", "/v2/nothing", b"{}", 404, "not_found"),
+]
+
+
+@pytest.mark.parametrize("name,path,raw,status,code", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_gets_json_4xx(server, name, path, raw, status, code):
+    r = httpx.post(server.url + path, content=raw, headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == code and error["message"] and error["type"]
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_still_serving_after_bad_inputs(client, server):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny-chat", messages=[{"role": "tool", "content": "x"}])
+    assert "role" in str(err.value)
+    assert ask(client, "hello", temperature=0, max_tokens=4).choices[0].message.role == "assistant"
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_16_concurrent_greedy_clients_each_get_their_own_answer(server, client):
+    prompts = [f"{w} {v}" for w, v in zip("the a cat dog model answer hello world river stone light 你好 世界 模型 回答 问题".split(),
+                                          "runs fast slow question 今天 天气 很好 我们 runs fast slow question 今天 天气 很好 我们".split())]
+    assert len(prompts) == 16
+    sizes = [4 + (i % 5) * 3 for i in range(16)]  # different lengths: rows finish at different steps
+
+    def one(i: int) -> str:
+        return ask(client, prompts[i], temperature=0, max_tokens=sizes[i]).choices[0].message.content
+
+    alone = [one(i) for i in range(16)]
+    before = httpx.get(server.url + "/health").json()
+    barrier = threading.Barrier(16)
+
+    def together(i: int) -> str:
+        barrier.wait()
+        return one(i)
+
+    with ThreadPoolExecutor(16) as pool:
+        concurrent = list(pool.map(together, range(16)))
+    assert concurrent == alone
+    after = httpx.get(server.url + "/health").json()
+    assert after["largest_batch"] > 1, "concurrent requests were never decoded together"
+    assert after["batches"] - before["batches"] < 16
+
+
+def test_api_key(model_dir):
+    srv = Server(model_dir, "--api-key", "s3cret")
+    try:
+        body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = httpx.post(srv.url + "/v1/chat/completions", json=body, headers=headers, timeout=30)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.post(srv.url + "/", json={"prompt": "hi"}, timeout=30).status_code == 401
+        assert httpx.get(srv.url + "/health").status_code == 200  # health needs no key
+        good = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
+        assert good.chat.completions.create(**body).choices[0].message.role == "assistant"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0).models.list()
+    finally:
+        srv.stop()
+
+
+def test_graceful_shutdown_finishes_inflight_request(model_dir):
+    srv = Server(model_dir)
+    result: dict = {}
+
+    def long_request() -> None:
+        result["r"] = httpx.post(srv.url + "/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": "a long one"}], "temperature": 0, "max_tokens": 120})
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while httpx.get(srv.url + "/health").json()["decoding"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    code = srv.stop(signal.SIGTERM)
+    worker.join(60)
+    assert code == 0, srv.output()
+    assert result["r"].status_code == 200 and result["r"].json()["choices"][0]["message"]["content"] is not None
