@@ -50,8 +50,10 @@ class GLMConfig:
     rope: Literal["2d", "half_interleaved"] = "2d"
     rope_base: float = 10000.0
     rotary_dim: int | None = None  # half_interleaved only; None = head_dim // 2
-    # ChatGLM-6B builds inv_freq in fp16 and (unless the model is .float()'ed) the cos/sin table in fp16 too.
-    rope_fp16: Literal["none", "inv_freq", "table"] = "none"
+    # ChatGLM-6B rounds inv_freq to fp16 and builds its cos/sin table in the dtype that buffer has: fp16 as
+    # published ("table"), fp32 after .float() ("inv_freq": only inv_freq rounded), bf16 after .bfloat16()
+    # ("table_bf16": positions, angles and table in bf16). The loader picks the one matching the load dtype.
+    rope_fp16: Literal["none", "inv_freq", "table", "table_bf16"] = "none"
     # "prefix_lm": ChatGLM-6B, everything before <sop> sees everything before <sop>, causal after.
     attention: Literal["prefix_lm", "causal"] = "prefix_lm"
 

@@ -170,7 +170,8 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None
 
     converter = converter_for(config, hf)
     _stream_into(model, converter, iter_tensors(files), target_dtype, source=folder)
-    _detect_rope_precision(model, converter)
+    if config.rope == "2d":
+        config.rope_fp16 = chatglm_rope_mode(target_dtype)
     _finish(model, converter, folder)
 
     if adapter is not None:
@@ -278,15 +279,10 @@ def _assign(model: nn.Module, target: str, tensor: torch.Tensor, dtype: torch.dt
         module.register_buffer(attr, value.contiguous())
 
 
-def _detect_rope_precision(model, converter) -> None:
-    """ChatGLM-6B's fp16 rotary quirk: a checkpoint saved from a .float()-ed model stores inv_freq in fp32, and
-    that model computed its cos/sin table in fp32 from the fp16-rounded inv_freq; otherwise the table is fp16."""
-    if model.config.rope != "2d":
-        return
-    stored = [t for n, t in converter.dropped.items() if n.endswith("rotary_emb.inv_freq")]
-    if stored and stored[0].dtype == torch.float32:
-        model.config.rope_fp16 = "inv_freq"
-    converter.dropped.clear()
+def chatglm_rope_mode(dtype: torch.dtype) -> str:
+    """ChatGLM-6B's rotary table follows its fp16 inv_freq buffer through .float()/.half()/.bfloat16(): an fp32
+    model uses fp16-rounded inv_freq with an fp32 table; fp16 and bf16 models build the table in their dtype."""
+    return {torch.float32: "inv_freq", torch.float16: "table", torch.bfloat16: "table_bf16"}[dtype]
 
 
 def _finish(model, converter, folder) -> None:

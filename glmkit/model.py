@@ -65,15 +65,19 @@ class Rotary(nn.Module):
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] -> cos, sin [B, T, dim] (2d) or [B, T, dim/2] (interleaved), float32."""
-        fp16 = self.config.rope_fp16
-        angles = positions.float()[..., None] * self.inv_freq(positions.device)  # (B, T, dim/2)
-        if fp16 == "table":
-            angles = angles.half().float()
+        mode = self.config.rope_fp16
+        table_dtype = {"table": torch.float16, "table_bf16": torch.bfloat16}.get(mode)
+        inv_freq = self.inv_freq(positions.device)
+        if table_dtype is None:
+            angles = positions.float()[..., None] * inv_freq  # (B, T, dim/2)
+        else:  # the original's arange(seq_len, dtype) x inv_freq, each product rounded to that dtype
+            t = positions.to(table_dtype).float()
+            angles = (t[..., None] * inv_freq.to(table_dtype).float()).to(table_dtype).float()
         if self.config.rope == "2d":
             angles = torch.cat((angles, angles), dim=-1)  # (B, T, dim)
         cos, sin = angles.cos(), angles.sin()
-        if fp16 == "table":
-            cos, sin = cos.half().float(), sin.half().float()
+        if table_dtype is not None:
+            cos, sin = cos.to(table_dtype).float(), sin.to(table_dtype).float()
         return cos, sin
 
 

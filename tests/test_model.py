@@ -15,26 +15,28 @@ BOS, GMASK, MASK = CHATGLM_V1_HF["bos_token_id"], CHATGLM_V1_HF["gmask_token_id"
 
 def test_chatglm_v1_logits_match_reference(chatglm_v1_dir):
     model = glmkit.load_model(chatglm_v1_dir).eval()
+    assert model.config.rope_fp16 == "inv_freq"  # an fp32 original is a .float()-ed one: fp16 inv_freq, fp32 table
     sd = torch.load(chatglm_v1_dir / "pytorch_model.bin")
     ids = torch.tensor([[5, 17, 33, 8, GMASK, BOS, 40, 41, 42], [9, 10, MASK, 12, 13, GMASK, BOS, 60, 61]])
-    ref = chatglm_v1_logits(sd, CHATGLM_V1_HF, ids, fp16_table=True)
+    ref = chatglm_v1_logits(sd, CHATGLM_V1_HF, ids, fp16_table=False)
     with torch.no_grad():
         ours = model(ids)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_chatglm_v1_fp32_inv_freq_checkpoint_uses_fp32_table(tmp_path):
-    sd = thudm_v1_state_dict(CHATGLM_V1_HF)
-    for k in sd:
-        if k.endswith("inv_freq"):
-            sd[k] = sd[k].float()  # as saved from a .float()-ed original model
-    folder = write_folder(tmp_path / "m", CHATGLM_V1_HF, sd)
-    model = glmkit.load_model(folder)
-    assert model.config.rope_fp16 == "inv_freq"
+def test_chatglm_v1_fp16_rotary_table(chatglm_v1_dir):
+    """As published (fp16 buffers), positions x inv_freq and cos/sin are computed in fp16."""
+    assert glmkit.load_model(chatglm_v1_dir, dtype="float16").config.rope_fp16 == "table"
+    assert glmkit.load_model(chatglm_v1_dir, dtype="bfloat16").config.rope_fp16 == "table_bf16"
+    model = glmkit.load_model(chatglm_v1_dir)
+    model.config.rope_fp16 = "table"
+    sd = torch.load(chatglm_v1_dir / "pytorch_model.bin")
     ids = torch.tensor([[5, 17, 33, 8, GMASK, BOS, 40, 41]])
     with torch.no_grad():
-        torch.testing.assert_close(model(ids), chatglm_v1_logits(sd, CHATGLM_V1_HF, ids, fp16_table=False),
+        ours = model(ids)
+        torch.testing.assert_close(ours, chatglm_v1_logits(sd, CHATGLM_V1_HF, ids, fp16_table=True),
                                    atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(ours, chatglm_v1_logits(sd, CHATGLM_V1_HF, ids, fp16_table=False), atol=1e-6)
 
 
 def test_chatglm_v1_positions_and_mask():
@@ -186,7 +188,8 @@ def test_ptuned_v1_matches_reference(tmp_path):
         ids = torch.tensor([[5, 6, 7, GMASK, BOS, 9, 10]])
         kv = _reference_prefix(sd, hf, ids.shape[0], projection, heads=hf["num_attention_heads"])
         with torch.no_grad():
-            torch.testing.assert_close(model(ids), chatglm_v1_logits(sd, hf, ids, prefix_kv=kv), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(model(ids), chatglm_v1_logits(sd, hf, ids, fp16_table=False, prefix_kv=kv),
+                                       atol=1e-4, rtol=1e-4)
 
 
 def test_ptuned_v2_matches_reference(tmp_path):
