@@ -1,0 +1,75 @@
+"""Sampling functions and the streaming loop's contracts."""
+
+from __future__ import annotations
+
+import torch
+
+from glmkit.generate import apply_repetition_penalty, invalid_score_guard, sample, warp
+
+
+def test_greedy_and_temperature_zero():
+    scores = torch.tensor([[0.1, 2.0, 0.3], [5.0, -1.0, 0.0]])
+    assert sample(scores).tolist() == [1, 0]
+    assert sample(scores, do_sample=True, temperature=0).tolist() == [1, 0]
+
+
+def test_top_k_keeps_k_best():
+    scores = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
+    out = warp(scores, top_k=2)
+    assert torch.isinf(out[0, [0, 3]]).all() and torch.isfinite(out[0, [1, 2]]).all()
+
+
+def test_top_p_matches_transformers_semantics():
+    transformers = __import__("pytest").importorskip("transformers")
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(0)
+    for p in (0.1, 0.5, 0.9):
+        scores = torch.randn(4, 50, generator=g)
+        ref = TopPLogitsWarper(p)(None, scores.clone())
+        assert torch.equal(torch.isinf(warp(scores, top_p=p)), torch.isinf(ref))
+
+
+def test_top_p_always_keeps_one_token():
+    out = warp(torch.tensor([[0.0, 10.0, 0.0]]), top_p=0.0)
+    assert torch.isfinite(out).sum() == 1 and torch.isfinite(out[0, 1])
+
+
+def test_repetition_penalty_matches_transformers():
+    transformers = __import__("pytest").importorskip("transformers")
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    ids = torch.tensor([[1, 3, 3, 0]])
+    scores = torch.tensor([[1.0, -2.0, 0.5, 3.0, -1.0]])
+    ref = RepetitionPenaltyLogitsProcessor(1.3)(ids, scores.clone())
+    torch.testing.assert_close(apply_repetition_penalty(ids, scores, 1.3), ref)
+
+
+def test_seeded_sampling_is_reproducible_and_respects_filters():
+    scores = torch.randn(1, 100, generator=torch.Generator().manual_seed(1))
+    picks = [int(sample(scores, do_sample=True, top_k=3, generator=torch.Generator().manual_seed(s))) for s in range(30)]
+    allowed = set(torch.topk(scores, 3).indices[0].tolist())
+    assert set(picks) <= allowed and len(set(picks)) > 1
+    again = [int(sample(scores, do_sample=True, top_k=3, generator=torch.Generator().manual_seed(s))) for s in range(30)]
+    assert picks == again
+
+
+def test_invalid_score_guard():
+    scores = torch.tensor([[0.0, float("nan"), 1.0, 2.0, 3.0, 4.0, 5.0]])
+    out = invalid_score_guard(None, scores)
+    assert out.argmax().item() == 5 and out[0, 5] == 5e4
+    ok = torch.tensor([[0.0, 1.0]])
+    assert torch.equal(invalid_score_guard(None, ok), ok)
+
+
+def test_generate_rejects_bad_arguments(chatglm_v2_dir):
+    import pytest
+
+    import glmkit
+
+    model = glmkit.load_model(chatglm_v2_dir)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(torch.tensor([[64, 65, 5]]), max_new_tokens=2, temperature=-1)
+    with pytest.raises(ValueError, match="non-empty"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=2)
+    assert model.generate(torch.tensor([[64, 65, 5]]), max_length=2).shape == (1, 0)
