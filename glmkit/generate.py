@@ -171,13 +171,119 @@ def generate_stream(model, input_ids, attention_mask: torch.Tensor | None = None
             model.clear_cache()
 
 
-def generate(model, input_ids, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-    """The new tokens [B, N] (rows that stopped early are padded); same arguments as generate_stream."""
+def generate(model, input_ids, attention_mask: torch.Tensor | None = None, num_beams: int = 1,
+             **kwargs) -> torch.Tensor:
+    """The new tokens [B, N] (rows that stopped early are padded); same arguments as generate_stream, plus
+    num_beams > 1 for beam search (deterministic; sampling arguments are then not allowed)."""
+    if num_beams > 1:
+        if kwargs.pop("do_sample", False):
+            raise ValueError("beam search with sampling is not supported: use num_beams=1 or do_sample=False")
+        for unused in ("temperature", "top_p", "top_k", "seed", "use_cache"):
+            kwargs.pop(unused, None)
+        return beam_search(model, input_ids, attention_mask, num_beams=num_beams, **kwargs)
     steps = list(generate_stream(model, input_ids, attention_mask, **kwargs))
     B = _as_batch(input_ids).shape[0]
     if not steps:
         return torch.zeros(B, 0, dtype=torch.long)
     return torch.stack(steps, dim=1).cpu()
+
+
+@torch.inference_mode()
+def beam_search(model, input_ids, attention_mask: torch.Tensor | None = None, *, num_beams: int = 4,
+                max_new_tokens: int | None = None, max_length: int | None = None,
+                eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                length_penalty: float = 1.0, early_stopping: bool = False, repetition_penalty: float = 1.0,
+                logits_processors: Iterable[LogitsProcessor] = ()) -> torch.Tensor:
+    """Beam search as transformers runs it (log-softmax scores, 2·num_beams candidates per step, finished
+    hypotheses scored sum_logprobs / generated_len ** length_penalty). Returns new tokens [B, N], pad-filled."""
+    batch = _as_batch(input_ids)
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    cfg = model.config
+    eos = cfg.eos_token_ids if eos_token_id is None else (
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0)
+    rows = []
+    for b in range(batch.shape[0]):
+        row = batch[b]
+        if attention_mask is not None:
+            row = row[attention_mask[b].bool()]
+        rows.append(_beam_search_row(model, row[None], num_beams, max_new_tokens, max_length, eos, length_penalty,
+                                     early_stopping, repetition_penalty, list(logits_processors)))
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), width), pad, dtype=torch.long)
+    for b, r in enumerate(rows):
+        out[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def _beam_search_row(model, ids, num_beams, max_new_tokens, max_length, eos, length_penalty, early_stopping,
+                     repetition_penalty, processors) -> list[int]:
+    device = model.wte.weight.device
+    ids = ids.to(device)
+    T = ids.shape[1]
+    if max_new_tokens is None:
+        max_new_tokens = (max_length if max_length is not None else HF_DEFAULT_MAX_LENGTH) - T
+    elif max_length is not None:
+        max_new_tokens = min(max_new_tokens, max_length - T)
+    if max_new_tokens <= 0:
+        return []
+    nb, total = num_beams, T + max_new_tokens
+    seqs = ids.expand(nb, T).clone()
+    beam_scores = torch.full((nb,), -1e9, device=device)
+    beam_scores[0] = 0.0  # all beams start identical: only one may expand at first
+    finished: list[tuple[float, list[int]]] = []
+    positions = model.default_position_ids(seqs)
+    model.setup_cache(nb, total)
+    try:
+        mask = torch.zeros(nb, 1, T, total, dtype=torch.bool, device=device)
+        mask[..., :T] = model.default_attention_mask(seqs)
+        logits = model(seqs, positions, mask, input_pos=torch.arange(T, device=device), last_logits_only=True)
+        last_pos = positions[..., -1]
+        for step in range(max_new_tokens):
+            cur = T + step
+            scores = logits[:, -1].float().log_softmax(dim=-1)
+            for proc in processors:
+                scores = proc(seqs, scores)
+            scores = apply_repetition_penalty(seqs, scores, repetition_penalty)
+            V = scores.shape[-1]
+            cand = (scores + beam_scores[:, None]).view(-1)
+            top_scores, top_idx = torch.topk(cand, max(2, 1 + len(eos)) * nb)
+            next_beams, next_tokens, next_scores = [], [], []
+            for rank, (sc, ix) in enumerate(zip(top_scores.tolist(), top_idx.tolist())):
+                beam, tok = divmod(ix, V)
+                if tok in eos:
+                    if rank < nb:  # a finished hypothesis, scored by its generated length
+                        gen = seqs[beam, T:].tolist()
+                        finished.append((sc / ((len(gen) + 1) ** length_penalty), gen + [tok]))
+                    continue
+                next_beams.append(beam)
+                next_tokens.append(tok)
+                next_scores.append(sc)
+                if len(next_beams) == nb:
+                    break
+            finished.sort(key=lambda h: h[0], reverse=True)
+            del finished[nb:]
+            if len(finished) >= nb:
+                best_possible = max(next_scores) / ((cur + 1 - T) ** length_penalty)
+                if early_stopping or finished[-1][0] >= best_possible:
+                    return finished[0][1]
+            index = torch.tensor(next_beams, device=device)
+            seqs = torch.cat([seqs[index], torch.tensor(next_tokens, device=device)[:, None]], dim=1)
+            beam_scores = torch.tensor(next_scores, device=device)
+            model.reorder_cache(index)
+            if step == max_new_tokens - 1:
+                break
+            last_pos = _next_positions(last_pos[index])
+            step_mask = torch.zeros(nb, 1, 1, total, dtype=torch.bool, device=device)
+            step_mask[..., : cur + 1] = True
+            logits = model(seqs[:, -1:], last_pos[..., None], step_mask, input_pos=torch.tensor([cur], device=device))
+    finally:
+        model.clear_cache()
+    for sc, beam in zip(beam_scores.tolist(), range(nb)):  # running beams compete with the finished ones
+        gen = seqs[beam, T:].tolist()
+        finished.append((sc / (len(gen) ** length_penalty), gen))
+    return max(finished, key=lambda h: h[0])[1]
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -287,6 +287,12 @@ class GLM(nn.Module):
         for block in self.h:
             block.attn.kv_cache = None
 
+    def reorder_cache(self, index: torch.Tensor) -> None:
+        """Beam search: row b of every cache becomes row index[b]."""
+        for block in self.h:
+            cache = block.attn.kv_cache
+            cache.k, cache.v = cache.k.index_select(0, index), cache.v.index_select(0, index)
+
     @property
     def has_cache(self) -> bool:
         return self.h[0].attn.kv_cache is not None

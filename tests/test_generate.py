@@ -73,3 +73,39 @@ def test_generate_rejects_bad_arguments(chatglm_v2_dir):
     with pytest.raises(ValueError, match="non-empty"):
         model.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=2)
     assert model.generate(torch.tensor([[64, 65, 5]]), max_length=2).shape == (1, 0)
+
+
+def test_beam_search_matches_transformers(tmp_path):
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    import glmkit
+    from glmkit.generate import beam_search
+
+    torch.manual_seed(0)
+    cfg = transformers.GlmConfig(vocab_size=60, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0,
+                                 eos_token_id=[1])
+    ref = transformers.GlmForCausalLM(cfg).eval()
+    for p in ref.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    ref.save_pretrained(tmp_path / "m")
+    ours = glmkit.load_model(tmp_path / "m")
+    for seed in range(3):
+        ids = torch.randint(2, 60, (1, 6), generator=torch.Generator().manual_seed(seed))
+        theirs = ref.generate(ids, num_beams=3, do_sample=False, max_new_tokens=8, eos_token_id=1,
+                              pad_token_id=0)[0, 6:].tolist()
+        mine = beam_search(ours, ids, num_beams=3, max_new_tokens=8, eos_token_id=1, pad_token_id=0)[0].tolist()
+        while theirs and theirs[-1] == 0 and len(theirs) > len(mine):
+            theirs.pop()
+        assert mine == theirs[: len(mine)] and len(mine) == len(theirs)
+
+
+def test_beam_search_with_one_beam_is_greedy(chatglm_v1_dir):
+    import glmkit
+    from glmkit.generate import beam_search
+
+    model = glmkit.load_model(chatglm_v1_dir)
+    ids = torch.tensor([[5, 6, 7, 151, 154]])
+    assert beam_search(model, ids, num_beams=1, max_new_tokens=6, eos_token_id=[]).tolist() == \
+        model.generate(ids, max_new_tokens=6, eos_token_id=[]).tolist()
