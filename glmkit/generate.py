@@ -1,7 +1,7 @@
 """The one generation module: sampling, KV-cache prefill/decode, streaming. Chat, CLI, server and UI all use it.
 
-Order of score processing per step (as transformers does it): caller's logits processors (e.g. ChatGLM's NaN/inf
-guard) -> repetition penalty -> (sampling only) temperature -> top-k -> top-p -> multinomial; greedy = argmax.
+Order of score processing per step (as transformers does it): repetition penalty -> caller's logits processors
+(e.g. ChatGLM's NaN/inf guard, appended after the defaults) -> (sampling only) temperature -> top-k -> top-p -> multinomial; greedy = argmax.
 """
 
 from __future__ import annotations
@@ -143,9 +143,9 @@ def generate_stream(model, input_ids, attention_mask: torch.Tensor | None = None
             cur = T + step
             scores = logits[:, -1, :].float()
             seen = tokens[:, :cur]
+            scores = apply_repetition_penalty(seen, scores, repetition_penalty)
             for proc in processors:
                 scores = proc(seen, scores)
-            scores = apply_repetition_penalty(seen, scores, repetition_penalty)
             nxt = sample(scores, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                          generator=generator)
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
@@ -243,9 +243,9 @@ def _beam_search_row(model, ids, num_beams, max_new_tokens, max_length, eos, len
         for step in range(max_new_tokens):
             cur = T + step
             scores = logits[:, -1].float().log_softmax(dim=-1)
+            scores = apply_repetition_penalty(seqs, scores, repetition_penalty)
             for proc in processors:
                 scores = proc(seqs, scores)
-            scores = apply_repetition_penalty(seqs, scores, repetition_penalty)
             V = scores.shape[-1]
             cand = (scores + beam_scores[:, None]).view(-1)
             top_scores, top_idx = torch.topk(cand, max(2, 1 + len(eos)) * nb)

@@ -17,6 +17,7 @@ files, never assumed.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import base64
 import binascii
@@ -27,7 +28,6 @@ import random
 import re
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -67,11 +67,9 @@ def clean_up_tokenization(text: str) -> str:
             .replace(" 're", "'re"))
 
 
-def _split_on(text: str, specials: Sequence[str], strip_around: bool) -> list[tuple[str, bool]]:
-    """Splits text on literal special-token strings, longest match first, as transformers' added-token trie does.
-
-    Returns (chunk, is_special) pairs. With `strip_around`, whitespace next to a special token is dropped (what
-    transformers <= 4.33 did for special tokens given as plain strings, e.g. ChatGLM-6B's)."""
+def _split_on(text: str, specials: Sequence[str]) -> list[tuple[str, bool]]:
+    """Splits text on literal special-token strings, longest match first, as transformers' added-token trie does
+    (transformers 5 keeps the whitespace around them). Returns (chunk, is_special) pairs without empty chunks."""
     specials = sorted((s for s in specials if s), key=len, reverse=True)
     if not specials or not any(s in text for s in specials):
         return [(text, False)] if text else []
@@ -83,19 +81,12 @@ def _split_on(text: str, specials: Sequence[str], strip_around: bool) -> list[tu
         parts.append((m.group(0), True))
         pos = m.end()
     parts.append((text[pos:], False))
-    if strip_around:
-        for i, (chunk, special) in enumerate(parts):
-            if special:
-                if i > 0 and not parts[i - 1][1]:
-                    parts[i - 1] = (parts[i - 1][0].rstrip(), False)
-                if i + 1 < len(parts) and not parts[i + 1][1]:
-                    parts[i + 1] = (parts[i + 1][0].lstrip(), False)
     return [(c, s) for c, s in parts if c]
 
 
 # ------------------------------------------------------------------------------------------------------- base class
 
-class GLMTokenizerBase:
+class GLMTokenizerBase(abc.ABC):
     """What every family shares: batching with left padding, special-token bookkeeping, saving."""
 
     family: str = ""
@@ -108,15 +99,18 @@ class GLMTokenizerBase:
         self.name_or_path = str(Path(vocab_file).parent)
         self.clean_up_tokenization_spaces = False
 
-    # -- to be provided by the families
+    # -- each family provides these
+    @abc.abstractmethod
     def tokenize(self, text: str) -> list[str]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def decode(self, ids: Iterable[int] | Any, skip_special_tokens: bool = False) -> str:
-        raise NotImplementedError
+        ...
 
     def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int]:
         if isinstance(tokens, str):
@@ -128,15 +122,18 @@ class GLMTokenizerBase:
             return self._id_to_token(ids)
         return [self._id_to_token(int(i)) for i in _as_id_list(ids)]
 
+    @abc.abstractmethod
     def _token_to_id(self, token: str) -> int:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _id_to_token(self, index: int) -> str:
-        raise NotImplementedError
+        ...
 
     @property
+    @abc.abstractmethod
     def vocab_size(self) -> int:
-        raise NotImplementedError
+        ...
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -148,8 +145,9 @@ class GLMTokenizerBase:
                             self.gmask_token_id, self.smask_token_id, self.sop_token_id, self.eop_token_id)
                 if i is not None}
 
+    @abc.abstractmethod
     def get_command(self, name: str) -> int:
-        raise NotImplementedError
+        ...
 
     # -- batching
     def __call__(self, text_or_texts: str | Sequence[str], padding: bool | str = True, return_tensors: str | None = None,
@@ -330,13 +328,13 @@ class ChatGLMTokenizer(GLMTokenizerBase):
 
     def tokenize(self, text: str) -> list[str]:
         pieces: list[str] = []
-        for chunk, special in _split_on(text, self._hf_special_tokens, strip_around=False):
+        for chunk, special in _split_on(text, self._hf_special_tokens):
             pieces.extend([chunk] if special else self.sp_encode(chunk, out_type=str))
         return pieces
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids: list[int] = []
-        for chunk, special in _split_on(text, self._hf_special_tokens, strip_around=False):
+        for chunk, special in _split_on(text, self._hf_special_tokens):
             ids.extend([self._token_to_id(chunk)] if special else self.sp_encode(chunk))
         if add_special_tokens:
             ids = ids + [self.gmask_token_id, self.bos_token_id]
@@ -569,7 +567,7 @@ class GLM4Tokenizer(GLMTokenizerBase):
         return set(self.index_special_tokens)
 
     def _segments(self, text: str) -> list[tuple[str, bool]]:
-        return _split_on(text, list(self.special_tokens), strip_around=False)
+        return _split_on(text, list(self.special_tokens))
 
     def tokenize(self, text: str) -> list[str]:
         out: list[str] = []
@@ -871,7 +869,7 @@ def train_tokenizer(inputs: Sequence[str | Path], vocab_size: int, family: str, 
     else:
         common.update(pad_id=-1, byte_fallback=True)
     buf = io.BytesIO()
-    t0 = time.time()
+    spm.set_random_generator_seed(seed)  # SentencePiece's own sampling/shuffling, for reproducible tokenizers
     spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=buf, **common)
     proto = pb.ModelProto()
     proto.ParseFromString(buf.getvalue())
