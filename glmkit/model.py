@@ -161,12 +161,10 @@ class Attention(nn.Module):
             pk, pv = prefix_kv  # (B, K, P, D)
             k = torch.cat((pk.to(k.dtype), k), dim=2)
             v = torch.cat((pv.to(v.dtype), v), dim=2)
-        if K != H:  # grouped KV heads: head h reads kv group h // (H / K)
-            k = k.repeat_interleave(H // K, dim=1)
-            v = v.repeat_interleave(H // K, dim=1)
         # ChatGLM-6B divides q by (layer+1)·√D and multiplies the fp32 scores back by (layer+1) to dodge fp16
         # overflow: the same 1/√D attention, which SDPA computes (in fp32 accumulation on CPU).
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
+        # Grouped KV heads: head h reads kv group h // (H / K) (enable_gqa, without copying K/V per head).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=K != H)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.proj(y)
 
