@@ -2,8 +2,9 @@
 
 Interactive (stdin is a terminal): a welcome line names the model and the commands; `clear` empties the history,
 `stop` or Ctrl-D quits, Ctrl-C interrupts the current answer and keeps the chat going.
-Through a pipe (stdin is not a terminal): one answer per input line on stdout, no prompts or decoration; the
-welcome line goes to stderr. `clear` and `stop` work there too.
+Through a pipe (stdin is not a terminal): each input line gets its answer on stdout, ended by a newline (the answer
+itself is not altered, so a multi-line answer stays multi-line), with no prompts or decoration; the welcome line goes
+to stderr. `clear` and `stop` work there too.
 
 Also home to the small helpers the other front doors (serve.py, web.py) share: loading a model for chat and
 turning a growing answer into appendable pieces.
@@ -12,6 +13,7 @@ turning a growing answer into appendable pieces.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -61,6 +63,19 @@ def context_length(model: Any) -> int:
     return int(model.config.max_seq_len)
 
 
+def response_text(response: Any) -> str:
+    """chat()'s response as text: ChatGLM3/GLM-4 give a dict when the answer's metadata line is not empty (a tool
+    call); it is shown the way the model wrote it, metadata line first."""
+    if isinstance(response, str):
+        return response
+    if isinstance(response, dict):
+        body = response.get("content")
+        if body is None:
+            body = json.dumps(response.get("parameters", {}), ensure_ascii=False)
+        return f"{response.get('name', '')}\n{body}"
+    return str(response)
+
+
 # A growing answer can still change at its end: an incomplete UTF-8 sequence decodes as U+FFFD, trailing spaces
 # are stripped, and ChatGLM's post-processing widens a half-width mark once a CJK character follows it. Holding
 # those back makes every emitted piece final, so the pieces always add up to the finished answer.
@@ -95,13 +110,21 @@ class TerminalChat:
     """One chat session: the history, the generation settings, and the printing."""
 
     def __init__(self, model: Any, tokenizer: Any, name: str, *, system: str | None = None,
-                 max_length: int | None = None, temperature: float | None = None, top_p: float | None = None,
-                 seed: int | None = None, out: TextIO = sys.stdout) -> None:
+                 max_length: int | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, seed: int | None = None, out: TextIO = sys.stdout) -> None:
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.history: list = []
         self.out = out
-        self.gen_kwargs: dict[str, Any] = {"max_length": min(max_length or 2048, context_length(model))}
+        # unset options keep the family's chat defaults (max_length is capped at the model's context by chat())
+        self.gen_kwargs: dict[str, Any] = {}
+        if max_length is not None:
+            self.gen_kwargs["max_length"] = max_length
+        if max_new_tokens is not None:
+            self.gen_kwargs["max_new_tokens"] = max_new_tokens
         if system is not None:
+            from glmkit.chat import build_chat_input
+
+            build_chat_input(tokenizer, "", [], system=system)  # a family without a system role fails here, early
             self.gen_kwargs["system"] = system
         if temperature is not None:
             if temperature == 0:
@@ -120,20 +143,26 @@ class TerminalChat:
         """Streams one answer to `out`; False when Ctrl-C interrupted it (the partial answer stays in history)."""
         delta = TextDelta()
         response, history = "", self.history
-        stream = self.model.stream_chat(self.tokenizer, query, history=self.history, **self.gen_kwargs)
+        kwargs = dict(self.gen_kwargs)
+        if self.history:
+            kwargs.pop("system", None)  # the first turn put it into the history (ChatGLM3/GLM-4 role messages)
+        stream = self.model.stream_chat(self.tokenizer, query, history=self.history, **kwargs)
         try:
             for response, history in stream:
-                self._write(delta.update(response))
-            self._write(delta.finish(response))
+                self._write(delta.update(response_text(response)))
+            self._write(delta.finish(response_text(response)))
             self.history = history
             return True
         except KeyboardInterrupt:
             stream.close()
-            self._write(delta.finish(response))
+            self._write(delta.finish(response_text(response)))
             self._write(" [interrupted]")
             if response:
                 self.history = history  # keep what was shown, so "go on" can continue it
             return False
+        except ValueError as err:  # e.g. a query too long for max_length: say so and keep chatting
+            self._write(f"[error: {err}]")
+            return True
 
     def _write(self, text: str) -> None:
         if text:
@@ -193,13 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="glmkit chat",
         description="Chat with a GLM model in the terminal; the answer is streamed as it is generated. "
-                    f"Commands: {COMMANDS_HELP}. Through a pipe, each input line gets one answer line.",
+                    f"Commands: {COMMANDS_HELP}. Through a pipe (stdin not a terminal) each input line gets its "
+                    "answer, ended by a newline, with no prompts on stdout.",
     )
     add_model_arguments(parser)
     parser.add_argument("--system", default=None, help="system prompt (families with a system role: ChatGLM3, GLM-4)")
     parser.add_argument("--max-length", type=int, default=None,
-                        help="most tokens per turn, prompt and history included (default 2048, capped at the "
-                             "model's context)")
+                        help="most tokens per turn, prompt and history included; the oldest turns are dropped to "
+                             "fit (default: the family's, 2048 for ChatGLM-6B; capped at the model's context)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="most tokens per answer (default: whatever max-length leaves)")
     parser.add_argument("--temperature", type=float, default=None,
                         help="sampling temperature; 0 = greedy (default: the family's chat default)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: the family's)")
@@ -209,9 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if args.max_length is not None and args.max_length <= 0:
-        print(f"glmkit chat: --max-length must be positive, got {args.max_length}", file=sys.stderr)
-        return 2
+    for flag in ("max_length", "max_new_tokens"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            print(f"glmkit chat: --{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}",
+                  file=sys.stderr)
+            return 2
     if args.temperature is not None and args.temperature < 0:
         print(f"glmkit chat: --temperature must be >= 0, got {args.temperature}", file=sys.stderr)
         return 2
@@ -224,8 +258,15 @@ def cli_main(argv: list[str]) -> int:
     except (FileNotFoundError, ValueError, OSError) as err:
         print(f"glmkit chat: cannot load {args.model!r}: {err}", file=sys.stderr)
         return 1
-    chat = TerminalChat(model, tokenizer, model_name(args.model), system=args.system, max_length=args.max_length,
-                        temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    except KeyboardInterrupt:
+        return 130
+    try:
+        chat = TerminalChat(model, tokenizer, model_name(args.model), system=args.system,
+                            max_length=args.max_length, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    except ValueError as err:
+        print(f"glmkit chat: {err}", file=sys.stderr)
+        return 2
     if sys.stdin.isatty():
         return chat.run_interactive()
     return chat.run_pipe()

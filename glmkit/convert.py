@@ -76,7 +76,7 @@ class Converter:
     def __init__(self, table: dict[str, str | None]) -> None:
         self.table = table
         self.rules = _compile(table)
-        self.dropped: dict[str, torch.Tensor] = {}  # deliberately unused keys, kept for inspection (inv_freq)
+        self.dropped: list[str] = []  # deliberately unused keys (names only: holding tensors would pin the mmap)
 
     def map_name(self, name: str) -> str | None:
         for pattern, dst, prefix in self.rules:
@@ -93,7 +93,7 @@ class Converter:
     def feed(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         target = self.map_name(name)
         if target is None:
-            self.dropped[name] = tensor
+            self.dropped.append(name)
             return
         yield target, tensor
 

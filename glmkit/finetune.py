@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--do_eval", action="store_true", help="evaluate on --validation_file (eval_* metrics)")
     g.add_argument("--do_predict", action="store_true", help="predict on --test_file (predict_* metrics)")
     g.add_argument("--predict_with_generate", action="store_true",
-                   help="generate answers and score them with ROUGE/BLEU (otherwise only the loss is reported)")
+                   help="generate answers and score them with ROUGE/BLEU; without it --do_eval reports the loss "
+                        "(--do_predict always generates: main.py without it writes no predictions or scores)")
 
     g = p.add_argument_group("model")
     g.add_argument("--model_name_or_path", required=True, help="base model folder, bundled name or HF id")
@@ -91,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype of the loaded base weights")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--num_threads", type=int, default=None,
+                   help="CPU threads for torch (default: the cores not already busy, at least 1; on a shared, "
+                        "oversubscribed CPU extra threads make small models many times slower)")
 
     g = p.add_argument_group("data (JSON Lines)")
     g.add_argument("--train_file")
@@ -133,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     g.add_argument("--resume_from_checkpoint", default=None, help="an OUT/checkpoint-N folder to continue from")
     g.add_argument("--report_to", default=None, help="accepted for compatibility (logs go to stdout)")
+    g.add_argument("--deepspeed", default=None, help="accepted for ds_train_finetune.sh compatibility; use torchrun")
+    g.add_argument("--local_rank", type=int, default=-1, help="set by launchers; torchrun's LOCAL_RANK is used")
     g.add_argument("--disable_tqdm", action="store_true")
 
     g = p.add_argument_group("generation (--predict_with_generate; defaults as main.py)")
@@ -194,6 +200,20 @@ def _device(args) -> torch.device:
     return torch.device("cpu")
 
 
+def _set_cpu_threads(requested: int | None, world: int) -> int:
+    """torch threads for this process: as asked, else the idle cores (per process under torchrun)."""
+    cores = os.cpu_count() or 1
+    if requested is None:
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:  # not available on this platform
+            busy = 0.0
+        requested = int(cores - busy + 0.5) // max(world, 1)
+    n = max(1, min(int(requested), cores))
+    torch.set_num_threads(n)
+    return n
+
+
 def load_for_finetune(args: argparse.Namespace, method: str):
     """Base model (+ adapter, + fresh trainable parts) and tokenizer, as the method and flags say."""
     from glmkit.loader import load_model
@@ -242,38 +262,20 @@ def load_for_finetune(args: argparse.Namespace, method: str):
     return model, tokenizer
 
 
-def load_ptuning_checkpoint(model: nn.Module, folder: str | Path) -> nn.Module:
-    """What main.py does with --ptuning_checkpoint: a prefix encoder shaped by the folder's config.json
-    (pre_seq_len, prefix_projection), filled from pytorch_model.bin's transformer.prefix_encoder.* weights."""
-    from glmkit.ptuning import PREFIX_KEY, attach_prefix
-
-    folder = Path(folder)
-    cfg_path, weights = folder / "config.json", folder / "pytorch_model.bin"
-    if not cfg_path.is_file() or not weights.is_file():
-        raise FileNotFoundError(f"{folder} is not a P-tuning checkpoint (needs config.json and pytorch_model.bin)")
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    if not cfg.get("pre_seq_len"):
-        raise ValueError(f"{cfg_path} has no pre_seq_len; is {folder} a P-tuning checkpoint?")
-    sd = torch.load(weights, map_location="cpu", weights_only=True)
-    prefix = {k[len(PREFIX_KEY):]: v for k, v in sd.items() if k.startswith(PREFIX_KEY)}
-    if not prefix:
-        raise ValueError(f"{weights} holds no {PREFIX_KEY}* weights")
-    encoder = attach_prefix(model, int(cfg["pre_seq_len"]), bool(cfg.get("prefix_projection", False)))
-    encoder.load_state_dict(prefix)  # strict: a wrong shape or name is an error
-    encoder.float()
-    return model
-
-
 def load_adapter_folder(model: nn.Module, folder: str | Path, trainable: bool = False) -> nn.Module:
-    """A LoRA folder (adapter_config.json) or a P-tuning folder (config.json with pre_seq_len)."""
+    """A LoRA folder (adapter_config.json) or a P-tuning folder (config.json with pre_seq_len, pytorch_model.bin
+    with transformer.prefix_encoder.*), as main.py's --ptuning_checkpoint loads it."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"adapter folder {folder} does not exist")
     if (folder / "adapter_config.json").is_file():
         from glmkit.lora import load_lora_adapter
 
         return load_lora_adapter(model, folder, trainable=trainable)
-    return load_ptuning_checkpoint(model, folder)
+    from glmkit.loader import load_adapter
+
+    load_adapter(model, folder)
+    if model.prefix_encoder is not None:
+        model.prefix_encoder.float()  # main.py: the prefix encoder runs in fp32 over a half/quantized base
+    return model
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -386,20 +388,16 @@ def _wrap_distributed(model: nn.Module, method: str, device: torch.device, world
 
 
 # ------------------------------------------------------------------------------------------------------ checkpoints
-def save_full_model(model: nn.Module, out_dir: str | Path, base: str | None = None, tokenizer=None,
+def save_full_model(model: nn.Module, out_dir: str | Path, tokenizer=None,
                     state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """The whole model in the base's (THUDM) layout, loadable by glmkit.load_model, plus the tokenizer files."""
+    """The whole model in the base's (THUDM) layout, loadable by glmkit.load_model, plus the tokenizer files.
+
+    state_dict: a gathered full state dict (FSDP), written through a CPU copy of the model."""
     from glmkit.loader import save_model
 
-    if tokenizer is None and base is not None:
-        from glmkit.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(base)
     if state_dict is None:
         return save_model(model, out_dir, tokenizer=tokenizer)
-    # FSDP: the gathered full state dict goes into a CPU shell of the model
-    shell = _cpu_shell(model, state_dict)
-    return save_model(shell, out_dir, tokenizer=tokenizer)
+    return save_model(_cpu_shell(model, state_dict), out_dir, tokenizer=tokenizer)
 
 
 def _cpu_shell(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
@@ -407,9 +405,13 @@ def _cpu_shell(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Modu
 
     with torch.device("meta"):
         shell = GLMForCausalLM(model.config)
-    shell.load_state_dict(state_dict, assign=True, strict=False)
+    result = shell.load_state_dict(state_dict, assign=True, strict=False)
     if model.config.tie_word_embeddings:
         shell.lm_head.weight = shell.wte.weight
+    missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"gathered state dict does not fit the model: missing {missing[:4]}, "
+                           f"unexpected {result.unexpected_keys[:4]}")
     return shell
 
 
@@ -581,7 +583,14 @@ def train(model: nn.Module, tokenizer, examples: list[dict[str, list[int]]], arg
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
         if state.global_step % args.logging_steps == 0 or state.global_step == total:
             elapsed = time.perf_counter() - t_log
-            entry = {"loss": round(loss_sum_log / steps_log, 4), "learning_rate": lr,
+            mean_loss = loss_sum_log / steps_log
+            if world > 1:  # the logged loss is the mean over processes, as HF Trainer gathers it
+                import torch.distributed as dist
+
+                t = torch.tensor([mean_loss], dtype=torch.float64)
+                dist.all_reduce(t)
+                mean_loss = float(t) / world
+            entry = {"loss": round(mean_loss, 4), "learning_rate": lr,
                      "epoch": round(state.epoch, 4), "tokens_per_second": round(tokens_log * world / elapsed, 1),
                      "step": state.global_step}
             state.log_history.append(entry)
@@ -669,7 +678,7 @@ def run_evaluation(model, tokenizer, rows, args, device, prefix: str, write_pred
     lengths = Lengths(args.max_source_length, val_tgt, args.source_prefix, args.ignore_pad_token_for_loss)
     t0 = time.perf_counter()
     metrics: dict[str, Any] = {}
-    if args.predict_with_generate:
+    if args.predict_with_generate or prefix == "predict":
         examples = build_examples(tokenizer, rows, columns, lengths, train=False)
         preds = generate_predictions(model, tokenizer, examples, args, device, desc=prefix)
         labels = [e["label"] for e in examples]
@@ -702,16 +711,32 @@ def _save_metrics(out: Path, split: str, metrics: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------------ entry point
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Does what the flags ask (train, eval, predict) and returns all metrics."""
+    threads = torch.get_num_threads()
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)  # callers in the same process keep their setting
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     validate(args)
     method = resolve_method(args)
     device = _device(args)
     rank, world = _init_distributed(device)
+    if device.type == "cpu":
+        threads = _set_cpu_threads(args.num_threads, world)
+        _log(f"device cpu, {threads} thread(s) per process", rank)
     out = Path(args.output_dir)
     if args.do_train and rank == 0:
         existing = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
         if existing and not args.overwrite_output_dir and not args.resume_from_checkpoint:
-            raise ValueError(f"{out} already holds {existing[0].name}; pass --overwrite_output_dir to train "
-                             "again there, or --resume_from_checkpoint to continue")
+            _log(f"warning: {out} already holds {', '.join(p.name for p in existing[:3])}; checkpoints of the "
+                 "same step will be overwritten (pass --overwrite_output_dir to silence this, or "
+                 "--resume_from_checkpoint to continue a run)")
+    if args.fp16 and rank == 0:
+        _log("note: --fp16 is accepted for main.py compatibility; glmkit trains fp32 (or --bf16 autocast)")
+    if args.deepspeed and rank == 0:
+        _log("note: --deepspeed is ignored; run multi-process fine-tuning with torchrun (FSDP for --method full)")
     out.mkdir(parents=True, exist_ok=True)
 
     random.seed(args.seed)

@@ -224,12 +224,9 @@ def _dtype(d: str | torch.dtype) -> torch.dtype:
 
 
 def _quantization_spec(hf, files, quantize, group_size, scheme):
-    pre = None
-    has_marker = hf.get("quantization_bit") or "glmkit_quantization" in hf
-    if has_marker:
-        from glmkit.quantize import quantization_spec
+    from glmkit.quantize import quantization_spec
 
-        pre = quantization_spec(hf, safetensors_metadata(files))
+    pre = quantization_spec(hf, safetensors_metadata(files))  # THUDM quantization_bit or glmkit metadata
     if quantize is None:
         return pre
     if pre is not None:
@@ -270,7 +267,8 @@ def _assign(model: nn.Module, target: str, tensor: torch.Tensor, dtype: torch.dt
     if tuple(current.shape) != tuple(tensor.shape):
         raise CheckpointError(f"shape mismatch for {target}: checkpoint has {tuple(tensor.shape)}, the config "
                               f"implies {tuple(current.shape)}")
-    value = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    # A copy: a view would keep the memory-mapped checkpoint file (and every page read from it) resident.
+    value = tensor.to(dtype, copy=True) if tensor.is_floating_point() else tensor.clone()
     if not current.is_meta:
         raise CheckpointError(f"weight {target} appears twice in the checkpoint")
     if isinstance(current, nn.Parameter):
@@ -305,9 +303,16 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, dty
     original code both load; adds the tokenizer files when a tokenizer is given."""
     from safetensors.torch import save_file
 
+    config: GLMConfig = model.config
+    if config.extra.get("quantization"):  # quantized layers have their own portable format and metadata
+        from glmkit.quantize import save_quantized
+
+        out = save_quantized(model, out_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        return out
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config: GLMConfig = model.config
     sd = {}
     for name, t in model.state_dict().items():
         if config.tie_word_embeddings and name == "lm_head.weight":

@@ -13,8 +13,10 @@ Targets are glmkit module-name suffixes (`attn.qkv`, `attn.proj`, `mlp.fc`, `mlp
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -80,14 +82,20 @@ def _register_quantized(config) -> None:
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 32.0, dropout: float = 0.1,
                target_modules: str | Iterable[str] | None = None) -> nn.Module:
     """Injects fresh LoRA layers (B = 0, so the output is unchanged) and freezes everything else. In place."""
-    from peft import inject_adapter_in_model
-
     if has_lora(model):
         raise ValueError("this model already has LoRA layers; merge_lora() it first or load the base again")
     config = lora_config(rank, alpha, dropout, target_modules)
-    inject_adapter_in_model(config, model)
+    _inject(config, model)
     mark_only_lora_as_trainable(model)
     return model
+
+
+def _inject(config, model: nn.Module) -> None:
+    from peft import inject_adapter_in_model
+
+    with warnings.catch_warnings():  # QuantizedLinear is registered on purpose (see _register_quantized)
+        warnings.filterwarnings("ignore", message="Unsupported layer type .*QuantizedLinear")
+        inject_adapter_in_model(config, model)
 
 
 def has_lora(model: nn.Module) -> bool:
@@ -105,7 +113,8 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter weights under the key names PeftModel.save_pretrained writes."""
     from peft import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(model)
+    # save_embedding_layers=False: no embedding targets, and "auto" would probe the base path (even the Hub)
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
     return {_PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
@@ -116,7 +125,7 @@ def save_lora_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_
     config = _model_lora_config(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = type(config).from_dict(config.to_dict())  # a copy: saving must not change the live config
+    config = copy.deepcopy(config)  # saving must not change the live config
     config.inference_mode = True
     config.base_model_name_or_path = base_model_name_or_path
     config.save_pretrained(str(out))
@@ -136,7 +145,7 @@ def load_lora_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool
 
     Reads folders written by save_lora_adapter or by PeftModel.save_pretrained (safetensors or .bin).
     """
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from peft import LoraConfig, set_peft_model_state_dict
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
@@ -148,7 +157,7 @@ def load_lora_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool
     config.inference_mode = not trainable
     _register_quantized(config)
     weights = _read_adapter_weights(adapter_dir)
-    inject_adapter_in_model(config, model)
+    _inject(config, model)
     state = {k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) else k: v for k, v in weights.items()}
     result = set_peft_model_state_dict(model, state)
     missing = [k for k in getattr(result, "missing_keys", []) if ".lora_" in k]
@@ -216,8 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    from glmkit.finetune import save_full_model
-    from glmkit.loader import load_model
+    from glmkit.loader import load_model, save_model
 
     adapter = Path(args.adapter)
     if not (adapter / ADAPTER_CONFIG).is_file():
@@ -226,7 +234,15 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     model = load_model(args.base, dtype=args.dtype)
     load_lora_adapter(model, adapter)
     merge_lora(model)
-    out = save_full_model(model, args.output, base=args.base)
+    try:
+        from glmkit.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(args.base)
+    except FileNotFoundError:  # a weights-only base folder: the merged folder is weights-only too
+        tokenizer = None
+        print(f"note: {args.base} has no tokenizer files; {args.output} holds only the merged weights",
+              file=sys.stderr)
+    out = save_model(model, args.output, tokenizer=tokenizer)
     info = json.loads((adapter / ADAPTER_CONFIG).read_text())
     print(f"merged LoRA (r={info.get('r')}, alpha={info.get('lora_alpha')}, targets={info.get('target_modules')}) "
           f"into {args.base} -> {out}")

@@ -23,6 +23,14 @@ PRESETS: dict[str, dict] = {
         attention="causal", bos_token_id=None, eos_token_id=2, pad_token_id=0, mask_token_id=None,
         gmask_token_id=None, family="chatglm2", torch_dtype="float16",
     ),
+    # glmkit's bundled model (glmkit/assets/glm-tiny; configs/glm-tiny.yaml, scripts/train_glm_tiny.sh): the
+    # ChatGLM-6B architecture at toy size, with its own 10240-id ChatGLM-6B-layout tokenizer.
+    "glm-tiny": dict(
+        vocab_size=10240, hidden_size=192, num_layers=4, num_heads=3, ffn_hidden_size=768, max_seq_len=1024,
+        norm="layernorm", norm_eps=1e-5, residual="deepnorm", mlp="gelu", qkv_layout="per_head", rope="2d",
+        rope_fp16="table", attention="prefix_lm", bos_token_id=9900, eos_token_id=9901, pad_token_id=3,
+        mask_token_id=9896, gmask_token_id=9897, family="chatglm", torch_dtype="float32",
+    ),
     # https://huggingface.co/THUDM/glm-4-9b-chat/blob/main/config.json (rope_ratio 500 -> base 5e6)
     "glm-4-9b-chat": dict(
         vocab_size=151552, hidden_size=4096, num_layers=40, num_heads=32, num_kv_heads=2, head_dim=128,

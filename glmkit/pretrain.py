@@ -25,7 +25,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -152,8 +151,16 @@ def config_from_dict(raw: dict[str, Any]) -> PretrainConfig:
         bad = set(values) - names
         if bad:
             raise ValueError(f"unknown {section} options {sorted(bad)}; known: {sorted(names)}")
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        for k, v in values.items():
+            # YAML 1.1 reads "3e-4" (no dot) as a string; numbers are what the fields mean
+            if isinstance(v, str) and types[k].split(" |")[0] in ("float", "int"):
+                try:
+                    values[k] = float(v) if types[k].startswith("float") else int(v)
+                except ValueError:
+                    raise ValueError(f"{section}.{k} must be a number, got {v!r}") from None
         if cls is TrainArgs and "betas" in values:
-            values["betas"] = tuple(values["betas"])
+            values["betas"] = tuple(float(b) for b in values["betas"])
         return cls(**values)
 
     return PretrainConfig(model=dict(raw.get("model") or {}), tokenizer=str(raw.get("tokenizer") or ""),
@@ -179,6 +186,7 @@ class State:
     world_size: int = 1
     step: int = 0
     tokens_seen: int = 0
+    train_seconds: float = 0.0  # wall time of fit() over every invocation (resumes included)
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -427,6 +435,8 @@ def fit(state: State, stop_after: int | None = None) -> list[dict[str, float]]:
     is_main = state.rank == 0
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+        (out / "pretrain_config.json").write_text(json.dumps(dataclasses.asdict(state.config), indent=2,
+                                                             ensure_ascii=False) + "\n", encoding="utf-8")
     writer = _tensorboard(out) if is_main else None
     csv_file = open(out / "log.csv", "a", newline="", encoding="utf-8") if is_main else None
     csv_writer = csv.writer(csv_file) if csv_file else None
@@ -441,12 +451,13 @@ def fit(state: State, stop_after: int | None = None) -> list[dict[str, float]]:
         bar = tqdm(total=t.max_steps, initial=state.step, desc="pretrain", unit="step", dynamic_ncols=True,
                    file=sys.stderr)
     batches = _batches(train_dataset(state), t.micro_batch_size)
-    t0, tok0 = time.perf_counter(), state.tokens_seen
+    t0, tok0, secs0 = time.perf_counter(), state.tokens_seen, state.train_seconds
     try:
         while state.step < end:
             micro = [next(batches) for _ in range(t.grad_accum)]
             stats = train_step(state, micro)
             elapsed = time.perf_counter() - t0
+            state.train_seconds = secs0 + elapsed
             stats.update(step=state.step, lr=state.scheduler.get_last_lr()[0],
                          tokens_per_s=(state.tokens_seen - tok0) / max(elapsed, 1e-9))
             eval_loss = None
@@ -463,7 +474,7 @@ def fit(state: State, stop_after: int | None = None) -> list[dict[str, float]]:
                     csv_writer.writerow([state.step, state.tokens_seen, f"{stats['loss']:.5f}",
                                          "" if eval_loss is None else f"{eval_loss:.5f}", f"{stats['lr']:.3e}",
                                          f"{stats['grad_norm']:.4f}", f"{stats['tokens_per_s']:.1f}",
-                                         f"{elapsed:.1f}"])
+                                         f"{state.train_seconds:.1f}"])
                     csv_file.flush()
                     if writer:
                         writer.add_scalar("train/loss", stats["loss"], state.step)
@@ -518,7 +529,8 @@ def save_checkpoint(state: State, path: Path) -> None:
     if state.rank == 0:
         payload = {"model": model_sd, "optimizer": optim_sd, "scheduler": state.scheduler.state_dict(),
                    "scaler": state.scaler.state_dict() if state.scaler else None, "rng": rngs,
-                   "step": state.step, "tokens_seen": state.tokens_seen, "world_size": state.world_size,
+                   "step": state.step, "tokens_seen": state.tokens_seen, "train_seconds": state.train_seconds,
+                   "world_size": state.world_size,
                    "config": dataclasses.asdict(state.config), "model_config": state.model_config.to_dict()}
         tmp = path.with_suffix(".tmp")
         torch.save(payload, tmp)
@@ -547,36 +559,21 @@ def load_checkpoint(state: State, path: Path) -> None:
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     state.step, state.tokens_seen = payload["step"], payload["tokens_seen"]
+    state.train_seconds = float(payload.get("train_seconds", 0.0))
 
 
 def export_model(state: State, out_dir: Path) -> None:
-    """Writes a THUDM ChatGLM-6B-layout folder (config.json, model.safetensors) plus the tokenizer files."""
-    model_sd, _ = _full_state_dicts(state)
+    """Writes the model as a THUDM ChatGLM-6B-layout folder (config.json, model.safetensors) with the tokenizer
+    files, through glmkit.loader.save_model."""
+    from glmkit.loader import save_model
+
+    model_sd, _ = _full_state_dicts(state)  # collective under FSDP
     if state.rank != 0:
         return
-    dtype = getattr(torch, state.config.train.export_dtype)
-    save_thudm_folder({k: v.to(dtype) for k, v in model_sd.items()}, state.model_config, out_dir,
-                      state.config.train.export_dtype)
-    tok_dir = Path(state.config.tokenizer) if state.config.tokenizer else None
-    if tok_dir and tok_dir.is_dir():
-        for f in tok_dir.iterdir():
-            if f.is_file() and f.name not in ("config.json", "model.safetensors"):
-                shutil.copy2(f, out_dir / f.name)
-
-
-def save_thudm_folder(state_dict: dict[str, torch.Tensor], config: GLMConfig, out_dir: Path, dtype: str) -> None:
-    from safetensors.torch import save_file
-
-    from glmkit.convert import to_hf_config, to_thudm_state_dict
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = dataclasses.replace(config, torch_dtype=dtype)
-    hf = to_hf_config(cfg)
-    # ChatGLM-6B's tokenizer ids that to_hf_config does not carry
-    hf.setdefault("architectures", ["ChatGLMModel"])
-    thudm = {k: v.contiguous() for k, v in to_thudm_state_dict(state_dict, cfg).items()}
-    save_file(thudm, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+    with torch.device("meta"):  # no second copy of the weights: the gathered tensors are assigned
+        model = GLM(state.model_config)
+    model.load_state_dict(model_sd, assign=True)
+    save_model(model, out_dir, tokenizer=state.tokenizer, dtype=getattr(torch, state.config.train.export_dtype))
 
 
 # -------------------------------------------------------------------------------------------------------- CLI
@@ -590,6 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config file (see configs/glm-tiny.yaml)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=3e-4 data.seq_len=128")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--export", metavar="DIR", help="do not train: load out_dir/checkpoint.pt and export it as a "
+                                                   "model folder to DIR (to evaluate a run in progress)")
     return p
 
 
@@ -602,6 +601,15 @@ def cli_main(argv: list[str]) -> int:
         return 2
     if args.print_config:
         print(json.dumps(dataclasses.asdict(config), indent=2, ensure_ascii=False))
+        return 0
+    if args.export:
+        ckpt = Path(config.train.out_dir) / "checkpoint.pt"
+        if not ckpt.exists():
+            print(f"glmkit pretrain: no checkpoint at {ckpt} to export", file=sys.stderr)
+            return 2
+        state = setup(config)
+        export_model(state, Path(args.export))
+        print(f"exported step {state.step} to {args.export}")
         return 0
     state = setup(config)
     try:

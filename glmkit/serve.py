@@ -33,25 +33,31 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import threading
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from glmkit.chat_cli import DEFAULT_MODEL, TextDelta, add_model_arguments, context_length, load_chat_model, model_name
+# FastAPI resolves route annotations from module globals, so these imports live here.
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from glmkit.chat_cli import TextDelta, add_model_arguments, context_length, load_chat_model, model_name
 
 log = logging.getLogger("glmkit.serve")
 
 MAX_BODY_BYTES = 1 << 20
 MAX_BATCH_SIZE = 16
 MAX_QUEUE = 256
+GATHER_SECONDS = 0.02  # how long a new batch waits for more requests to join it
 MAX_STOP_SEQUENCES = 4
 # ChatGLM-6B's api.py defaults for POST /
 LEGACY_DEFAULTS = {"max_length": 2048, "top_p": 0.7, "temperature": 0.95}
-# OpenAI route defaults when the request leaves them out: the ChatGLM family's chat defaults.
-CHAT_DEFAULTS = {"temperature": 0.95, "top_p": 0.7}
 
 
 class APIError(Exception):
@@ -73,6 +79,7 @@ class SamplingParams:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
     seed: int | None = None
 
     def batch_key(self) -> tuple | None:
@@ -81,7 +88,18 @@ class SamplingParams:
             return ("greedy",)
         if self.seed is not None:
             return None
-        return ("sample", self.temperature, self.top_p)
+        return ("sample", self.temperature, self.top_p, self.top_k)
+
+
+def sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | None = None) -> SamplingParams:
+    """Request settings -> SamplingParams as model.chat() would sample: temperature (or top_p) 0 is greedy, and
+    sampling keeps the 50 most likely tokens first (transformers' top_k default, which ChatGLM's chat inherits)."""
+    if temperature == 0 or top_p == 0:
+        return SamplingParams(max_new_tokens=max_new_tokens, do_sample=False, seed=seed)
+    from glmkit.chat import HF_DEFAULT_TOP_K
+
+    return SamplingParams(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p,
+                          top_k=HF_DEFAULT_TOP_K, seed=seed)
 
 
 @dataclass
@@ -112,6 +130,7 @@ class Engine:
                  max_queue: int = MAX_QUEUE) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.gather_s = GATHER_SECONDS
         self.context = context_length(model)
         self.eos_ids = set(_stop_token_ids(model, tokenizer))
         pad = getattr(tokenizer, "pad_token_id", None)
@@ -170,6 +189,14 @@ class Engine:
             key = first.params.batch_key()
             if key is None:
                 return batch
+            # Clients that connect together reach the queue a few milliseconds apart (each request is parsed and
+            # tokenized first): a short wait lets them share this batch instead of queueing behind it.
+            deadline = time.monotonic() + self.gather_s
+            while len(self._pending) + 1 < self.max_batch_size and not self._closing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
             longest, most_new = len(first.input_ids), first.params.max_new_tokens
             for job in list(self._pending):
                 if len(batch) >= self.max_batch_size:
@@ -207,7 +234,8 @@ class Engine:
     def _decode(self, batch: list[Job]) -> None:
         import torch
 
-        from glmkit.generate import generate_stream
+        from glmkit.chat import INVALID_SCORE_TOKEN_ID
+        from glmkit.generate import generate_stream, invalid_score_guard
 
         live = [job for job in batch if not job.cancelled.is_set()]
         for job in batch:
@@ -227,8 +255,10 @@ class Engine:
         stream = generate_stream(
             self.model, ids.to(device), mask.to(device),
             max_new_tokens=max(job.params.max_new_tokens for job in live),
-            do_sample=params.do_sample, temperature=params.temperature, top_p=params.top_p,
+            do_sample=params.do_sample, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
             eos_token_id=sorted(self.eos_ids) or None, pad_token_id=self.pad_id, seed=params.seed,
+            # chat()'s NaN/inf guard, so a request gets what model.chat would give it
+            logits_processors=[lambda seen, scores: invalid_score_guard(seen, scores, INVALID_SCORE_TOKEN_ID)],
         )
         running = set(range(len(live)))
         produced = [0] * len(live)
@@ -261,16 +291,10 @@ class Engine:
 
 
 def _stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Token ids that end an answer: the family's chat stop ids if chat.py names them, else the config's eos."""
-    try:
-        from glmkit import chat
+    """Token ids that end an answer: the ones model.chat stops at for this family."""
+    from glmkit import chat
 
-        finder = getattr(chat, "stop_token_ids", None)
-        if finder is not None:
-            return [int(i) for i in finder(tokenizer, model.config)]
-    except ImportError:
-        pass
-    return [int(i) for i in model.config.eos_token_ids]
+    return [int(i) for i in chat._stop_ids(model, tokenizer, chat._family(tokenizer)) if i is not None]
 
 
 # ============================================================================================ request handling
@@ -284,12 +308,19 @@ class ChatService:
         self.api_key = api_key or None
         self.max_body_bytes = max_body_bytes
         self.created = int(time.time())
+        from glmkit.chat import DEFAULTS, _family
+
+        self.family = _family(tokenizer)
+        self.defaults = DEFAULTS[self.family]  # the family's chat temperature / top_p
         self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
         self.context = self.engine.context
 
     def prompt_ids(self, query: str, history: list, system: str | None) -> list[int]:
         from glmkit.chat import build_chat_input
 
+        if system is not None and self.family in ("chatglm", "chatglm2"):
+            # no system role in these families: fold it into the query, as ChatGLM2-6B's openai_api.py did
+            query, system = f"{system}\n{query}", None
         try:
             ids = build_chat_input(self.tokenizer, query, history, system=system)
         except ValueError as err:
@@ -302,12 +333,20 @@ class ChatService:
         return ids
 
     def text(self, token_ids: list[int]) -> str:
-        """The answer as model.chat returns it: decoded, then the family's post-processing."""
+        """The answer text of the generated tokens (stop token excluded), post-processed as the family's chat()
+        does it. ChatGLM3/GLM-4 answers start with a metadata line, empty for a plain answer; a non-empty one
+        (a tool call) is returned as the model wrote it."""
         from glmkit import chat
 
         text = self.tokenizer.decode(token_ids)
-        post = getattr(chat, "process_response", None)
-        return post(text, self.model.config) if post is not None else text.strip()
+        if self.family == "chatglm":
+            return chat.process_chatglm_response(text)
+        if self.family == "chatglm2":
+            return chat.process_chatglm2_response(text)
+        metadata, _, content = text.partition("\n")
+        if not metadata.strip():
+            return content.strip().replace("[[训练时间]]", "2023年")
+        return text.strip()
 
     async def generate(self, ids: list[int], params: SamplingParams, stop: list[str] = (), *,
                        incremental: bool = True) -> AsyncIterator[tuple[str, str | None, int]]:
@@ -328,7 +367,8 @@ class ChatService:
                 if kind == "end":
                     text = self.text(tokens)
                     cut = _find_stop(text, stop) if stop else None
-                    yield (text if cut is None else text[:cut]), ("stop" if value == "cancelled" else value), len(tokens)
+                    reason = "stop" if value == "cancelled" or cut is not None else value
+                    yield (text if cut is None else text[:cut]), reason, len(tokens)
                     return
                 tokens.append(value)
                 if not (incremental or stop):
@@ -478,9 +518,11 @@ def parse_chat_request(body: Any, service: ChatService) -> ChatRequest:
     if body.get("logprobs"):
         raise APIError(400, "'logprobs' is not supported by this server", param="logprobs",
                        code="unsupported_parameter")
-    temperature = _number(body, "temperature", 0.0, 2.0, CHAT_DEFAULTS["temperature"])
-    top_p = _number(body, "top_p", 0.0, 1.0, CHAT_DEFAULTS["top_p"])
+    temperature = _number(body, "temperature", 0.0, 2.0, service.defaults["temperature"])
+    top_p = _number(body, "top_p", 0.0, 1.0, service.defaults["top_p"])
     seed = _integer(body, "seed")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise APIError(400, f"'seed' must be between 0 and 2**63 - 1, got {seed}", param="seed", code="invalid_value")
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -505,9 +547,7 @@ def parse_chat_request(body: Any, service: ChatService) -> ChatRequest:
         raise APIError(400, f"'{name}' is {max_tokens}, but the prompt takes {len(ids)} of the model's "
                             f"{service.context} tokens, leaving {room}. Lower '{name}' or shorten the messages.",
                        param=name, code="context_length_exceeded")
-    greedy = temperature == 0 or top_p == 0
-    params = SamplingParams(max_new_tokens=max_tokens, do_sample=not greedy, temperature=temperature or 1.0,
-                            top_p=top_p or 1.0, seed=seed)
+    params = sampling(max_tokens, temperature, top_p, seed)
     include_usage = bool(options.get("include_usage", False))
     return ChatRequest(ids, params, stream, include_usage, stop)
 
@@ -515,12 +555,6 @@ def parse_chat_request(body: Any, service: ChatService) -> ChatRequest:
 # ============================================================================================ the app
 def create_app(service: ChatService):
     """The FastAPI app serving `service`; its lifespan starts and stops the decoding thread."""
-    from contextlib import asynccontextmanager
-
-    from fastapi import Depends, FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         service.engine.start()
@@ -572,6 +606,8 @@ def create_app(service: ChatService):
             return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise APIError(400, f"the request body is not valid JSON: {err}", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "the request body is JSON nested too deeply", code="invalid_json") from None
 
     def require_engine() -> None:
         if not service.engine.alive():
@@ -697,16 +733,15 @@ def parse_legacy_request(body: Any, service: ChatService) -> tuple[list[int], Sa
     temperature = _number(body, "temperature", 0.0, 100.0, None)
     top_p = LEGACY_DEFAULTS["top_p"] if top_p is None else top_p
     temperature = LEGACY_DEFAULTS["temperature"] if temperature is None else temperature
-    ids = service.prompt_ids(prompt, pairs, None)
-    room = min(max_length, service.context) - len(ids)
-    if room < 1:
-        raise APIError(400, f"the prompt and history are {len(ids)} tokens, which leaves no room to answer within "
-                            f"max_length {min(max_length, service.context)}", param="max_length",
-                       code="context_length_exceeded")
-    greedy = temperature == 0 or top_p == 0
-    params = SamplingParams(max_new_tokens=room, do_sample=not greedy, temperature=temperature or 1.0,
-                            top_p=top_p or 1.0)
-    return ids, params, prompt, pairs
+    # as model.chat does: history that does not fit is dropped oldest turn first (the reply keeps all of it)
+    from glmkit.chat import fit_history
+
+    limit = min(max_length, service.context)
+    try:
+        ids, _ = fit_history(service.tokenizer, prompt, pairs, limit)
+    except ValueError as err:
+        raise APIError(400, str(err), param="prompt", code="context_length_exceeded") from None
+    return ids, sampling(limit - len(ids), temperature, top_p), prompt, pairs
 
 
 def _version() -> str:
@@ -764,6 +799,10 @@ def cli_main(argv: list[str]) -> int:
           f"{', API key required' if service.api_key else ''}); Ctrl-C stops", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=30, server_header=False)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM (finishing in-flight requests), then re-raises the signal to
+    # the handler that was installed before it; a no-op one here lets that clean shutdown exit with status 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     uvicorn.Server(config).run()
     return 0
 

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any, Iterator
 
-from glmkit.chat_cli import add_model_arguments, context_length, load_chat_model, model_name
+from glmkit.chat_cli import add_model_arguments, context_length, load_chat_model, model_name, response_text
 
 # Gradio phones home for analytics unless told not to; this tool runs offline.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -46,13 +46,13 @@ def build_demo(model: Any, tokenizer: Any, name: str):
         yield messages, history, ""
         kwargs = chat_kwargs(max_length, top_p, temperature, context)
         for response, new_history in model.stream_chat(tokenizer, query, history=history, **kwargs):
-            messages[-1] = {"role": "assistant", "content": response}
+            messages[-1] = {"role": "assistant", "content": response_text(response)}
             history = new_history
             yield messages, history, ""
 
     with gr.Blocks(title=f"glmkit chat: {name}") as demo:
         gr.Markdown(f"## glmkit chat\nModel: **{name}** (context {context} tokens)", elem_id="model-name")
-        chatbot = gr.Chatbot(label=name, height=460, elem_id="chatbot")
+        chatbot = gr.Chatbot(label=name, height=540, elem_id="chatbot")
         history = gr.State([])  # what model.chat takes as history, kept apart from the rendered messages
         with gr.Row():
             box = gr.Textbox(show_label=False, placeholder="Type a message and press Enter", scale=5,
@@ -68,9 +68,11 @@ def build_demo(model: Any, tokenizer: Any, name: str):
 
         inputs = [box, chatbot, history, max_length, top_p, temperature]
         outputs = [chatbot, history, box]
-        for event in (box.submit, send.click):
-            event(respond, inputs, outputs, concurrency_limit=1, concurrency_id="chat", show_progress="hidden")
-        clear.click(lambda: ([], [], ""), None, outputs, queue=False)
+        answering = [event(respond, inputs, outputs, concurrency_limit=1, concurrency_id="chat",
+                           show_progress="hidden") for event in (box.submit, send.click)]
+        # Clear stops an answer being streamed, then empties the chat and the history
+        clear.click(lambda: ([], [], ""), None, outputs, queue=False, cancels=answering)
+        chatbot.clear(lambda: [], None, history, queue=False)  # the chat box's own trash button: forget it too
     return demo
 
 

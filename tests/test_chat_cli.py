@@ -6,6 +6,7 @@ test_web.py reuse (the bundled model is not needed for these tests).
 
 from __future__ import annotations
 
+import codecs
 import os
 import pty
 import random
@@ -21,16 +22,18 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("the a cat dog runs fast slow model answer question hello world river stone light 你好 世界 模型 回答 问题 "
-         "我们 今天 天气 很好 , . ? !").split()
+WORDS = ("the a cat dog runs fast slow model answer question hello world river stone light "
+         "你好 世界 模型 回答 问题 我们 今天 天气 很好 , . ? !").split()
 
 
-def build_tiny_chat_model(out: Path, family: str = "chatglm3", *, never_stop: bool = False, max_seq_len: int = 512,
-                          seed: int = 0) -> Path:
+def build_tiny_chat_model(out: Path, family: str = "chatglm3", *, endless: bool = False, max_seq_len: int = 512,
+                          std: float = 0.3, seed: int = 0) -> Path:
     """Writes a tiny random GLM checkpoint with a freshly trained tokenizer to `out`; returns `out`.
 
-    never_stop=True zeroes the output rows of every special token, so greedy decoding never picks a stop token
-    (the other logits of a random model are never all below 0): answers run to the length limit, long enough to
+    std: weight init scale; 0.3 (not the usual 0.02) makes a random model's answer depend visibly on its prompt.
+    endless=True zeroes the output rows of every special token and of every token that does not decode to visible
+    text (newlines, blanks, bytes), so greedy decoding never stops early and answers are one readable line: the
+    other logits (std ~1.7 here) are never all below 0. Answers then run to the length limit, long enough to
     interrupt.
     """
     from glmkit.api import GLMForCausalLM
@@ -57,14 +60,37 @@ def build_tiny_chat_model(out: Path, family: str = "chatglm3", *, never_stop: bo
     config = GLMConfig.from_name(preset, **overrides)
     torch.manual_seed(seed)
     model = GLMForCausalLM(config)
-    model.init_weights()
-    if never_stop:
+    model.init_weights(std=std)
+    if endless:
         with torch.no_grad():
-            for i in sorted(tok.special_token_ids):
-                if 0 <= i < config.vocab_size:
+            for i in range(config.vocab_size):
+                text = tok.decode([i])
+                if i in tok.special_token_ids or not text.strip() or not text.isprintable() or "\ufffd" in text:
                     model.lm_head.weight[i] = 0
     save_model(model, out, tokenizer=tok)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def test_text_delta_pieces_add_up_to_the_final_text():
+    from glmkit.chat_cli import TextDelta
+
+    # versions of a growing answer as chat() post-processes them: a pending UTF-8 byte, trailing spaces, and a
+    # half-width comma that turns full-width once a CJK character follows
+    versions = ["He", "Hel\ufffd", "Hello ", "Hello 你", "Hello 你,", "Hello 你，好", "Hello 你，好 "]
+    delta = TextDelta()
+    pieces = [delta.update(v) for v in versions]
+    pieces.append(delta.finish("Hello 你，好!"))
+    assert "".join(pieces) == "Hello 你，好!"
+    assert pieces[1] == "l" and pieces[4] == ""  # held back: the U+FFFD, the comma
+
+
+def test_response_text():
+    from glmkit.chat_cli import response_text
+
+    assert response_text("hi") == "hi"
+    assert response_text({"name": "weather", "content": "call it"}) == "weather\ncall it"
+    assert response_text({"name": "f", "parameters": {"x": 1}}) == 'f\n{"x": 1}'
 
 
 # ------------------------------------------------------------------------------------------------ pty driver
@@ -80,6 +106,8 @@ class Terminal:
             os.environ["TERM"] = "dumb"
             os.execv(sys.executable, [sys.executable, "-m", "glmkit", "chat", *argv])
         self.pid, self.fd, self.buffer = pid, fd, ""
+        # a multi-byte character can be split across reads
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
     def read_until(self, pattern: str, timeout: float = 60.0) -> str:
         """Reads until `pattern` (a regex) appears in the screen text after the last match; returns that text."""
@@ -102,7 +130,7 @@ class Terminal:
                     data = b""
                 if not data:
                     raise AssertionError(f"glmkit chat exited while waiting for {pattern!r}:\n{clean[-2000:]}")
-                self.buffer += data.decode("utf-8", "replace")
+                self.buffer += self.decoder.decode(data)
 
     def send(self, text: str) -> None:
         os.write(self.fd, text.encode())
@@ -116,7 +144,7 @@ class Terminal:
                 return os.waitstatus_to_exitcode(status)
             try:  # keep draining so the child never blocks on a full pty
                 if select.select([self.fd], [], [], 0.1)[0]:
-                    self.buffer += os.read(self.fd, 4096).decode("utf-8", "replace")
+                    self.buffer += self.decoder.decode(os.read(self.fd, 4096))
             except OSError:
                 time.sleep(0.05)
         self.kill()
@@ -132,7 +160,7 @@ class Terminal:
 
 @pytest.fixture(scope="module")
 def endless_model(tmp_path_factory) -> Path:
-    return build_tiny_chat_model(tmp_path_factory.mktemp("chat") / "tiny-endless", never_stop=True)
+    return build_tiny_chat_model(tmp_path_factory.mktemp("chat") / "tiny-endless", "chatglm", endless=True)
 
 
 def _answer_text(screen: str, name: str) -> str:
@@ -141,8 +169,8 @@ def _answer_text(screen: str, name: str) -> str:
 
 def test_terminal_session(endless_model):
     name = endless_model.name
-    # greedy, so the same question gets the same answer; max-length bounds each answer (prompt + answer tokens)
-    term = Terminal(["--model", str(endless_model), "--temperature", "0", "--max-length", "60"])
+    # greedy, so the same question gets the same answer; each answer is 16 tokens (the model never stops)
+    term = Terminal(["--model", str(endless_model), "--temperature", "0", "--max-new-tokens", "16"])
     try:
         welcome = term.read_until(r"You: ")
         assert f"glmkit chat with {name}" in welcome
@@ -171,7 +199,7 @@ def test_terminal_session(endless_model):
 def test_ctrl_c_interrupts_answer_and_chat_continues(endless_model):
     name = endless_model.name
     # a long answer (the model never picks a stop token) that Ctrl-C cuts short
-    term = Terminal(["--model", str(endless_model), "--temperature", "0", "--max-length", "500"])
+    term = Terminal(["--model", str(endless_model), "--temperature", "0"])
     try:
         term.read_until(r"You: ")
         term.send("tell me a long story\n")
@@ -194,24 +222,27 @@ def test_ctrl_c_interrupts_answer_and_chat_continues(endless_model):
 
 def _run_pipe(model: Path, text: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "glmkit", "chat", "--model", str(model), "--temperature", "0",
-                           "--max-length", "60"], input=text, capture_output=True, text=True, timeout=120, cwd=ROOT)
+                           "--max-new-tokens", "16"], input=text, capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 def test_pipe_mode(endless_model):
-    run = _run_pipe(endless_model, "hello world\nclear\n\nhello world\nstop\nnever answered\n")
+    run = _run_pipe(endless_model, "hello world\nclear\n\nhello world\nhello world\nstop\nnever answered\n")
     assert run.returncode == 0, run.stderr
     lines = run.stdout.split("\n")
     # one line per answered input (the empty line, the commands and everything after 'stop' get none)
-    assert len(lines) == 3 and lines[2] == "", run.stdout
-    assert lines[0] and lines[0] == lines[1], "'clear' must reset the history between the two questions"
+    assert len(lines) == 4 and lines[3] == "", run.stdout
+    assert lines[0] and lines[0] == lines[1], "'clear' must reset the history between the first two questions"
+    assert lines[2] != lines[1], "without 'clear' the third question is asked with the second turn as history"
     assert "You:" not in run.stdout and "glmkit chat" not in run.stdout  # no decoration on stdout
     assert "glmkit chat with" in run.stderr  # the welcome line goes to stderr
 
-    # without 'clear', the second answer comes from a prompt that includes the first turn
-    kept = _run_pipe(endless_model, "hello world\nhello world\n")
-    assert kept.returncode == 0, kept.stderr
-    first, second = kept.stdout.split("\n")[:2]
-    assert first == lines[0] and second != first
+
+def test_quantized_model_chats(endless_model):
+    run = subprocess.run([sys.executable, "-m", "glmkit", "chat", "--model", str(endless_model), "--quantize", "int8",
+                          "--temperature", "0", "--max-new-tokens", "8"], input="hello world\n", capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() and run.stdout.count("\n") == 1
 
 
 def test_bad_arguments():

@@ -165,12 +165,17 @@ def test_streaming_load_peak_memory(tmp_path):
     folder = write_folder(tmp_path / "big", hf, thudm_v2_state_dict(hf, std=0.02), fmt="safetensors", shards=3)
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     code = (
-        "import resource, torch, glmkit, sys\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "import re, torch, glmkit\n"
+        "def hwm():  # peak RSS of this process (VmHWM), in bytes\n"
+        "    return int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024\n"
+        "base = hwm()\n"
         f"m = glmkit.load_model({str(folder)!r})\n"
-        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "print(base * 1024, peak * 1024)\n"
+        "print(base, hwm())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     base, peak = map(int, out)
-    assert peak - base < 1.5 * size, f"loading {size / 1e6:.0f} MB raised peak RSS by {(peak - base) / 1e6:.0f} MB"
+    # final weights + the pages of the one shard being read (memory-mapped) + allocator slack (15%); an eager loader
+    # holding a state dict and a model would need 2x the size
+    largest_shard = max(f.stat().st_size for f in folder.glob("*.safetensors"))
+    assert peak - base < 1.15 * size + largest_shard + 64e6, \
+        f"loading {size / 1e6:.0f} MB raised peak RSS by {(peak - base) / 1e6:.0f} MB"

@@ -75,7 +75,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return build_tiny_chat_model(tmp_path_factory.mktemp("serve") / "tiny-chat")
+    # ChatGLM-6B's family: the one the legacy POST / route was written for
+    return build_tiny_chat_model(tmp_path_factory.mktemp("serve") / "tiny-chat", "chatglm")
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +104,21 @@ def ask(client, content: str, **kwargs):
     return client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": content}], **kwargs)
 
 
+def test_parse_messages():
+    from glmkit.serve import APIError, parse_messages
+
+    system, history, query = parse_messages([
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "a"},
+        {"role": "assistant", "content": [{"type": "text", "text": "b"}]}, {"role": "user", "content": "c"},
+        {"role": "user", "content": "d"}])
+    assert (system, history, query) == ("be brief", [("a", "b")], "c\nd")
+    for bad in ([], [{"role": "user"}], [{"role": "tool", "content": "x"}], [{"role": "user", "content": "x"},
+                                                                            {"role": "assistant", "content": "y"}]):
+        with pytest.raises(APIError) as err:
+            parse_messages(bad)
+        assert err.value.status == 400
+
+
 def test_models_and_health(server, client):
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny-chat"]
@@ -122,14 +138,16 @@ def test_plain_matches_library_and_stream_matches_plain(client, local):
     text = plain.choices[0].message.content
     assert plain.object == "chat.completion" and plain.choices[0].message.role == "assistant"
     assert plain.choices[0].finish_reason in ("stop", "length")
-    prompt = build_chat_input(tok, "and the dog?", [("hello", "the cat runs")], system="You are terse.")
+    # ChatGLM-6B has no system role: the system text leads the query
+    query = "You are terse.\nand the dog?"
+    prompt = build_chat_input(tok, query, [("hello", "the cat runs")])
     assert plain.usage.prompt_tokens == len(prompt)
     assert 0 < plain.usage.completion_tokens <= 24
     assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
 
     # the library alone, greedy, with the same room: the same answer
-    alone, _ = model.chat(tok, "and the dog?", history=[("hello", "the cat runs")], system="You are terse.",
-                          do_sample=False, max_length=len(prompt) + 24)
+    alone, _ = model.chat(tok, query, history=[("hello", "the cat runs")], do_sample=False,
+                          max_length=len(prompt) + 24)
     assert text == alone
 
     chunks = list(client.chat.completions.create(model="tiny-chat", messages=messages, temperature=0, max_tokens=24,
@@ -153,6 +171,17 @@ def test_raw_sse_format(server):
     assert events[-1] == "data: [DONE]"
     chunks = [json.loads(e[6:]) for e in events[:-1]]
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+
+
+def test_client_that_leaves_frees_its_row(server):
+    body = {"messages": [{"role": "user", "content": "cat"}], "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+    deadline = time.monotonic() + 5  # 400 tokens would take far longer than this
+    while httpx.get(server.url + "/health").json()["decoding"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(server.url + "/health").json()["decoding"] == 0
 
 
 def test_max_tokens_stop_and_seed(client):
@@ -189,7 +218,8 @@ def test_legacy_route(server, local):
     assert body["response"] == model.chat(tok, "你好", history=[], max_length=40, do_sample=False)[0]
 
     # a second round with that history, and api.py's defaults when fields are missing
-    r2 = httpx.post(server.url + "/", json={"prompt": "hello", "history": body["history"]}, timeout=60)
+    r2 = httpx.post(server.url + "/", json={"prompt": "hello", "history": body["history"], "max_length": 60,
+                                            "top_p": None}, timeout=60)
     assert r2.status_code == 200
     assert r2.json()["history"][:1] == body["history"] and r2.json()["history"][1][0] == "hello"
 
@@ -236,6 +266,10 @@ BAD_REQUESTS = [
     ("legacy negative max_length", "/", b'{"prompt": "hi", "max_length": -3}', 400, "invalid_value"),
     ("legacy over-long prompt", "/", json.dumps({"prompt": "hello world " * 2000}).encode(), 400,
      "context_length_exceeded"),
+    ("seed range", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "seed": -1}', 400,
+     "invalid_value"),
+    ("deeply nested json", "/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json"),
+    ("not utf-8", "/v1/chat/completions", b'{"messages": "\xff\xfe"}', 400, "invalid_json"),
     ("unknown route", "/v2/nothing", b"{}", 404, "not_found"),
 ]
 
@@ -249,6 +283,11 @@ def test_bad_input_gets_json_4xx(server, name, path, raw, status, code):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
+def test_wrong_method_gets_json_405(server):
+    r = httpx.get(server.url + "/v1/chat/completions")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
 def test_still_serving_after_bad_inputs(client, server):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="tiny-chat", messages=[{"role": "tool", "content": "x"}])
@@ -258,8 +297,9 @@ def test_still_serving_after_bad_inputs(client, server):
 
 
 def test_16_concurrent_greedy_clients_each_get_their_own_answer(server, client):
-    prompts = [f"{w} {v}" for w, v in zip("the a cat dog model answer hello world river stone light 你好 世界 模型 回答 问题".split(),
-                                          "runs fast slow question 今天 天气 很好 我们 runs fast slow question 今天 天气 很好 我们".split())]
+    firsts = "the a cat dog model answer hello world river stone light 你好 世界 模型 回答 问题".split()
+    seconds = "runs fast slow question 今天 天气 很好 我们".split() * 2
+    prompts = [f"{a} {b}" for a, b in zip(firsts, seconds)]
     assert len(prompts) == 16
     sizes = [4 + (i % 5) * 3 for i in range(16)]  # different lengths: rows finish at different steps
 
@@ -282,7 +322,7 @@ def test_16_concurrent_greedy_clients_each_get_their_own_answer(server, client):
     assert after["batches"] - before["batches"] < 16
 
 
-def test_api_key(model_dir):
+def test_api_key_and_graceful_shutdown(model_dir):
     srv = Server(model_dir, "--api-key", "s3cret")
     try:
         body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -295,24 +335,24 @@ def test_api_key(model_dir):
         assert good.chat.completions.create(**body).choices[0].message.role == "assistant"
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0).models.list()
+
+        # SIGTERM while a request is being decoded: it still gets its full answer, then the server exits 0
+        result: dict = {}
+
+        def long_request() -> None:
+            result["r"] = httpx.post(srv.url + "/v1/chat/completions", timeout=120, headers={
+                "Authorization": "Bearer s3cret"}, json={"messages": [{"role": "user", "content": "a long one"}],
+                                                         "temperature": 0, "max_tokens": 100})
+
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        deadline = time.monotonic() + 30
+        while httpx.get(srv.url + "/health").json()["decoding"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        code = srv.stop(signal.SIGTERM)
+        worker.join(60)
+        assert code == 0, srv.output()
+        answer = result["r"].json()
+        assert result["r"].status_code == 200 and answer["choices"][0]["message"]["role"] == "assistant"
     finally:
         srv.stop()
-
-
-def test_graceful_shutdown_finishes_inflight_request(model_dir):
-    srv = Server(model_dir)
-    result: dict = {}
-
-    def long_request() -> None:
-        result["r"] = httpx.post(srv.url + "/v1/chat/completions", timeout=120, json={
-            "messages": [{"role": "user", "content": "a long one"}], "temperature": 0, "max_tokens": 120})
-
-    worker = threading.Thread(target=long_request)
-    worker.start()
-    deadline = time.monotonic() + 30
-    while httpx.get(srv.url + "/health").json()["decoding"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    code = srv.stop(signal.SIGTERM)
-    worker.join(60)
-    assert code == 0, srv.output()
-    assert result["r"].status_code == 200 and result["r"].json()["choices"][0]["message"]["content"] is not None
