@@ -11,6 +11,7 @@ import statistics
 import pytest
 import torch
 
+from tests.conftest import POEMS
 from glmkit.config import GLMConfig
 from glmkit.data.blank import (
     IGNORE_INDEX,
@@ -254,9 +255,6 @@ def test_packing_is_block_diagonal_and_padded():
 
 
 # ------------------------------------------------------------------------------------- streaming dataset, real tokenizer
-POEMS = ["床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。", "白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓。",
-         "Call me Ishmael. Some years ago, never mind how long precisely, I thought I would sail about a little.",
-         "春眠不覺曉，處處聞啼鳥。\n夜來風雨聲，花落知多少。"]
 
 
 @pytest.fixture(scope="module")

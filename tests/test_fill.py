@@ -8,37 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import POEMS, tiny_chatglm_with_tokenizer
 from glmkit.fill import _BlankView, _encode_piece, cli_main, fill
 
-POEMS = ["床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。", "白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓。",
-         "Call me Ishmael. Some years ago, never mind how long precisely, I thought I would sail about a little.",
-         "春眠不覺曉，處處聞啼鳥。\n夜來風雨聲，花落知多少。"]
 BUNDLED = Path(__file__).resolve().parents[1] / "glmkit" / "assets" / "glm-tiny"
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random tiny ChatGLM-6B-layout model + tokenizer, saved and loaded through glmkit's own loader."""
-    from glmkit.config import GLMConfig
-    from glmkit.loader import load_model, save_model
-    from glmkit.model import GLM
-    from glmkit.tokenizer import load_tokenizer, train_tokenizer
-
     root = tmp_path_factory.mktemp("fill")
-    rows = [f"{p}（{i}）" for i in range(40) for p in POEMS]
-    (root / "c.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in rows),
-                                  encoding="utf-8")
-    tok = train_tokenizer([root / "c.jsonl"], 480, "chatglm", root / "tok")
-    config = GLMConfig.from_name("chatglm-6b", vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=2,
-                                 ffn_hidden_size=64, max_seq_len=256, bos_token_id=tok.sop_token_id,
-                                 eos_token_id=tok.eop_token_id, pad_token_id=tok.pad_token_id,
-                                 mask_token_id=tok.mask_token_id, gmask_token_id=tok.gmask_token_id,
-                                 torch_dtype="float32")
-    model = GLM(config)
-    model.init_weights(std=0.5, generator=torch.Generator().manual_seed(0))  # peaky logits: greedy is stable
-    save_model(model, root / "model", tokenizer=tok)
-    loaded = load_model(root / "model", dtype="float32").eval()
-    return loaded, load_tokenizer(root / "model"), root / "model"
+    # peaky logits: greedy is stable
+    return tiny_chatglm_with_tokenizer(root, std=0.5, seed=0)
 
 
 def manual_greedy(model, ids: list[int], mask_pos: int, n: int, eop: int) -> list[int]:
