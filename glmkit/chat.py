@@ -52,7 +52,7 @@ _PUNCT = [(",", "，"), ("!", "！"), (":", "："), (";", "；"), ("?", "？")]
 
 # -------------------------------------------------------------------------------------------- prompt building
 
-def _family(tokenizer) -> str:
+def family_of(tokenizer) -> str:
     fam = getattr(tokenizer, "family", None)
     if fam not in DEFAULTS:
         raise ValueError(f"tokenizer family {fam!r} is not one of {sorted(DEFAULTS)}; load it with "
@@ -184,7 +184,7 @@ def build_chat_input(tokenizer, query: str, history: Sequence[Any] | None = None
     if not isinstance(query, str):
         raise TypeError(f"query must be a string, got {type(query).__name__}")
     tokenizer = as_glmkit_tokenizer(tokenizer)
-    return _ids_for(tokenizer, _family(tokenizer), query, list(history or []), system, role)
+    return _ids_for(tokenizer, family_of(tokenizer), query, list(history or []), system, role)
 
 
 def _drop_oldest(history: list[Any]) -> list[Any]:
@@ -203,7 +203,7 @@ def fit_history(tokenizer, query: str, history: Sequence[Any] | None, limit: int
                 role: str = "user") -> tuple[list[int], list[Any]]:
     """Prompt ids and the history they hold, dropping the oldest turns until the prompt leaves room for at
     least one new token within `limit` (prompt + answer)."""
-    family = _family(tokenizer)
+    family = family_of(tokenizer)
     kept = list(history or [])
     while True:
         ids = _ids_for(tokenizer, family, query, kept, system, role)
@@ -282,7 +282,7 @@ def _limits(model, family: str, max_length: int | None) -> int:
     return int(min(max_length, model_max)) if model_max else int(max_length)
 
 
-def _stop_ids(model, tokenizer, family: str) -> list[int]:
+def stop_token_ids(model, tokenizer, family: str) -> list[int]:
     if family in ("chatglm3", "glm4"):
         return [tokenizer.eos_token_id, tokenizer.get_command("<|user|>"), tokenizer.get_command("<|observation|>")]
     ids = list(getattr(model.config, "eos_token_ids", []) or [])
@@ -318,7 +318,7 @@ def stream_chat(model, tokenizer, query: str, history: Sequence[Any] | None = No
     from glmkit.generate import generate_stream, invalid_score_guard
 
     tokenizer = as_glmkit_tokenizer(tokenizer)
-    family = _family(tokenizer)
+    family = family_of(tokenizer)
     if not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}")
     if not isinstance(query, str):
@@ -334,7 +334,7 @@ def stream_chat(model, tokenizer, query: str, history: Sequence[Any] | None = No
     processors = list(logits_processor or []) + [guard]
     gen_kwargs = dict(gen_kwargs)
     gen_kwargs.setdefault("top_k", HF_DEFAULT_TOP_K if do_sample else 0)
-    gen_kwargs.setdefault("eos_token_id", _stop_ids(model, tokenizer, family))
+    gen_kwargs.setdefault("eos_token_id", stop_token_ids(model, tokenizer, family))
     device = getattr(model, "device", None) or next(model.parameters()).device
     if num_beams > 1:
         from glmkit.generate import beam_search

@@ -1,7 +1,7 @@
 """Loading published GLM-family checkpoints: local folders, the bundled model, Hugging Face ids.
 
-The model is built on the meta device and tensors are streamed in one at a time (safetensors by mmap, .bin shards
-with torch.load(mmap=True)), so peak memory stays near the final model size. Every checkpoint tensor must map to a
+The model is built on the meta device and tensors are streamed in one at a time (safetensors read with plain reads,
+.bin shards with torch.load(mmap=True), each tensor copied out), so peak memory stays near the final model size. Every checkpoint tensor must map to a
 model tensor and every model tensor must be filled: missing, unexpected and mis-shaped weights are errors.
 """
 
@@ -92,18 +92,51 @@ def weight_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(f"{folder} holds no weights (looked for {', '.join(WEIGHT_FILES)} and shards)")
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Reads a safetensors file tensor by tensor into freshly allocated memory, with plain reads rather than a
+    memory map: pages of a mapped file count in the process's RSS until it is unmapped, which would put a whole
+    multi-GB shard on top of the model while it streams in (and defeat quantize-on-load's low peak)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise CheckpointError(f"cannot read {path}: file too short for a safetensors header")
+        n = int.from_bytes(head, "little")
+        size = path.stat().st_size
+        if n <= 0 or 8 + n > size:
+            raise CheckpointError(f"cannot read {path}: invalid safetensors header length {n}")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read {path}: corrupt safetensors header ({e})") from None
+        header.pop("__metadata__", None)
+        entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        for name, info in entries:
+            try:
+                dtype = SAFETENSORS_DTYPES[info["dtype"]]
+                shape = [int(d) for d in info["shape"]]
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"cannot read {path}: bad header entry for {name!r} ({e})") from None
+            tensor = torch.empty(shape, dtype=dtype)
+            nbytes = tensor.numel() * tensor.element_size()
+            if end - begin != nbytes or 8 + n + end > size:
+                raise CheckpointError(f"cannot read {path}: tensor {name!r} has inconsistent offsets")
+            f.seek(8 + n + begin)
+            if nbytes and f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
+                raise CheckpointError(f"cannot read {path}: truncated data for {name!r}")
+            yield name, tensor
+
+
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (name, tensor) one at a time; safetensors are memory-mapped, .bin files mmap'ed when possible."""
+    """Yields (name, tensor) one at a time, each in memory of its own (never a view of a mapped file)."""
     for path in files:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            try:
-                with safe_open(str(path), framework="pt", device="cpu") as f:
-                    for name in f.keys():
-                        yield name, f.get_tensor(name)
-            except Exception as e:  # safetensors raises its own SafetensorError for corrupt headers
-                raise CheckpointError(f"cannot read {path}: {e}") from None
+            yield from _read_safetensors(path)
         else:
             try:
                 try:
@@ -115,7 +148,7 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             if not isinstance(sd, dict):
                 raise CheckpointError(f"{path} does not hold a state dict")
             for name in list(sd):
-                yield name, sd.pop(name)
+                yield name, sd.pop(name).clone()  # out of the mapped file (see _read_safetensors)
             del sd
 
 
@@ -267,8 +300,7 @@ def _assign(model: nn.Module, target: str, tensor: torch.Tensor, dtype: torch.dt
     if tuple(current.shape) != tuple(tensor.shape):
         raise CheckpointError(f"shape mismatch for {target}: checkpoint has {tuple(tensor.shape)}, the config "
                               f"implies {tuple(current.shape)}")
-    # A copy: a view would keep the memory-mapped checkpoint file (and every page read from it) resident.
-    value = tensor.to(dtype, copy=True) if tensor.is_floating_point() else tensor.clone()
+    value = tensor.to(dtype) if tensor.is_floating_point() else tensor
     if not current.is_meta:
         raise CheckpointError(f"weight {target} appears twice in the checkpoint")
     if isinstance(current, nn.Parameter):

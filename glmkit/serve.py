@@ -294,7 +294,7 @@ def _stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     """Token ids that end an answer: the ones model.chat stops at for this family."""
     from glmkit import chat
 
-    return [int(i) for i in chat._stop_ids(model, tokenizer, chat._family(tokenizer)) if i is not None]
+    return [int(i) for i in chat.stop_token_ids(model, tokenizer, chat.family_of(tokenizer)) if i is not None]
 
 
 # ============================================================================================ request handling
@@ -308,9 +308,9 @@ class ChatService:
         self.api_key = api_key or None
         self.max_body_bytes = max_body_bytes
         self.created = int(time.time())
-        from glmkit.chat import DEFAULTS, _family
+        from glmkit.chat import DEFAULTS, family_of
 
-        self.family = _family(tokenizer)
+        self.family = family_of(tokenizer)
         self.defaults = DEFAULTS[self.family]  # the family's chat temperature / top_p
         self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
         self.context = self.engine.context
