@@ -614,6 +614,8 @@ def cli_main(argv: list[str]) -> int:
     state = setup(config)
     try:
         history = fit(state)
+        if dist.is_initialized():
+            dist.barrier()  # every rank done before gloo is torn down: a peer leaving early can abort the others
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

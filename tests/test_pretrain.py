@@ -62,8 +62,14 @@ def _worker(rank: int, world: int, port: int, raw: dict, queue) -> None:
         history = fit(state)
         if rank == 0:
             queue.put([(h["loss"], h.get("eval_loss")) for h in history])
+        dist.barrier()  # both ranks finished before gloo is torn down: a peer leaving early can abort the other
     finally:
         dist.destroy_process_group()
+    # Leave without interpreter teardown: gloo's background threads occasionally abort a normal exit
+    # ("terminate called without an active exception") after the work is done and reported.
+    queue.close()
+    queue.join_thread()
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")
