@@ -116,16 +116,35 @@ def quantization_spec(config_json: dict, safetensors_metadata: dict | None) -> d
 # ================================================================================================ quantizers
 
 
-def quantize_rowwise(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rowwise(w: torch.Tensor, bits: int, refit: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """ChatGLM-6B's scheme: [N, K] float -> q int8 [N, K], scale fp16 [N]. The scale is rounded to fp16 first and
-    q computed with the rounded scale, so q * scale is the best the stored scale allows."""
+    q computed with the rounded scale, so q * scale is the best the stored scale allows.
+
+    refit: after rounding with the absmax scale, refit each row's scale to its integers by least squares
+    (s = <w, q> / <q, q>), re-round, and keep whichever has the smaller error: the same format, slightly less
+    error (what quantize-on-load uses; the plain scheme stays available for bit-exact THUDM compatibility)."""
     qmax = 2 ** (bits - 1) - 1
     w = w.float()
+
+    def round_with(scale16: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = scale16.float()
+        s = torch.where(s == 0, torch.ones_like(s), s)  # an all-zero row: q = 0 whatever the scale
+        q = torch.round(w / s[:, None]).clamp_(-qmax, qmax)
+        return q, (q * s[:, None] - w).square_().sum(dim=-1)
+
     scale = (w.abs().amax(dim=-1) / qmax).half()
-    s = scale.float()
-    s = torch.where(s == 0, torch.ones_like(s), s)  # an all-zero row: q = 0 whatever the scale
-    q = torch.round(w / s[:, None]).clamp_(-qmax, qmax).to(torch.int8)
-    return q, scale
+    q, err = round_with(scale)
+    if refit:
+        for _ in range(REFIT_ROUNDS):
+            qq = q.square().sum(dim=-1)
+            s2 = torch.where(qq > 0, (q * w).sum(dim=-1) / qq.clamp_min(1e-12), scale.float())
+            s2 = torch.where(s2 > 0, s2, scale.float()).half()
+            q2, err2 = round_with(s2)
+            better = err2 < err
+            scale = torch.where(better, s2, scale)
+            q = torch.where(better[:, None], q2, q)
+            err = torch.minimum(err, err2)
+    return q.to(torch.int8), scale
 
 
 def quantize_group(w: torch.Tensor, group_size: int, symmetric: bool = False
@@ -304,7 +323,7 @@ class QuantizedLinear(nn.Module):
         for a in range(0, n, rows):
             chunk = w[a:a + rows]
             if self.scheme == "rowwise":
-                q, s = quantize_rowwise(chunk, self.bits)
+                q, s = quantize_rowwise(chunk, self.bits, refit=True)
                 z = None
             else:
                 q, s, z = quantize_group(chunk, self.group_size, self.symmetric)
