@@ -16,8 +16,8 @@ History: ChatGLM-6B/ChatGLM2 keep `[(query, response), ...]`. ChatGLM3/GLM-4 kee
 (`{"role": "user"|"assistant"|"system"|"observation", "content": ..., "metadata": ...}`) as their originals do; a
 caller that passes `(query, response)` tuples gets tuples back, so one calling convention works for every family.
 
-Beyond the originals: history that does not fit `min(max_length, model.config.max_seq_len)` is dropped oldest turn
-first (the returned history still holds every turn); `system=` adds a system message for ChatGLM3/GLM-4 (a clear
+Beyond the originals: history that does not fit `max_length` (default: the family's, capped at
+`model.config.max_seq_len`) is dropped oldest turn first (the returned history still holds every turn); `system=` adds a system message for ChatGLM3/GLM-4 (a clear
 error elsewhere); the caller's history list is never mutated. num_beams > 1 runs glmkit's deterministic beam
 search (transformers' beam-search scoring; sampling arguments are ignored in that mode and stream_chat yields once).
 """
@@ -270,16 +270,20 @@ def process_chatglm3_response(output: str, history: Sequence[dict[str, Any]]) ->
 # -------------------------------------------------------------------------------------------- chat
 
 def _limits(model, family: str, max_length: int | None) -> int:
-    if max_length is None:
-        max_length = DEFAULTS[family]["max_length"]
+    """The total length (prompt + answer) to generate to. An explicit max_length is honoured as given, as the
+    originals do (their rotary positions have no hard limit); the family default is capped at the model's
+    context so a small model never allocates a cache for 8192 tokens it was not built for."""
     model_max = getattr(getattr(model, "config", None), "max_seq_len", None)
     if max_length is None:
-        if model_max is None:
-            raise ValueError("pass max_length: the model config has no max_seq_len")
-        return int(model_max)
+        max_length = DEFAULTS[family]["max_length"]
+        if max_length is None or (model_max and model_max < max_length):
+            if model_max is None:
+                raise ValueError("pass max_length: the model config has no max_seq_len")
+            return int(model_max)
+        return int(max_length)
     if max_length <= 0:
         raise ValueError(f"max_length must be positive, got {max_length}")
-    return int(min(max_length, model_max)) if model_max else int(max_length)
+    return int(max_length)
 
 
 def stop_token_ids(model, tokenizer, family: str) -> list[int]:
