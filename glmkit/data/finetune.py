@@ -165,14 +165,20 @@ def _chat_prompt_ids(tok, query: str, history: list, max_len: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------------ examples
-def train_example(tok, row: dict[str, Any], columns: Columns, lengths: Lengths) -> dict[str, list[int]] | None:
-    """One training example {input_ids, labels} (unpadded), or None for a row main.py skips."""
+def _row_fields(tok, row: dict[str, Any], columns: Columns, lengths: Lengths):
+    """What both example builders read from a row (None for a row main.py skips)."""
     if not _usable(row, columns):
         return None
-    special = SpecialTokens.from_tokenizer(tok)
-    family = tokenizer_family(tok)
-    query, answer, history = row[columns.prompt], row[columns.response], _history(row, columns)
-    src, tgt = lengths.max_source_length, lengths.max_target_length
+    return (SpecialTokens.from_tokenizer(tok), tokenizer_family(tok), row[columns.prompt], row[columns.response],
+            _history(row, columns), lengths.max_source_length, lengths.max_target_length)
+
+
+def train_example(tok, row: dict[str, Any], columns: Columns, lengths: Lengths) -> dict[str, list[int]] | None:
+    """One training example {input_ids, labels} (unpadded), or None for a row main.py skips."""
+    fields = _row_fields(tok, row, columns, lengths)
+    if fields is None:
+        return None
+    special, family, query, answer, history, src, tgt = fields
     if family == "chatglm":
         prompt = lengths.source_prefix + chatglm_prompt(query, history, use_template=columns.history is not None)
         a = tok.encode(prompt, add_special_tokens=False)[: src - 1]
@@ -198,12 +204,10 @@ def train_example(tok, row: dict[str, Any], columns: Columns, lengths: Lengths) 
 
 def eval_example(tok, row: dict[str, Any], columns: Columns, lengths: Lengths) -> dict[str, Any] | None:
     """One generation example {input_ids (prompt, unpadded), label_ids, label (text)}, or None if skipped."""
-    if not _usable(row, columns):
+    fields = _row_fields(tok, row, columns, lengths)
+    if fields is None:
         return None
-    special = SpecialTokens.from_tokenizer(tok)
-    family = tokenizer_family(tok)
-    query, answer, history = row[columns.prompt], row[columns.response], _history(row, columns)
-    src, tgt = lengths.max_source_length, lengths.max_target_length
+    special, family, query, answer, history, src, tgt = fields
     if family == "chatglm":
         prompt = lengths.source_prefix + chatglm_prompt(query, history, use_template=bool(history))
         input_ids = tok.encode(prompt, add_special_tokens=False)[: src - 2] + [special.gmask, special.sop]
