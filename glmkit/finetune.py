@@ -768,18 +768,15 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         elif rank != 0:
             args.do_eval = args.do_predict = False
     model.eval()
-    if args.do_eval:
-        rows = read_rows(args.validation_file, args.max_eval_samples)
-        check_columns(rows, columns, args.validation_file)
-        metrics = run_evaluation(model, tokenizer, rows, args, device, "eval", write_predictions=False)
-        _save_metrics(out, "eval", metrics)
-        _log(json.dumps(metrics, ensure_ascii=False))
-        results.update(metrics)
-    if args.do_predict:
-        rows = read_rows(args.test_file, args.max_predict_samples)
-        check_columns(rows, columns, args.test_file)
-        metrics = run_evaluation(model, tokenizer, rows, args, device, "predict", write_predictions=True)
-        _save_metrics(out, "predict", metrics)
+    for wanted, split, path, limit in ((args.do_eval, "eval", args.validation_file, args.max_eval_samples),
+                                       (args.do_predict, "predict", args.test_file, args.max_predict_samples)):
+        if not wanted:
+            continue
+        rows = read_rows(path, limit)
+        check_columns(rows, columns, path)
+        # main.py writes generated_predictions.txt for --do_predict only
+        metrics = run_evaluation(model, tokenizer, rows, args, device, split, write_predictions=split == "predict")
+        _save_metrics(out, split, metrics)
         _log(json.dumps(metrics, ensure_ascii=False))
         results.update(metrics)
     if world > 1:
