@@ -58,6 +58,16 @@ def load_chat_model(path_or_id: str = DEFAULT_MODEL, *, quantize: str | None = N
     return model, tokenizer
 
 
+def load_from_args(prog: str, args: argparse.Namespace) -> tuple[Any, Any] | None:
+    """load_chat_model from the add_model_arguments options; None (after a one-line error on stderr) when the
+    model cannot be loaded, so every front door fails the same way."""
+    try:
+        return load_chat_model(args.model, quantize=args.quantize, adapter=args.adapter, device=args.device)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        print(f"{prog}: cannot load {args.model!r}: {err}", file=sys.stderr)
+        return None
+
+
 def context_length(model: Any) -> int:
     """The most tokens (prompt + answer) the model takes."""
     return int(model.config.max_seq_len)
@@ -253,13 +263,12 @@ def cli_main(argv: list[str]) -> int:
         print(f"glmkit chat: --top-p must be in (0, 1], got {args.top_p}", file=sys.stderr)
         return 2
     try:
-        model, tokenizer = load_chat_model(args.model, quantize=args.quantize, adapter=args.adapter,
-                                           device=args.device)
-    except (FileNotFoundError, ValueError, OSError) as err:
-        print(f"glmkit chat: cannot load {args.model!r}: {err}", file=sys.stderr)
-        return 1
+        loaded = load_from_args("glmkit chat", args)
     except KeyboardInterrupt:
         return 130
+    if loaded is None:
+        return 1
+    model, tokenizer = loaded
     try:
         chat = TerminalChat(model, tokenizer, model_name(args.model), system=args.system,
                             max_length=args.max_length, max_new_tokens=args.max_new_tokens,

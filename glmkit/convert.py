@@ -76,7 +76,6 @@ class Converter:
     def __init__(self, table: dict[str, str | None]) -> None:
         self.table = table
         self.rules = _compile(table)
-        self.dropped: list[str] = []  # deliberately unused keys (names only: holding tensors would pin the mmap)
 
     def map_name(self, name: str) -> str | None:
         for pattern, dst, prefix in self.rules:
@@ -92,8 +91,7 @@ class Converter:
 
     def feed(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         target = self.map_name(name)
-        if target is None:
-            self.dropped.append(name)
+        if target is None:  # deliberately unused (rotary inv_freq: glmkit recomputes it)
             return
         yield target, tensor
 

@@ -290,10 +290,10 @@ def _beam_search_row(model, ids, num_beams, max_new_tokens, max_length, eos, len
 def cli_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="glmkit generate", description="Generate a continuation of PROMPT, "
                                      "streaming it to stdout. For chat models prefer `glmkit chat`.")
+    from glmkit.chat_cli import add_model_arguments, load_from_args
+
     parser.add_argument("prompt", help="the text to continue")
-    parser.add_argument("--model", default="glm-tiny", help="model folder, Hugging Face id, or bundled name")
-    parser.add_argument("--adapter", default=None, help="P-tuning or LoRA folder to apply")
-    parser.add_argument("--quantize", choices=["int8", "int4"], default=None, help="quantize while loading")
+    add_model_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=0.9)
@@ -302,11 +302,10 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args(argv)
 
-    from glmkit.loader import load_model
-    from glmkit.tokenizer import load_tokenizer
-
-    model = load_model(args.model, adapter=args.adapter, quantize=args.quantize)
-    tokenizer = load_tokenizer(args.model)
+    loaded = load_from_args("glmkit generate", args)
+    if loaded is None:
+        return 1
+    model, tokenizer = loaded
     ids = tokenizer.encode(args.prompt)
     out: list[int] = []
     printed = ""

@@ -47,7 +47,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from glmkit.chat_cli import TextDelta, add_model_arguments, context_length, load_chat_model, model_name
+from glmkit.chat_cli import TextDelta, add_model_arguments, context_length, load_from_args, model_name
 
 log = logging.getLogger("glmkit.serve")
 
@@ -784,12 +784,10 @@ def cli_main(argv: list[str]) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
     import uvicorn
 
-    try:
-        model, tokenizer = load_chat_model(args.model, quantize=args.quantize, adapter=args.adapter,
-                                           device=args.device)
-    except (FileNotFoundError, ValueError, OSError) as err:
-        print(f"glmkit serve: cannot load {args.model!r}: {err}", file=sys.stderr)
+    loaded = load_from_args("glmkit serve", args)
+    if loaded is None:
         return 1
+    model, tokenizer = loaded
     service = ChatService(model, tokenizer, model_name(args.model), api_key=args.api_key,
                           max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size,
                           max_queue=args.max_queue)

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any, Iterator
 
-from glmkit.chat_cli import add_model_arguments, context_length, load_chat_model, model_name, response_text
+from glmkit.chat_cli import add_model_arguments, context_length, load_from_args, model_name, response_text
 
 # Gradio phones home for analytics unless told not to; this tool runs offline.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -96,12 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        model, tokenizer = load_chat_model(args.model, quantize=args.quantize, adapter=args.adapter,
-                                           device=args.device)
-    except (FileNotFoundError, ValueError, OSError) as err:
-        print(f"glmkit web: cannot load {args.model!r}: {err}", file=sys.stderr)
+    loaded = load_from_args("glmkit web", args)
+    if loaded is None:
         return 1
+    model, tokenizer = loaded
     name = model_name(args.model)
     demo = build_demo(model, tokenizer, name)
     print(f"glmkit web: {name} on http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr, flush=True)
