@@ -25,6 +25,7 @@ from glmkit.data.finetune import (
     train_example,
 )
 from glmkit.finetune import build_parser, cli_main, linear_schedule, lm_loss, load_for_finetune, train
+from tests.conftest import free_port
 
 CHARS = "春花秋月何時了往事知多少小樓昨夜又東風故國不堪回首明中雕欄玉砌應猶在只是朱顏改問君能有幾愁恰似一江水向流问答"
 
@@ -345,7 +346,7 @@ def test_cli_errors(v1, tmp_path, capsys):
 def test_full_finetune_under_torchrun_fsdp(v1, tmp_path):
     out = tmp_path / "fsdp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29500 + os.getpid() % 1000), "-m", "glmkit.finetune",
+           str(free_port()), "-m", "glmkit.finetune",
            *_common(v1, out, "--do_train", "--train_file", str(v1["train"]), "--learning_rate", "1e-3",
                     "--max_steps", "2", "--per_device_train_batch_size", "2", "--device", "cpu")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

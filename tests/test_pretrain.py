@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from glmkit.pretrain import config_from_dict, fit, load_config, lr_lambda, setup
+from tests.conftest import free_port
 
 POEMS = ["床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。", "白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓。",
          "Call me Ishmael. Some years ago, never mind how long precisely, I thought I would sail about a little.",
@@ -46,12 +46,6 @@ def tiny_config(root: Path, out: str, world: int = 1, mode: str = "fsdp", **trai
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, raw: dict, queue) -> None:
     import torch.distributed as dist
 
@@ -83,7 +77,7 @@ def test_two_processes_match_single_process(workdir, single_run, mode):
     single = single_run
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    mp.start_processes(_worker, args=(2, _free_port(), tiny_config(workdir, mode, world=2, mode=mode), queue),
+    mp.start_processes(_worker, args=(2, free_port(), tiny_config(workdir, mode, world=2, mode=mode), queue),
                        nprocs=2, start_method="spawn", join=True)
     sharded = queue.get(timeout=5)
     assert len(sharded) == len(single) == 6

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import free_port
+
 try:
     from test_chat_cli import build_tiny_chat_model
 except ImportError:  # tests run as a package
@@ -26,12 +27,6 @@ except ImportError:  # tests run as a package
 openai = pytest.importorskip("openai", reason="the official openai client is a dev dependency (pip install openai)")
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -5,7 +5,6 @@ the chat; a screenshot is saved."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.conftest import free_port
 
 try:
     from test_chat_cli import build_tiny_chat_model
@@ -29,12 +30,6 @@ pytestmark = [
     pytest.mark.skipif(not Path(CHROMIUM).exists(),
                        reason=f"{CHROMIUM} is missing: install Debian's chromium (scripts/install_browser.sh)"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 BUNDLED = ROOT / "glmkit" / "assets" / "glm-tiny"
