@@ -89,6 +89,13 @@ class Converter:
             return dst.replace("{}", groups[0]) + rest if groups else dst + rest
         raise UnexpectedWeightError(name)
 
+    def passthrough_target(self, name: str) -> str | None:
+        """The glmkit name `name` is handed over to unchanged (None: dropped, transformed or unknown)."""
+        try:
+            return self.map_name(name)
+        except UnexpectedWeightError:
+            return None
+
     def feed(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         target = self.map_name(name)
         if target is None:  # deliberately unused (rotary inv_freq: glmkit recomputes it)
@@ -107,6 +114,9 @@ class HFGlmConverter(Converter):
     def __init__(self) -> None:
         super().__init__(HF_GLM)
         self.pending: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+
+    def passthrough_target(self, name: str) -> str | None:
+        return None if self.QKV.match(name) else super().passthrough_target(name)
 
     def feed(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         m = self.QKV.match(name)

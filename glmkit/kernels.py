@@ -85,14 +85,16 @@ def int4pack_supported(n: int, k: int, group_size: int) -> bool:
     return block is not None and n % block == 0 and group_size in (32, 64, 128, 256) and k % group_size == 0
 
 
-def int_to_int4pack(q: torch.Tensor, rows_per_chunk: int = 1024) -> torch.Tensor:
-    """Signed [N, K] int8 in [-8, 7] -> the CPU kernel's packed uint8 [N, K/2]. Chunked over rows so the int32
-    temporary the converter needs stays small (blocks of rows are independent)."""
+def int_to_int4pack(q: torch.Tensor, rows_per_chunk: int | None = None) -> torch.Tensor:
+    """Signed [N, K] int8 in [-8, 7] -> the CPU kernel's packed uint8 [N, K/2]. Chunked over rows (default ~1M
+    weights) so the int32 temporary the converter needs stays small (blocks of rows are independent)."""
     block = int4pack_block_n()
     n, k = q.shape
     if block is None or n % block:
         raise ValueError(f"int4pack layout needs N divisible by {block}, got N={n}")
     out = torch.empty(n, k // 2, dtype=torch.uint8)
+    if rows_per_chunk is None:
+        rows_per_chunk = 2**20 // max(k, 1)
     step = max(block, rows_per_chunk // block * block)
     for a in range(0, n, step):
         u = q[a:a + step].to(torch.int32) + 8

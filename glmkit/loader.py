@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +97,40 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+class CheckpointRows:
+    """A 2-D float tensor of a safetensors file, read a block of rows at a time: ``rows[a:b]`` reads just those
+    rows. Quantize-on-load takes these for the layers' float weights, so the whole float matrix (134 MB for one
+    fp16 ChatGLM-6B MLP weight) never sits in memory next to the model."""
+
+    def __init__(self, path: Path, offset: int, shape: list[int], dtype: torch.dtype) -> None:
+        self.path, self.offset, self.shape, self.dtype = path, offset, torch.Size(shape), dtype
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("CheckpointRows reads contiguous row ranges only (rows[a:b])")
+        a, b, _ = rows.indices(self.shape[0])
+        out = torch.empty((max(b - a, 0), *self.shape[1:]), dtype=self.dtype)
+        nbytes = out.numel() * out.element_size()
+        row_bytes = self.shape[1:].numel() * out.element_size()
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + a * row_bytes)
+            if nbytes and f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) != nbytes:
+                raise CheckpointError(f"cannot read {self.path}: truncated data")
+        return out
+
+    def __repr__(self) -> str:
+        return f"CheckpointRows({self.path.name}, shape={tuple(self.shape)}, dtype={self.dtype})"
+
+
+def _read_safetensors(path: Path, defer: Callable[[str], bool] | None = None
+                      ) -> Iterator[tuple[str, torch.Tensor | CheckpointRows]]:
     """Reads a safetensors file tensor by tensor into freshly allocated memory, with plain reads rather than a
     memory map: pages of a mapped file count in the process's RSS until it is unmapped, which would put a whole
-    multi-GB shard on top of the model while it streams in (and defeat quantize-on-load's low peak)."""
+    multi-GB shard on top of the model while it streams in (and defeat quantize-on-load's low peak).
+    defer(name) True: a 2-D float tensor comes as CheckpointRows, read later a block of rows at a time."""
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
@@ -122,21 +152,26 @@ def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 begin, end = (int(o) for o in info["data_offsets"])
             except (KeyError, TypeError, ValueError) as e:
                 raise CheckpointError(f"cannot read {path}: bad header entry for {name!r} ({e})") from None
-            tensor = torch.empty(shape, dtype=dtype)
-            nbytes = tensor.numel() * tensor.element_size()
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
             if end - begin != nbytes or 8 + n + end > size:
                 raise CheckpointError(f"cannot read {path}: tensor {name!r} has inconsistent offsets")
+            if defer is not None and len(shape) == 2 and dtype.is_floating_point and defer(name):
+                yield name, CheckpointRows(path, 8 + n + begin, shape, dtype)
+                continue
+            tensor = torch.empty(shape, dtype=dtype)
             f.seek(8 + n + begin)
             if nbytes and f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
                 raise CheckpointError(f"cannot read {path}: truncated data for {name!r}")
             yield name, tensor
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (name, tensor) one at a time, each in memory of its own (never a view of a mapped file)."""
+def iter_tensors(files: list[Path], defer: Callable[[str], bool] | None = None
+                 ) -> Iterator[tuple[str, torch.Tensor | CheckpointRows]]:
+    """Yields (name, tensor) one at a time, each in memory of its own (never a view of a mapped file); with
+    `defer`, the named 2-D float tensors of safetensors files as CheckpointRows instead."""
     for path in files:
         if path.suffix == ".safetensors":
-            yield from _read_safetensors(path)
+            yield from _read_safetensors(path, defer)
         else:
             try:
                 try:
@@ -202,7 +237,8 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None
         config.extra["quantization"] = quant_spec
 
     converter = converter_for(config, hf)
-    _stream_into(model, converter, iter_tensors(files), target_dtype, source=folder)
+    defer = _quantized_weight_names(model, converter) if quant_spec is not None else None
+    _stream_into(model, converter, iter_tensors(files, defer), target_dtype, source=folder)
     if config.rope == "2d":
         config.rope_fp16 = chatglm_rope_mode(target_dtype)
     _finish(model, converter, folder)
@@ -270,6 +306,24 @@ def _quantization_spec(hf, files, quantize, group_size, scheme):
     from glmkit.quantize import default_spec
 
     return default_spec(bits, group_size=group_size, scheme=scheme)
+
+
+def _quantized_weight_names(model: nn.Module, converter) -> Callable[[str], bool]:
+    """The predicate "this checkpoint tensor is the float weight of a layer quantized while loading", for
+    tensors the converter hands over unchanged: those are read a block of rows at a time."""
+    from glmkit.quantize import QuantizedLinear
+
+    def defer(name: str) -> bool:
+        target = converter.passthrough_target(name)
+        if not target or not target.endswith(".weight"):
+            return False
+        try:
+            module = model.get_submodule(target.removesuffix(".weight"))
+        except AttributeError:
+            return False
+        return isinstance(module, QuantizedLinear)
+
+    return defer
 
 
 def _stream_into(model, converter, tensors, dtype, source) -> None:

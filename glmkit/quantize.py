@@ -8,16 +8,16 @@ biases are tiny.
 
 Schemes (every value is ``w = q * scale (+ zero)``, q a signed integer):
 
-* ``rowwise``: ChatGLM-6B's, symmetric, one scale per output row, ``scale = max|w_row| / (2^(bits-1) - 1)``
-  stored in fp16, q in [-127, 127] or [-7, 7]. The only INT8 scheme; THUDM ``quantization_bit`` checkpoints use it.
-* ``group`` (INT4 default): one bf16 (scale, zero) pair per ``group_size`` (32..256, default 64) consecutive
+* ``rowwise``: ChatGLM-6B's, bit for bit: symmetric, one scale per output row,
+  ``scale = (max|w_row| / (2^(bits-1) - 1)).half()``, q in [-127, 127] or [-7, 7]. The only INT8 scheme (so INT8
+  has exactly the original's error); THUDM ``quantization_bit`` checkpoints use it.
+* ``group`` (INT4 default): one bf16 (scale, zero) pair per ``group_size`` (32..256, default 32) consecutive
   inputs of a row, q in [-8, 7], asymmetric by default (the full min..max range of the group, then the best of a
-  few clipping ratios by squared error), or symmetric (zero = 0). Finer groups follow the local range of the
-  weights: on Gaussian rows of 4096 the error is 0.48x (group 32), 0.55x (64), 0.60x (128) the per-row
-  scheme's, far less with outliers. 64 is the default: group 32 is ~10% more accurate but its scales and zeros
-  cost 0.35 GB more at the 6B shape (a ChatGLM-6B INT4 load peaks at 5.28 GB instead of 4.95 GB) and it reads
-  11% more bytes per token in decode; pass group_size=32 for accuracy. After the clipping search, (scale, zero)
-  are refit to the rounded integers by least squares (a few % less error).
+  few clipping ratios by squared error, then a least-squares refit of (scale, zero) to the rounded integers), or
+  symmetric (zero = 0). Finer groups follow the local range of the weights: on Gaussian rows of 4096 the weight
+  error is 0.48x (group 32), 0.55x (64), 0.60x (128) the per-row scheme's, and on the trained glm-tiny the
+  logits error is 0.47x (32) and 0.69x (64). 32 is the default: its scales and zeros cost 0.35 GB more than 64's
+  at the 6B shape (a ChatGLM-6B INT4 load peaks at 4.88 GB instead of 4.66 GB) and decode reads 8% more bytes.
 
 Compute dtype follows the activations: bf16 takes the fast CPU kernels; fp32 dequantizes exactly (``q * scale``
 with the stored scale, as ChatGLM-6B's CPU kernels do) for reference results; fp16 on CPU is computed in fp32.
@@ -45,11 +45,11 @@ from glmkit import kernels
 QUANT_KEY = "glmkit_quantization"  # config.json key and safetensors metadata key of glmkit checkpoints
 QUANTIZED_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 SCHEMES = ("rowwise", "group")
-DEFAULT_GROUP_SIZE = 64
+DEFAULT_GROUP_SIZE = 32
 GROUP_SIZES = (32, 64, 128, 256)
 # clipping ratios tried per group (asymmetric group scheme); 1.0 = plain min/max
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85)
-REFIT_ROUNDS = 2  # least-squares refits of (scale, zero) to the rounded integers: ~5% less error on Gaussian rows
+REFIT_ROUNDS = 2  # least-squares refits of a group's (scale, zero) to its rounded integers: ~5% less error
 
 
 # ================================================================================================ specs
@@ -57,7 +57,7 @@ REFIT_ROUNDS = 2  # least-squares refits of (scale, zero) to the rounded integer
 
 def default_spec(bits: int, group_size: int | None = None, scheme: str | None = None,
                  symmetric: bool | None = None) -> dict[str, Any]:
-    """The spec for quantizing a float checkpoint: INT8 = rowwise; INT4 = group-wise (64) unless told otherwise."""
+    """The spec for quantizing a float checkpoint: INT8 = rowwise; INT4 = group-wise (32) unless told otherwise."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits!r}")
     if scheme == "group-symmetric":  # one string for the loader's scheme= argument
@@ -116,34 +116,19 @@ def quantization_spec(config_json: dict, safetensors_metadata: dict | None) -> d
 # ================================================================================================ quantizers
 
 
-def quantize_rowwise(w: torch.Tensor, bits: int, refit: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """ChatGLM-6B's scheme: [N, K] float -> q int8 [N, K], scale fp16 [N]. The scale is rounded to fp16 first and
-    q computed with the rounded scale, so q * scale is the best the stored scale allows.
+def quantize_rowwise(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ChatGLM-6B's scheme, bit for bit: [N, K] float -> q int8 [N, K], scale fp16 [N] with
+    ``scale = (max|w_row| / (2^(bits-1) - 1)).half()`` and ``q = round(w / scale)``.
 
-    refit: after rounding with the absmax scale, refit each row's scale to its integers by least squares
-    (s = <w, q> / <q, q>), re-round, and keep whichever has the smaller error: the same format, slightly less
-    error (what quantize-on-load uses; the plain scheme stays available for bit-exact THUDM compatibility)."""
+    Kept exact on purpose (no clipping or refitting): `glmkit quantize --bits 8` then writes the integers the
+    original's quantize() writes, and on our test models a least-squares refit of the scale lowered the weight
+    error but not the logits error (it clips each row's largest weight, which matters most)."""
     qmax = 2 ** (bits - 1) - 1
     w = w.float()
-
-    def round_with(scale16: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s = scale16.float()
-        s = torch.where(s == 0, torch.ones_like(s), s)  # an all-zero row: q = 0 whatever the scale
-        q = torch.round(w / s[:, None]).clamp_(-qmax, qmax)
-        return q, (q * s[:, None] - w).square_().sum(dim=-1)
-
     scale = (w.abs().amax(dim=-1) / qmax).half()
-    q, err = round_with(scale)
-    if refit:
-        for _ in range(REFIT_ROUNDS):
-            qq = q.square().sum(dim=-1)
-            s2 = torch.where(qq > 0, (q * w).sum(dim=-1) / qq.clamp_min(1e-12), scale.float())
-            s2 = torch.where(s2 > 0, s2, scale.float()).half()
-            q2, err2 = round_with(s2)
-            better = err2 < err
-            scale = torch.where(better, s2, scale)
-            q = torch.where(better[:, None], q2, q)
-            err = torch.minimum(err, err2)
+    s = scale.float()
+    s = torch.where(s == 0, torch.ones_like(s), s)  # an all-zero row: q = 0 whatever the scale
+    q = torch.round(w / s[:, None]).clamp_(-qmax, qmax)
     return q.to(torch.int8), scale
 
 
@@ -287,8 +272,9 @@ class QuantizedLinear(nn.Module):
         return self.layout != "empty"
 
     def load_weight_tensor(self, attr_name: str, tensor: torch.Tensor) -> None:
-        """Receives one checkpoint tensor. A floating-point ``weight`` is quantized right here (quantize-on-load);
-        an integer one (with ``weight_scale`` and, for asymmetric groups, ``weight_zero``) is taken as stored."""
+        """Receives one checkpoint tensor. A floating-point ``weight`` is quantized right here (quantize-on-load),
+        a block of rows at a time (it may be a loader.CheckpointRows, which reads only the rows sliced); an
+        integer one (with ``weight_scale`` and, for asymmetric groups, ``weight_zero``) is taken as stored."""
         if attr_name == "bias":
             if self.bias is None:
                 raise ValueError(f"{self}: the checkpoint has a bias but this layer was built without one")
@@ -316,33 +302,35 @@ class QuantizedLinear(nn.Module):
             self._store(p["weight"], p["weight_scale"], p.get("weight_zero"))
 
     def _quantize_and_store(self, w: torch.Tensor) -> None:
-        """Row chunks keep the fp32 temporaries small: peak = the quantized layer + one chunk."""
+        """Row chunks keep the temporaries small: peak = the float weight + the quantized layer + one chunk.
+        INT4 chunks are packed two per byte as they come, so the whole layer never exists one value per byte."""
         n, k = w.shape
         rows = max(64, (2**20 // max(k, 1)) // 64 * 64)  # ~1M weights: ~25 MB of fp32 temporaries
-        qs, scales, zeros = [], [], []
+        qweight = torch.empty(n, k if self.bits == 8 else k // 2, dtype=torch.int8)
+        scales, zeros = [], []
         for a in range(0, n, rows):
             chunk = w[a:a + rows]
             if self.scheme == "rowwise":
-                q, s = quantize_rowwise(chunk, self.bits, refit=True)
+                q, s = quantize_rowwise(chunk, self.bits)
                 z = None
             else:
                 q, s, z = quantize_group(chunk, self.group_size, self.symmetric)
-            qs.append(q)
+            qweight[a:a + rows] = kernels.pack_int4(q) if self.bits == 4 else q
             scales.append(s)
             if z is not None:
                 zeros.append(z)
-        self._store(torch.cat(qs), torch.cat(scales), torch.cat(zeros) if zeros else None, unpacked=True)
-        del qs, scales, zeros
+            del q
+        self._store(qweight, torch.cat(scales), torch.cat(zeros) if zeros else None)
+        del qweight, scales, zeros
         release_freed_memory()
 
     def _store(self, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-               device: torch.device | None = None, unpacked: bool = False) -> None:
+               device: torch.device | None = None) -> None:
         """Takes the portable form (int8 [N, K] or THUDM-packed int8 [N, K/2] + scale [+ zero]), checks it and
-        builds the runtime form for `device` (default: where the tensors are). unpacked: INT4 values given one
-        per byte ([N, K] int8), as the quantizer produces them."""
+        builds the runtime form for `device` (default: where the tensors are)."""
         n, k = self.out_features, self.in_features
         device = torch.device(device) if device is not None else weight.device
-        cols = k if self.bits == 8 or unpacked else k // 2
+        cols = k if self.bits == 8 else k // 2
         if weight.dtype not in (torch.int8, torch.uint8) or tuple(weight.shape) != (n, cols):
             raise ValueError(f"quantized weight must be int8 [{n}, {cols}] for INT{self.bits} with in_features {k}, "
                              f"got {weight.dtype} {tuple(weight.shape)}")
@@ -373,8 +361,7 @@ class QuantizedLinear(nn.Module):
         pack_group = self.group_size if self.scheme == "group" else _pack_group_for(k)
         if device.type == "cpu" and pack_group is not None and kernels.int4pack_supported(n, k, pack_group):
             self.layout = "int4pack"
-            self._buffers["qweight"] = (kernels.int_to_int4pack(weight) if unpacked
-                                        else _thudm_to_int4pack(weight, n, k))
+            self._buffers["qweight"] = _thudm_to_int4pack(weight, n, k)
             del weight
             release_freed_memory()  # the repacking temporaries
             if self.scheme == "group":
@@ -386,8 +373,6 @@ class QuantizedLinear(nn.Module):
                 self._buffers["scale_zero"] = torch.stack((s, torch.zeros_like(s)), dim=-1).contiguous()
             return
         self.layout = "packed"
-        if unpacked:
-            weight = kernels.pack_int4(weight)
         self._buffers["qweight"] = weight.to(device).contiguous()
         self._buffers["weight_scale"] = scale.to(device)
         self._buffers["weight_zero"] = zero.to(device) if zero is not None else None
@@ -546,7 +531,7 @@ def release_freed_memory() -> None:
 
 def effective_group_size(in_features: int, group_size: int) -> int:
     """The group size a layer uses: the requested one, or the largest smaller allowed size dividing in_features
-    (e.g. 32 for a 96-wide toy layer at the default 64). Deterministic, so saved checkpoints load back alike."""
+    (e.g. 32 for a 96-wide toy layer asked for 64). Deterministic, so saved checkpoints load back alike."""
     for g in sorted((g for g in GROUP_SIZES if g <= group_size), reverse=True):
         if in_features % g == 0:
             return g
@@ -563,7 +548,7 @@ def _pack_group_for(k: int) -> int | None:
 
 
 def _thudm_to_int4pack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    rows = max(64, (8 * 2**20 // max(k, 1)) // 64 * 64)
+    rows = max(64, (2**20 // max(k, 1)) // 64 * 64)  # ~1M weights: a few MB of temporaries
     out = torch.empty(n, k // 2, dtype=torch.uint8)
     for a in range(0, n, rows):
         out[a:a + rows] = kernels.int_to_int4pack(kernels.unpack_int4(packed[a:a + rows]))

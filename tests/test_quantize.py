@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from torch import nn
 
 import glmkit
 import glmkit.quantize as Q
+from glmkit import kernels
 from glmkit.api import GLMForCausalLM
 from glmkit.config import GLMConfig
 from glmkit.quantize import QuantizedLinear, quantization_spec
@@ -72,7 +74,7 @@ def test_round_trip_error_bounds():
 
 
 def test_specs_and_bad_input():
-    assert Q.default_spec(4) == {"bits": 4, "scheme": "group", "group_size": 64, "symmetric": False,
+    assert Q.default_spec(4) == {"bits": 4, "scheme": "group", "group_size": 32, "symmetric": False,
                                  "layout": "glmkit"}
     assert Q.default_spec(8)["scheme"] == "rowwise"
     assert Q.default_spec(4, scheme="group-symmetric")["symmetric"] is True
@@ -222,12 +224,13 @@ def test_prepare_model_swaps_the_four_linears_without_allocating():
     cfg = GLMConfig.from_hf_config(CHATGLM_V1_HF)
     with torch.device("meta"):
         model = GLMForCausalLM(cfg)
-    Q.prepare_model(model, Q.default_spec(4))
+    Q.prepare_model(model, Q.default_spec(4, group_size=64))
     for i, block in enumerate(model.h):
         for mod in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj):
             assert isinstance(mod, QuantizedLinear) and not mod.is_loaded
             assert all(t.is_meta for t in list(mod.parameters()) + list(mod.buffers()))
     assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, QuantizedLinear)
+    assert model.h[0].mlp.fc.group_size == 64
     assert model.h[0].mlp.proj.group_size == 32  # inner size 96: largest allowed group dividing it
     with pytest.raises(ValueError, match="already quantized"):
         Q.prepare_model(model, Q.default_spec(4))
@@ -240,7 +243,7 @@ def test_logits_error_bounds_on_a_tiny_model():
         ref = model(ids)
         errs = {}
         for name, kw in {"int8": dict(bits=8), "int4-rowwise": dict(bits=4, scheme="rowwise"),
-                         "int4-g64": dict(bits=4), "int4-g32": dict(bits=4, group_size=32)}.items():
+                         "int4-g64": dict(bits=4, group_size=64), "int4-g32": dict(bits=4)}.items():
             q = Q.quantize_model(copy.deepcopy(model), **kw)
             errs[name] = rel_err(q(ids), ref)
     assert errs["int8"] < 0.01, errs
@@ -260,6 +263,24 @@ def test_quantize_on_load_matches_quantize_model(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(loaded(IDS), expected(IDS), rtol=1e-5, atol=1e-5)
             assert rel_err(loaded(IDS), float_model(IDS)) < (0.3 if quantize == "int4" else 0.03)
+
+
+def test_rowwise_quantize_on_load_writes_the_originals_integers(tmp_path):
+    """INT8 (and INT4 --scheme rowwise) are ChatGLM-6B's quantize() bit for bit, so the logits error is the
+    original's: scale = (absmax / qmax).half(), q = round(w / scale), written here from the original's formula."""
+    hf = dict(CHATGLM_V1_HF)
+    sd = thudm_v1_state_dict(hf, std=0.1)
+    folder = write_folder(tmp_path / "fp32", hf, sd, fmt="safetensors")
+    for bits in (8, 4):
+        model = glmkit.load_model(folder, quantize=f"int{bits}", scheme="rowwise")
+        for i in range(hf["num_layers"]):
+            w = sd[f"transformer.layers.{i}.mlp.dense_h_to_4h.weight"]
+            scale = (w.abs().max(dim=-1).values / (2 ** (bits - 1) - 1)).half()
+            q = torch.round(w / scale[:, None]).to(torch.int8)
+            exported = model.h[i].mlp.fc.export()
+            assert exported["weight_scale"].equal(scale)
+            stored = exported["weight"] if bits == 8 else kernels.unpack_int4(exported["weight"])
+            assert stored.equal(q)
 
 
 def test_save_then_load_without_requantizing(tmp_path, monkeypatch):
@@ -409,6 +430,58 @@ def test_streaming_quantization_peak_memory(tmp_path):
     # whole, and its bytes twice over) and one layer's temporaries (< 64 MB)
     assert int4 < quantized + 3 * shard + 100e6, f"INT4 load raised peak RSS by {int4 / 1e6:.0f} MB"
     assert int4 < 0.6 * float32
+
+
+def _load_rss(folder, quantize: str | None) -> tuple[int, int]:
+    """(final, peak) RSS growth of a fresh process loading `folder`. Allocations of 128 KB and more are mmap'ed
+    (MALLOC_MMAP_THRESHOLD_), so freed temporaries leave RSS at once and the peak measures the loader, not
+    malloc's caching, which otherwise moves it by +-40 MB from run to run."""
+    code = (
+        "import re, torch, glmkit\n"
+        "from glmkit.bench import peak_rss_bytes\n"
+        "from glmkit.quantize import QuantizedLinear\n"
+        # one-time costs (thread pools, kernels) are not the loader's: pay them first
+        "QuantizedLinear.from_linear(torch.nn.Linear(16384, 1024), 4)(torch.zeros(1, 16384))\n"
+        "base = peak_rss_bytes()\n"
+        f"m = glmkit.load_model({str(folder)!r}, quantize={quantize!r})\n"
+        "rss = int(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024\n"
+        "print(rss - base, peak_rss_bytes() - base)\n"
+    )
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    final, peak = out.stdout.split()[-2:]
+    return int(final), int(peak)
+
+
+def test_safetensors_weights_are_quantized_a_block_of_rows_at_a_time(tmp_path):
+    """From safetensors, a layer's float weight is read a block of rows at a time while it is quantized: the
+    peak stays below the INT4 model plus one float weight (64 MB here), which a whole-tensor read would exceed."""
+    hf = dict(CHATGLM_V1_HF, hidden_size=1024, num_attention_heads=8, inner_hidden_size=16384, num_layers=2,
+              vocab_size=1000, bos_token_id=994, eos_token_id=995, mask_token_id=990, gmask_token_id=991)
+    sd = thudm_v1_state_dict(hf, std=0.02)
+    folder = write_folder(tmp_path / "st", hf, sd, fmt="safetensors")
+    weight_bytes = 16384 * 1024 * 4
+    layer_params = 2 * (4 * 1024 * 1024 + 2 * 1024 * 16384)
+    size = sum(t.numel() * t.element_size() for t in sd.values())
+    quantized = layer_params * (0.5 + 4 / 64) + (size - 4 * layer_params)
+    del sd
+    from glmkit.loader import CheckpointRows, iter_tensors, weight_files
+
+    rows = dict(iter_tensors(weight_files(folder), lambda name: name.endswith("dense_4h_to_h.weight")))
+    deferred = rows["transformer.layers.1.mlp.dense_4h_to_h.weight"]
+    assert isinstance(deferred, CheckpointRows) and deferred.shape == (1024, 16384)
+    assert isinstance(rows["transformer.layers.1.mlp.dense_h_to_4h.weight"], torch.Tensor)
+    full = dict(iter_tensors(weight_files(folder)))["transformer.layers.1.mlp.dense_4h_to_h.weight"]
+    assert deferred[100:300].equal(full[100:300]) and deferred[:].equal(full)
+    with pytest.raises(TypeError):
+        deferred[::2]
+    del rows, deferred, full
+
+    final, peak = _load_rss(folder, "int4")
+    print(f"{size / 1e6:.0f} MB checkpoint as INT4: RSS +{final / 1e6:.0f} MB at the end, +{peak / 1e6:.0f} MB at "
+          f"the peak ({quantized / 1e6:.0f} MB of weights)")
+    # read whole, the 64 MB float weight alone would lift the peak that far above the end state (~95 MB measured)
+    assert peak - final < 0.75 * weight_bytes, f"peak {peak / 1e6:.0f} MB vs final {final / 1e6:.0f} MB"
 
 
 def test_state_dict_round_trip():
