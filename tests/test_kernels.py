@@ -121,3 +121,18 @@ def test_portable_int4_path_matches_int4_dequantize():
     x = torch.randn(7, k, generator=g)
     torch.testing.assert_close(kernels.int4_linear_portable(x, kernels.pack_int4(q), s, z, gs), x @ w.t(),
                                rtol=1e-5, atol=1e-5)
+
+
+@needs_int4pack
+def test_prefill_scaled_chunk_is_exactly_u_times_s():
+    """The bf16 prefill reads high nibbles as 16u against s/16: the bf16 values of u * s, bit for bit."""
+    n, k, gs = 128, 256, 32
+    block = kernels.int4pack_block_n()
+    g = torch.Generator().manual_seed(7)
+    q = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
+    s = (torch.rand(k // gs, n, generator=g) * 0.03 + 1e-5).bfloat16()
+    packed = kernels.int_to_int4pack(q)
+    u = (q.to(torch.int16) + 8).t()  # W^T's unsigned nibbles [K, N]
+    expected = (u.to(torch.bfloat16).view(k // gs, gs, n) * s[:, None, :]).view(k, n)
+    got = kernels._int4pack_scaled_bf16_t(packed, s, gs, k, 0, n // block)
+    assert got.dtype == torch.bfloat16 and got.equal(expected)
