@@ -516,7 +516,11 @@ def test_bench_builds_each_precision_and_prints_one_table(capsys):
     assert sizes["bf16"] - sizes["int8"] == pytest.approx(layer_weights, rel=0.02)  # 2 bytes -> 1 byte (+scales)
     assert head < sizes["int4"] < sizes["int8"] < sizes["bf16"]
     assert bench.cli_main(["--model", "glm-tiny", "--layers", "1", "--prompt-tokens", "8", "--decode-tokens", "2",
-                           "--precisions", "int4"]) == 0
+                           "--precisions", "int4", "--repeats", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
+    assert "best of 2 interleaved rounds" in out[0]
     assert out[1].split()[:4] == ["precision", "weights/token", "GB", "prefill"] and out[3].startswith("int4")
+    best = bench._best_round([{"prefill_tok_s": 5, "decode_tok_s": 2, "peak_rss": 9, "threads": 2},
+                              {"prefill_tok_s": 4, "decode_tok_s": 3, "peak_rss": 8, "threads": 2}])
+    assert (best["prefill_tok_s"], best["decode_tok_s"], best["peak_rss"]) == (5, 3, 9)
     assert bench.measure_bandwidth(gib=0.125, repeats=2) > 1e8
