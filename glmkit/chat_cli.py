@@ -49,6 +49,7 @@ def load_chat_model(path_or_id: str = DEFAULT_MODEL, *, quantize: str | None = N
     import torch
 
     from glmkit import load_model, load_tokenizer
+    from glmkit.loader import cpu_dtype
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -57,18 +58,6 @@ def load_chat_model(path_or_id: str = DEFAULT_MODEL, *, quantize: str | None = N
     model.eval()
     tokenizer = load_tokenizer(path_or_id)
     return model, tokenizer
-
-
-def cpu_dtype(path_or_id: str) -> str | None:
-    """bfloat16 for a float16 checkpoint run on CPU, else None (the checkpoint's own dtype). CPUs have no fast
-    fp16 GEMM; bf16 keeps fp16's speed on disk, takes the fast INT4/INT8 kernels and has a wider range."""
-    from glmkit.loader import read_hf_config, resolve_model_dir
-
-    try:
-        config = read_hf_config(resolve_model_dir(path_or_id))
-    except (OSError, ValueError):
-        return None  # load_model reports the problem
-    return "bfloat16" if config.get("torch_dtype") == "float16" else None
 
 
 def load_from_args(prog: str, args: argparse.Namespace) -> tuple[Any, Any] | None:

@@ -308,6 +308,16 @@ def _quantization_spec(hf, files, quantize, group_size, scheme):
     return default_spec(bits, group_size=group_size, scheme=scheme)
 
 
+def cpu_dtype(path_or_id: str | os.PathLike) -> str | None:
+    """bfloat16 for a float16 checkpoint run on CPU, else None (the checkpoint's own dtype). CPUs have no fast
+    fp16 GEMM; bf16 keeps fp16's size, takes the fast INT4/INT8 kernels and has a wider range."""
+    try:
+        config = read_hf_config(resolve_model_dir(path_or_id))
+    except (OSError, ValueError):
+        return None  # load_model reports the problem
+    return "bfloat16" if config.get("torch_dtype") == "float16" else None
+
+
 def _quantized_weight_names(model: nn.Module, converter) -> Callable[[str], bool]:
     """The predicate "this checkpoint tensor is the float weight of a layer quantized while loading", for
     tensors the converter hands over unchanged: those are read a block of rows at a time."""

@@ -701,7 +701,8 @@ def cli_main(argv: list[str]) -> int:
                         help=f"inputs per scale for --scheme group (default {DEFAULT_GROUP_SIZE})")
     parser.add_argument("--symmetric", action="store_true", help="group scheme without zero points")
     parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
-                        help="dtype of the unquantized parts (default: the checkpoint's)")
+                        help="dtype of the unquantized parts (default: the checkpoint's; with --calibrate, "
+                             "bfloat16 for a float16 checkpoint)")
     cal = parser.add_argument_group(
         "calibration (GPTQ)", "Round with GPTQ on calibration text instead of to nearest: less error, same format "
         "and speed. Needs the float model in memory (a 6B model: ~12.5 GB in bf16) and takes minutes.")
@@ -723,7 +724,7 @@ def cli_main(argv: list[str]) -> int:
     samples, length = args.calibration_samples or 16, args.calibration_length or 256
     if samples < 1 or length < 10:
         parser.error("--calibration-samples must be >= 1 and --calibration-length >= 10")
-    from glmkit.loader import load_model, resolve_model_dir
+    from glmkit.loader import cpu_dtype, load_model, resolve_model_dir
 
     src = resolve_model_dir(args.src)
     if args.calibrate:
@@ -734,7 +735,8 @@ def cli_main(argv: list[str]) -> int:
             text = (Path(args.calibration_file).read_text(encoding="utf-8") if args.calibration_file else None)
         except (OSError, UnicodeDecodeError) as e:
             parser.error(f"cannot read --calibration-file: {e}")
-        model = load_model(src, dtype=args.dtype)
+        # fp16 checkpoints run in bf16 on CPU (fast GEMMs; the unquantized parts are saved in bf16 then)
+        model = load_model(src, dtype=args.dtype or cpu_dtype(src))
         calibrate_and_quantize(model, load_tokenizer(src), spec["bits"], spec["group_size"], spec["scheme"],
                                spec["symmetric"], text, samples, length)
     else:

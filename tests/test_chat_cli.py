@@ -253,20 +253,3 @@ def test_bad_arguments():
                          capture_output=True, text=True, timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL)
     assert run.returncode == 1 and "cannot load" in run.stderr
 
-
-def test_cpu_front_doors_run_float16_checkpoints_in_bfloat16(tmp_path):
-    from glmkit.chat_cli import cpu_dtype, load_chat_model
-    from tests.conftest import CHATGLM_V1_HF, thudm_v1_state_dict, write_folder
-
-    hf = dict(CHATGLM_V1_HF, torch_dtype="float16")
-    sd = {k: v.half() for k, v in thudm_v1_state_dict(hf).items()}
-    folder = write_folder(tmp_path / "fp16", hf, sd, fmt="safetensors")
-    assert cpu_dtype(str(folder)) == "bfloat16"
-    assert cpu_dtype("glm-tiny") is None  # fp32 checkpoints keep their dtype
-    assert cpu_dtype(str(tmp_path / "missing")) is None  # load_model reports it
-    from glmkit import load_model
-
-    model = load_model(folder, device="cpu", quantize="int4", dtype=cpu_dtype(str(folder)))
-    assert model.wte.weight.dtype == torch.bfloat16
-    with pytest.raises(FileNotFoundError):
-        load_chat_model(str(tmp_path / "missing"), device="cpu")

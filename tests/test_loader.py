@@ -179,3 +179,19 @@ def test_streaming_load_peak_memory(tmp_path):
     largest_shard = max(f.stat().st_size for f in folder.glob("*.safetensors"))
     assert peak - base < 1.15 * size + largest_shard + 64e6, \
         f"loading {size / 1e6:.0f} MB raised peak RSS by {(peak - base) / 1e6:.0f} MB"
+
+
+def test_cpu_front_doors_run_float16_checkpoints_in_bfloat16(tmp_path):
+    from glmkit.chat_cli import load_chat_model
+    from glmkit.loader import cpu_dtype
+
+    hf = dict(CHATGLM_V1_HF, torch_dtype="float16")
+    sd = {k: v.half() for k, v in thudm_v1_state_dict(hf).items()}
+    folder = write_folder(tmp_path / "fp16", hf, sd, fmt="safetensors")
+    assert cpu_dtype(str(folder)) == "bfloat16"
+    assert cpu_dtype("glm-tiny") is None  # fp32 checkpoints keep their dtype
+    assert cpu_dtype(str(tmp_path / "missing")) is None  # load_model reports it
+    model = glmkit.load_model(folder, device="cpu", quantize="int4", dtype=cpu_dtype(str(folder)))
+    assert model.wte.weight.dtype == torch.bfloat16
+    with pytest.raises(FileNotFoundError):
+        load_chat_model(str(tmp_path / "missing"), device="cpu")
