@@ -78,7 +78,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, scheme: str
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     del H
 
-    Q = torch.empty(n, k, dtype=torch.int8)
+    Q = torch.empty(n, k, dtype=torch.int8, device=W.device)
     if scheme == "rowwise":
         qmax = 2 ** (bits - 1) - 1
         scale16 = (W.abs().amax(dim=-1) / qmax).half()
@@ -90,8 +90,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, scheme: str
         if bits != 4 or not group_size or k % group_size:
             raise ValueError(f"the group scheme is INT4 with group_size dividing {k}, got bits={bits}, "
                              f"group_size={group_size}")
-        scales = torch.empty(n, k // group_size, dtype=torch.bfloat16)
-        zeros = None if symmetric else torch.empty(n, k // group_size, dtype=torch.bfloat16)
+        scales = torch.empty(n, k // group_size, dtype=torch.bfloat16, device=W.device)
+        zeros = None if symmetric else torch.empty(n, k // group_size, dtype=torch.bfloat16, device=W.device)
         lo, hi = -8, 7
         block_size = -(-block_size // group_size) * group_size  # a group never straddles two blocks
 
@@ -171,7 +171,7 @@ def quantize_calibrated(model: nn.Module, ids: torch.Tensor, bits: int, group_si
 
     for block in tqdm(model.h, desc="GPTQ", unit="layer", disable=not progress):
         targets = [m for m in block.modules() if id(m) in linears]
-        hessians = {id(m): torch.zeros(m.in_features, m.in_features) for m in targets}
+        hessians = {id(m): torch.zeros(m.in_features, m.in_features, device=m.weight.device) for m in targets}
 
         def accumulate(module, inputs, output):
             x = inputs[0].reshape(-1, module.in_features).float()
@@ -191,6 +191,7 @@ def quantize_calibrated(model: nn.Module, ids: torch.Tensor, bits: int, group_si
                                     symmetric=spec["symmetric"], dtype=dtype)
             q, s, z = gptq_quantize(m.weight, hessians.pop(id(m)), spec["bits"], spec["scheme"], q_mod.group_size,
                                     spec["symmetric"])
+            q, s, z = q.cpu(), s.cpu(), z.cpu() if z is not None else None  # the portable form is built on CPU
             q_mod._store(kernels.pack_int4(q) if spec["bits"] == 4 else q, s, z)
             if m.bias is not None:
                 q_mod.load_weight_tensor("bias", m.bias.detach())
