@@ -347,10 +347,11 @@ def _original_dequant(q: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.
     return torch.from_numpy(qn.astype(np.float32) * scale.float().numpy()[:, None])
 
 
+@pytest.mark.parametrize("saved", ["float16", "float32"])  # float32: saved after model.float(), as run on CPU
 @pytest.mark.parametrize("bits", [4, 8])
-def test_thudm_quantized_checkpoint_reproduces_the_original(tmp_path, bits):
+def test_thudm_quantized_checkpoint_reproduces_the_original(tmp_path, bits, saved):
     hf = dict(CHATGLM_V1_HF, hidden_size=128, num_attention_heads=4, inner_hidden_size=256,
-              quantization_bit=bits, torch_dtype="float16")
+              quantization_bit=bits, torch_dtype=saved)
     sd = {k: v.half() for k, v in thudm_v1_state_dict(hf, std=0.1).items()}
     reference = {k: v.float() for k, v in sd.items()}  # the original on CPU runs model.float()
     for i in range(hf["num_layers"]):
@@ -359,7 +360,9 @@ def test_thudm_quantized_checkpoint_reproduces_the_original(tmp_path, bits):
             q, scale = _original_int_quantize(sd[name], bits)
             sd[name], sd[name + "_scale"] = q, scale
             reference[name] = _original_dequant(q, scale, bits)
-    folder = write_folder(tmp_path / f"thudm-int{bits}", hf, sd, fmt="bin")
+    if saved == "float32":  # every float tensor, the fp16 scales included, cast to fp32 before saving
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    folder = write_folder(tmp_path / f"thudm-int{bits}-{saved}", hf, sd, fmt="bin")
     model = glmkit.load_model(folder, dtype="float32")
     assert isinstance(model.h[0].mlp.fc, QuantizedLinear) and model.h[0].mlp.fc.scheme == "rowwise"
     assert model.h[0].mlp.fc.bits == bits
