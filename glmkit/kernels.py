@@ -121,18 +121,36 @@ def _workspace(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     return buf[:numel]
 
 
+# Nibble masks applied to 8 packed bytes at a time: int64 bitwise ops run ~2.5x faster than the same ops on the
+# strided uint8 view (and are endian-neutral: every byte gets the same mask).
+_LOW_NIBBLES = 0x0F0F0F0F0F0F0F0F
+_HIGH_NIBBLES = 0xF0F0F0F0F0F0F0F0 - (1 << 64)  # as a signed int64
+
+
+def _int4pack_nibbles_t(packed: torch.Tensor, k: int, b0: int, b1: int, high_times_16: bool) -> torch.Tensor:
+    """The nibbles of W^T[:, b0*B:b1*B] from the int4pack layout as uint8 [K, nb, B] in a workspace buffer: the
+    low nibbles (rows r of each block) in [..., :B/2], the high ones (rows r + B/2) in [..., B/2:], either as u
+    or, with high_times_16, as 16u (one AND, no shift)."""
+    block = int4pack_block_n()
+    words = block // 16  # int64 words per half block row
+    nb = b1 - b0
+    v = packed.view(-1, k, block // 2)[b0:b1].view(torch.int64).permute(1, 0, 2)  # [K, nb, words]
+    u = _workspace("u", k * nb * block, torch.uint8).view(k, nb, block)
+    u64 = u.view(torch.int64)  # [K, nb, 2 * words]
+    torch.bitwise_and(v, _LOW_NIBBLES, out=u64[:, :, :words])
+    if high_times_16:
+        torch.bitwise_and(v, _HIGH_NIBBLES, out=u64[:, :, words:])
+    else:
+        torch.bitwise_and(torch.bitwise_right_shift(v, 4), _LOW_NIBBLES, out=u64[:, :, words:])
+    return u
+
+
 def _int4pack_unpack_t(packed: torch.Tensor, k: int, b0: int, b1: int, dtype: torch.dtype) -> torch.Tensor:
     """The unsigned nibbles u (0..15) of W^T[:, b0*B:b1*B] from the int4pack layout, as `dtype` [K, cols], in a
     workspace buffer (valid until the next call)."""
-    block = int4pack_block_n()
-    half = block // 2
-    v = packed.view(-1, k, half)[b0:b1].permute(1, 0, 2)  # [K, nb, B/2]
-    nb = b1 - b0
-    u = _workspace("u", k * nb * block, torch.uint8).view(k, nb, block)
-    torch.bitwise_and(v, 0xF, out=u[:, :, :half])
-    torch.bitwise_right_shift(v, 4, out=u[:, :, half:])
-    wt = _workspace("wt", k * nb * block, dtype).view(k, nb * block)
-    return wt.copy_(u.view(k, nb * block))
+    u = _int4pack_nibbles_t(packed, k, b0, b1, high_times_16=False)
+    wt = _workspace("wt", u.numel(), dtype).view(k, -1)
+    return wt.copy_(u.view(k, -1))
 
 
 def _int4pack_dequant_t(packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int, k: int, b0: int, b1: int,
@@ -198,15 +216,12 @@ def int4pack_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Ten
 def _int4pack_scaled_bf16_t(packed: torch.Tensor, s: torch.Tensor, group_size: int, k: int, b0: int, b1: int
                             ) -> torch.Tensor:
     """u * s of W^T[:, b0*B:b1*B] in bf16 (s [K/group, N] bf16), in a workspace buffer. The high nibbles are
-    taken as 16u with one AND (a shift is twice as slow) and scaled by s/16: the same bf16 values, since
-    scaling by a power of two commutes with rounding."""
+    taken as 16u (an AND without the shift) and scaled by s/16: the same bf16 values, since scaling by a power
+    of two commutes with rounding."""
     block = int4pack_block_n()
     half = block // 2
     nb = b1 - b0
-    v = packed.view(-1, k, half)[b0:b1].permute(1, 0, 2)  # [K, nb, B/2]
-    u = _workspace("u", k * nb * block, torch.uint8).view(k, nb, block)
-    torch.bitwise_and(v, 0x0F, out=u[:, :, :half])
-    torch.bitwise_and(v, 0xF0, out=u[:, :, half:])
+    u = _int4pack_nibbles_t(packed, k, b0, b1, high_times_16=True)
     wt = _workspace("wt", k * nb * block, torch.bfloat16).view(k, nb * block).copy_(u.view(k, nb * block))
     groups = k // group_size
     scale = s[:, b0 * block:b1 * block].reshape(groups, nb, block).clone()
