@@ -705,7 +705,8 @@ def cli_main(argv: list[str]) -> int:
                              "bfloat16 for a float16 checkpoint)")
     cal = parser.add_argument_group(
         "calibration (GPTQ)", "Round with GPTQ on calibration text instead of to nearest: less error, same format "
-        "and speed. Needs the float model in memory (a 6B model: ~12.5 GB in bf16) and takes minutes.")
+        "and speed. Needs the float model in memory (a 6B model: ~12.5 GB in bf16) and time (a 6B model: ~50 min "
+        "on 2 CPU cores).")
     cal.add_argument("--calibrate", action="store_true", help="quantize with GPTQ on calibration text")
     cal.add_argument("--calibration-file", default=None, metavar="FILE",
                      help="UTF-8 text to calibrate on (default: glmkit's bundled bilingual sample)")
