@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import glmkit
+import glmkit.model
 from glmkit.config import GLMConfig
 from glmkit.api import GLMForCausalLM
 from tests.conftest import CHATGLM_V1_HF, CHATGLM_V2_HF, thudm_v1_state_dict, thudm_v2_state_dict, write_folder
@@ -118,6 +119,35 @@ def _check_cache_equals_full(model, ids):
 def test_kv_cache_matches_full_forward(chatglm_v1_dir, chatglm_v2_dir):
     _check_cache_equals_full(glmkit.load_model(chatglm_v1_dir), torch.tensor([[5, 6, 7, GMASK, BOS]]))
     _check_cache_equals_full(glmkit.load_model(chatglm_v2_dir), torch.tensor([[64, 65, 5, 6, 7]]))
+
+
+def test_bf16_decode_attention_on_cpu_runs_in_fp32():
+    """Decode steps (<= DECODE_ROWS query rows) compute CPU attention in fp32 on the bf16 values; a layer's output
+    then equals fp32 SDPA on those values, rounded once to bf16."""
+    from glmkit.config import GLMConfig
+    from glmkit.model import DECODE_ROWS, GLM
+
+    cfg = GLMConfig.from_name("chatglm2-6b", vocab_size=64, hidden_size=64, num_layers=1, num_heads=4,
+                              num_kv_heads=2, ffn_hidden_size=96, max_seq_len=64)
+    model = GLM(cfg)
+    model.init_weights(0.2, torch.Generator().manual_seed(0))
+    attn = model.to(torch.bfloat16).h[0].attn
+    x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
+    pos = torch.arange(5)[None]
+    cos_sin = model.rotary.cos_sin(pos)
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    seen = {}
+    attn.proj.register_forward_pre_hook(lambda mod, args: seen.__setitem__("y", args[0]))
+    with torch.no_grad():
+        attn(x, cos_sin, mask)
+        H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, k, v = attn.qkv(x).split([H * D, K * D, K * D], dim=-1)
+        q, k = (glmkit.model.apply_rotary_interleaved(t.view(1, 5, -1, D), *cos_sin) for t in (q, k))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(1, 5, K, D).transpose(1, 2)
+        ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                               enable_gqa=True).to(torch.bfloat16)
+    assert 5 <= DECODE_ROWS
+    assert torch.equal(seen["y"], ref.transpose(1, 2).reshape(1, 5, H * D))
 
 
 def test_padded_batch_equals_rows_alone(chatglm_v1_dir, chatglm_v2_dir):
