@@ -794,7 +794,9 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"glmkit finetune: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    from glmkit.pretrain import end_torchrun_worker
+
+    return end_torchrun_worker(0)
 
 
 if __name__ == "__main__":

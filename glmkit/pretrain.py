@@ -577,6 +577,18 @@ def export_model(state: State, out_dir: Path) -> None:
 
 
 # -------------------------------------------------------------------------------------------------------- CLI
+def end_torchrun_worker(code: int) -> int:
+    """Under torchrun (WORLD_SIZE > 1), once the work is saved and the process group destroyed, end the worker with
+    os._exit: interpreter finalization after destroy_process_group can still abort in gloo's C++ teardown
+    ("terminate called without an active exception", about 1 run in 10 on the 2-core machine), and torchrun
+    then reports a finished job as failed. Returns `code` when not under torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="glmkit pretrain",
@@ -623,7 +635,7 @@ def cli_main(argv: list[str]) -> int:
         last = history[-1]
         print(f"step {last['step']}: loss {last['loss']:.4f}"
               + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else ""))
-    return 0
+    return end_torchrun_worker(0)
 
 
 if __name__ == "__main__":
