@@ -111,11 +111,11 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, scheme: str
                     zeros[:, col // group_size] = gz[:, 0]
                 s = gs[:, 0].float()
                 z = gz[:, 0].float() if gz is not None else None
-            x = W1[:, i]
-            q = torch.round((x - z) / s if z is not None else x / s).clamp_(lo, hi)
+            w_col = W1[:, i]
+            q = torch.round((w_col - z) / s if z is not None else w_col / s).clamp_(lo, hi)
             Q[:, col] = q.to(torch.int8)
             deq = q * s + z if z is not None else q * s
-            err = (x - deq) / H1[i, i]
+            err = (w_col - deq) / H1[i, i]
             W1[:, i:].sub_(err[:, None] * H1[i, i:][None, :])
             E1[:, i] = err
         W[:, b1:].sub_(E1 @ Hinv[b0:b1, b1:])
