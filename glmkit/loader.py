@@ -18,8 +18,8 @@ from torch import nn
 
 from glmkit.config import ConfigError, GLMConfig
 from glmkit.convert import UnexpectedWeightError, converter_for, to_hf_config, to_thudm_state_dict
+from glmkit.hub import read_json_object, resolve_model_dir
 
-BUNDLED = {"glm-tiny": Path(__file__).parent / "assets" / "glm-tiny"}
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -30,42 +30,11 @@ class CheckpointError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------ locating files
-def resolve_model_dir(path_or_id: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:
-    """A local folder, a bundled model name, or a Hugging Face id (downloaded through huggingface_hub's cache)."""
-    s = str(path_or_id)
-    if s in BUNDLED:
-        if not (BUNDLED[s] / "config.json").exists():
-            raise FileNotFoundError(f"the bundled model {s!r} is not installed at {BUNDLED[s]}")
-        return BUNDLED[s]
-    p = Path(s).expanduser()
-    if p.is_dir():
-        return p
-    if p.exists():
-        raise FileNotFoundError(f"{p} is a file; pass the model folder that holds config.json and the weights")
-    if s.count("/") != 1 or s.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"no model folder at {p} (and {s!r} is not a Hugging Face id like 'THUDM/chatglm-6b')")
-    try:
-        from huggingface_hub import snapshot_download
-
-        patterns = allow_patterns or ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.tiktoken"]
-        return Path(snapshot_download(repo_id=s, allow_patterns=patterns))
-    except Exception as e:  # offline, unknown repo, gated, ...
-        raise FileNotFoundError(
-            f"could not fetch {s!r} from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-            "Without network access, download the model elsewhere and pass its local folder.") from None
-
-
 def read_hf_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return data
+    return read_json_object(path, CheckpointError)
 
 
 def weight_files(folder: Path) -> list[Path]:

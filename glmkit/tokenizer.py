@@ -33,6 +33,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
+from glmkit.hub import read_json_object, resolve_model_dir
+
 # ---------------------------------------------------------------------------------------------------------- constants
 
 CHATGLM_SPECIAL_PIECES = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
@@ -675,12 +677,6 @@ def write_tiktoken_ranks(ranks: dict[bytes, int], path: str | Path) -> None:
 Tokenizer = ChatGLMTokenizer | ChatGLM2Tokenizer | GLM4Tokenizer
 
 
-def bundled_model_dir() -> Path:
-    import glmkit
-
-    return Path(glmkit.__file__).parent / "assets" / "glm-tiny"
-
-
 def _looks_like_tiktoken(path: Path) -> bool:
     with open(path, "rb") as f:
         first = f.readline(4096).strip()
@@ -695,22 +691,14 @@ def _looks_like_tiktoken(path: Path) -> bool:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path} does not hold a JSON object")
-    return data
+    return read_json_object(path, TokenizerError) if path.exists() else {}
 
 
 def _chatglm2_or_3(folder: Path, cfg: dict[str, Any]) -> str:
     if cfg.get("glmkit_family") in ("chatglm2", "chatglm3"):
         return cfg["glmkit_family"]
     text = json.dumps(cfg, ensure_ascii=False)
-    model_cfg = _read_json(folder / "config.json") if (folder / "config.json").exists() else {}
+    model_cfg = _read_json(folder / "config.json")
     names = " ".join(str(x) for x in (cfg.get("name_or_path"), cfg.get("_name_or_path"), model_cfg.get("_name_or_path"),
                                       model_cfg.get("name"), model_cfg.get("family")) if x)
     if "<|user|>" in text or "chatglm3" in names.lower():
@@ -724,19 +712,10 @@ def load_tokenizer(path_or_id: str | os.PathLike, family: str | None = None) -> 
     The family is detected from the files: `ice_text.model` -> ChatGLM-6B; a SentencePiece `tokenizer.model` ->
     ChatGLM2 (ChatGLM3 when the config names its role tokens); a base64-ranks `tokenizer.model` -> GLM-4.
     `family` ("chatglm2" / "chatglm3") overrides the ChatGLM2-vs-3 guess."""
-    name = str(path_or_id)
-    if name == "glm-tiny":
-        folder = bundled_model_dir()
-        if not folder.is_dir():
-            raise FileNotFoundError(f"the bundled model 'glm-tiny' is not installed (expected at {folder}); "
-                                    "this build of glmkit does not ship it yet, pass a tokenizer folder instead")
-    else:
-        folder = Path(name).expanduser()
-        if folder.is_file():
-            raise TokenizerError(f"{folder} is a file; pass the folder that holds it (ice_text.model or "
-                                 "tokenizer.model plus tokenizer_config.json)")
-        if not folder.exists():
-            folder = _download(name)
+    if Path(path_or_id).expanduser().is_file():
+        raise TokenizerError(f"{path_or_id} is a file; pass the folder that holds it (ice_text.model or "
+                             "tokenizer.model plus tokenizer_config.json)")
+    folder = resolve_model_dir(path_or_id, allow_patterns=TOKENIZER_FILES)
     cfg = _read_json(folder / "tokenizer_config.json")
     if (folder / "ice_text.model").is_file():
         if family not in (None, "chatglm"):
@@ -754,23 +733,6 @@ def load_tokenizer(path_or_id: str | os.PathLike, family: str | None = None) -> 
         return ChatGLM2Tokenizer(model, cfg, family=fam)
     raise FileNotFoundError(f"no tokenizer in {folder}: expected ice_text.model (ChatGLM-6B) or tokenizer.model "
                             "(ChatGLM2/3 SentencePiece, GLM-4 tiktoken ranks)")
-
-
-def _download(repo_id: str) -> Path:
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
-        raise FileNotFoundError(f"{repo_id!r} is neither a folder nor a Hugging Face id like 'THUDM/chatglm-6b'")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-        raise FileNotFoundError(f"{repo_id!r} is not a local folder and huggingface_hub is not installed") from None
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    try:
-        path = snapshot_download(repo_id, allow_patterns=TOKENIZER_FILES, local_files_only=offline)
-    except Exception as e:  # offline, unknown repo, gated repo, network error: all end the same way for the user
-        raise FileNotFoundError(f"could not get the tokenizer of {repo_id!r} from the Hugging Face Hub "
-                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                                "check the id, your network, or pass a local folder") from None
-    return Path(path)
 
 
 # ------------------------------------------------------------------------------------------------------- training
