@@ -305,17 +305,16 @@ class QuantizedLinear(nn.Module):
         """Row chunks keep the temporaries small: peak = the float weight + the quantized layer + one chunk.
         INT4 chunks are packed two per byte as they come, so the whole layer never exists one value per byte."""
         n, k = w.shape
-        rows = max(64, (2**20 // max(k, 1)) // 64 * 64)  # ~1M weights: ~25 MB of fp32 temporaries
         qweight = torch.empty(n, k if self.bits == 8 else k // 2, dtype=torch.int8)
         scales, zeros = [], []
-        for a in range(0, n, rows):
-            chunk = w[a:a + rows]
+        for rows in _row_chunks(n, k):
+            chunk = w[rows]
             if self.scheme == "rowwise":
                 q, s = quantize_rowwise(chunk, self.bits)
                 z = None
             else:
                 q, s, z = quantize_group(chunk, self.group_size, self.symmetric)
-            qweight[a:a + rows] = kernels.pack_int4(q) if self.bits == 4 else q
+            qweight[rows] = kernels.pack_int4(q) if self.bits == 4 else q
             scales.append(s)
             if z is not None:
                 zeros.append(z)
@@ -547,11 +546,17 @@ def _pack_group_for(k: int) -> int | None:
     return None
 
 
+def _row_chunks(n: int, k: int) -> list[slice]:
+    """Row ranges of ~1M weights (a multiple of 64 rows: whole blocks of the CPU int4 layout), so quantizing or
+    repacking a layer needs only a few MB of temporaries (~25 MB of fp32 for the group search)."""
+    rows = max(64, (2**20 // max(k, 1)) // 64 * 64)
+    return [slice(a, a + rows) for a in range(0, n, rows)]
+
+
 def _thudm_to_int4pack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    rows = max(64, (2**20 // max(k, 1)) // 64 * 64)  # ~1M weights: a few MB of temporaries
     out = torch.empty(n, k // 2, dtype=torch.uint8)
-    for a in range(0, n, rows):
-        out[a:a + rows] = kernels.int_to_int4pack(kernels.unpack_int4(packed[a:a + rows]))
+    for rows in _row_chunks(n, k):
+        out[rows] = kernels.int_to_int4pack(kernels.unpack_int4(packed[rows]))
     return out
 
 

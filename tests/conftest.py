@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error of `a` against the reference `b`."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
 def free_port() -> int:
     """A TCP port free on loopback right now (servers and torchrun rendezvous in tests)."""
     with socket.socket() as s:

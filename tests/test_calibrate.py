@@ -12,11 +12,7 @@ import torch
 import glmkit
 import glmkit.quantize as Q
 from glmkit.calibrate import calibrate_and_quantize, calibration_batch, gptq_quantize, quantize_calibrated
-from tests.conftest import SHARED_DATA
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+from tests.conftest import SHARED_DATA, rel_err
 
 
 def test_gptq_with_an_identity_hessian_is_round_to_nearest():

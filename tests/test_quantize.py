@@ -20,15 +20,11 @@ from glmkit import kernels
 from glmkit.api import GLMForCausalLM
 from glmkit.config import GLMConfig
 from glmkit.quantize import QuantizedLinear, quantization_spec
-from tests.conftest import CHATGLM_V1_HF, thudm_v1_state_dict, write_folder
+from tests.conftest import CHATGLM_V1_HF, rel_err, thudm_v1_state_dict, write_folder
 from tests.reference_impls import chatglm_v1_logits
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 151, 154, 11, 12]])  # prompt [gMASK] <sop> answer (CHATGLM_V1_HF ids)
 LINEAR_KEYS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 # ------------------------------------------------------------------------------------------------ schemes
