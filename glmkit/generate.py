@@ -16,6 +16,16 @@ LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 HF_DEFAULT_MAX_LENGTH = 20  # transformers' default total length when neither limit is given
 
 
+def new_token_budget(max_new_tokens: int | None, max_length: int | None, prompt_len: int) -> int:
+    """Tokens to generate after a prompt of prompt_len, as transformers reads the two limits: max_new_tokens wins,
+    capped by max_length (total) when both are given; neither = HF_DEFAULT_MAX_LENGTH total."""
+    if max_new_tokens is None:
+        return (max_length if max_length is not None else HF_DEFAULT_MAX_LENGTH) - prompt_len
+    if max_length is not None:
+        return min(max_new_tokens, max_length - prompt_len)
+    return max_new_tokens
+
+
 # ------------------------------------------------------------------------------------------------ sampling
 def apply_repetition_penalty(input_ids: torch.Tensor, scores: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL-style penalty on every token already present (prompt included), as transformers applies it."""
@@ -101,10 +111,7 @@ def generate_stream(model, input_ids, attention_mask: torch.Tensor | None = None
     attention_mask = attention_mask.to(input_ids.device).long()
     if tuple(attention_mask.shape) != (B, T):
         raise ValueError(f"attention_mask must have shape {(B, T)}, got {tuple(attention_mask.shape)}")
-    if max_new_tokens is None:
-        max_new_tokens = (max_length if max_length is not None else HF_DEFAULT_MAX_LENGTH) - T
-    elif max_length is not None:
-        max_new_tokens = min(max_new_tokens, max_length - T)
+    max_new_tokens = new_token_budget(max_new_tokens, max_length, T)
     if max_new_tokens <= 0:
         return
     if temperature < 0 or not 0 <= top_p <= 1 or top_k < 0 or repetition_penalty <= 0:
@@ -222,10 +229,7 @@ def _beam_search_row(model, ids, num_beams, max_new_tokens, max_length, eos, len
     device = model.wte.weight.device
     ids = ids.to(device)
     T = ids.shape[1]
-    if max_new_tokens is None:
-        max_new_tokens = (max_length if max_length is not None else HF_DEFAULT_MAX_LENGTH) - T
-    elif max_length is not None:
-        max_new_tokens = min(max_new_tokens, max_length - T)
+    max_new_tokens = new_token_budget(max_new_tokens, max_length, T)
     if max_new_tokens <= 0:
         return []
     nb, total = num_beams, T + max_new_tokens
