@@ -49,12 +49,10 @@ def load_chat_model(path_or_id: str = DEFAULT_MODEL, *, quantize: str | None = N
     import torch
 
     from glmkit import load_model, load_tokenizer
-    from glmkit.loader import cpu_dtype
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(path_or_id, device=device, adapter=adapter, quantize=quantize,
-                       dtype=cpu_dtype(path_or_id) if torch.device(device).type == "cpu" else None)
+    model = load_model(path_or_id, device=device, adapter=adapter, quantize=quantize)
     model.eval()
     tokenizer = load_tokenizer(path_or_id)
     return model, tokenizer

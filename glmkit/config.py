@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 
+# ChatGLM-6B's code computes DeepNorm's α from this default argument, never from config.num_layers.
+CHATGLM_V1_ALPHA_LAYERS = 28
+
+
 class ConfigError(ValueError):
     """A config.json glmkit cannot turn into a model."""
 
@@ -31,9 +35,13 @@ class GLMConfig:
     # --- transformer block ---
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
-    # "deepnorm": ChatGLM-6B, x = α·LN(x) + f(LN(x)) with α = √(2·num_layers).
+    # "deepnorm": ChatGLM-6B, x = α·LN(x) + f(LN(x)) with α = √(2·alpha_num_layers).
     # "prenorm":  ChatGLM2+/GLM-4, x = x + f(LN(x)), final norm after the stack.
     residual: Literal["deepnorm", "prenorm"] = "deepnorm"
+    # The layer count DeepNorm's α is computed from; None = num_layers (GLM-130B's SAT code). ChatGLM-6B's
+    # GLMBlock takes num_layers=28 as a default argument that ChatGLMModel never passes, so its α is √56 at
+    # every depth (glm-family.md §3.2): its reader and presets set 28.
+    alpha_num_layers: int | None = None
     mlp: Literal["gelu", "swiglu"] = "gelu"  # gelu = tanh approximation; swiglu gate = first half
     qkv_bias: bool = True
     proj_bias: bool = True  # attention output projection
@@ -98,6 +106,8 @@ class GLMConfig:
             raise ConfigError(f"rotary_dim {self.rotary_dim} must be even and at most head_dim {self.head_dim}")
         if self.pre_seq_len is not None and self.pre_seq_len < 0:
             raise ConfigError(f"pre_seq_len must be >= 0, got {self.pre_seq_len}")
+        if self.alpha_num_layers is not None and self.alpha_num_layers <= 0:
+            raise ConfigError(f"alpha_num_layers must be positive, got {self.alpha_num_layers}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -105,7 +115,9 @@ class GLMConfig:
     # ------------------------------------------------------------------ derived
     @property
     def deepnorm_alpha(self) -> float:
-        return (2 * self.num_layers) ** 0.5 if self.residual == "deepnorm" else 1.0
+        if self.residual != "deepnorm":
+            return 1.0
+        return (2 * (self.alpha_num_layers or self.num_layers)) ** 0.5
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -196,8 +208,8 @@ def _from_chatglm1(hf: dict[str, Any]) -> GLMConfig:
         vocab_size=hf["vocab_size"], hidden_size=hidden, num_layers=hf["num_layers"],
         num_heads=hf["num_attention_heads"], ffn_hidden_size=hf.get("inner_hidden_size") or 4 * hidden,
         max_seq_len=hf.get("max_sequence_length", 2048), norm="layernorm", norm_eps=hf.get("layernorm_epsilon", 1e-5),
-        residual="deepnorm", mlp="gelu", qkv_bias=True, proj_bias=True, mlp_bias=True, qkv_layout="per_head",
-        rope="2d", rope_base=10000.0, rope_fp16="table", attention="prefix_lm", tie_word_embeddings=False,
+        residual="deepnorm", alpha_num_layers=CHATGLM_V1_ALPHA_LAYERS, mlp="gelu", qkv_bias=True, proj_bias=True,
+        mlp_bias=True, qkv_layout="per_head", rope="2d", rope_base=10000.0, rope_fp16="table", attention="prefix_lm", tie_word_embeddings=False,
         pre_seq_len=hf.get("pre_seq_len"), prefix_projection=bool(hf.get("prefix_projection", False)),
         bos_token_id=hf.get("bos_token_id", 130004), eos_token_id=hf.get("eos_token_id", 130005),
         pad_token_id=hf.get("pad_token_id", 3), mask_token_id=hf.get("mask_token_id", 130000),

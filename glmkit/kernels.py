@@ -117,7 +117,10 @@ def _workspace(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     key = (name, dtype, threading.get_ident())
     buf = _WORKSPACE.get(key)
     if buf is None or buf.numel() < numel:
-        buf = _WORKSPACE[key] = torch.empty(numel, dtype=dtype)
+        # A normal tensor even when the first call runs under inference_mode: an inference tensor could not be
+        # written in place later under no_grad, plain calls or training.
+        with torch.inference_mode(False):
+            buf = _WORKSPACE[key] = torch.empty(numel, dtype=dtype)
     return buf[:numel]
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from glmkit.config import ConfigError, GLMConfig
+from glmkit.config import CHATGLM_V1_ALPHA_LAYERS, ConfigError, GLMConfig
 from glmkit.convert import UnexpectedWeightError, converter_for, to_hf_config, to_thudm_state_dict
 from glmkit.hub import read_json_object, resolve_model_dir
 
@@ -176,7 +176,8 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None
     """Loads a GLM-family checkpoint folder (or bundled name, or Hugging Face id) as a GLMForCausalLM.
 
     dtype: torch dtype or name; default = config.json's torch_dtype, as transformers does with
-    torch_dtype="auto" (pass dtype= to change it). adapter: a P-tuning or LoRA folder applied on top.
+    torch_dtype="auto", except that a float16 checkpoint loaded onto the CPU runs in bfloat16 (see
+    `default_dtype`); an explicit dtype= always wins. adapter: a P-tuning or LoRA folder applied on top.
     quantize: "int8" | "int4" quantizes the four linears of every layer while loading, shard by shard.
     """
     from glmkit.api import GLMForCausalLM
@@ -188,7 +189,7 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None
     except ConfigError as e:
         raise ConfigError(f"{folder / 'config.json'}: {e}") from None
     files = weight_files(folder)
-    target_dtype = _dtype(dtype) if dtype is not None else _dtype(config.torch_dtype)
+    target_dtype = _dtype(dtype) if dtype is not None else default_dtype(config.torch_dtype, device)
     config.torch_dtype = str(target_dtype).removeprefix("torch.")
 
     with torch.device("meta"):
@@ -277,14 +278,14 @@ def _quantization_spec(hf, files, quantize, group_size, scheme):
     return default_spec(bits, group_size=group_size, scheme=scheme)
 
 
-def cpu_dtype(path_or_id: str | os.PathLike) -> str | None:
-    """bfloat16 for a float16 checkpoint run on CPU, else None (the checkpoint's own dtype). CPUs have no fast
-    fp16 GEMM; bf16 keeps fp16's size, takes the fast INT4/INT8 kernels and has a wider range."""
-    try:
-        config = read_hf_config(resolve_model_dir(path_or_id))
-    except (OSError, ValueError):
-        return None  # load_model reports the problem
-    return "bfloat16" if config.get("torch_dtype") == "float16" else None
+def default_dtype(checkpoint_dtype: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """The dtype a checkpoint loads in when the caller names none: its own, except float16 on the CPU, which runs
+    in bfloat16. CPUs have no fast fp16 GEMM (glmkit's INT4/INT8 kernels would dequantize to fp32 instead); bf16
+    keeps fp16's size, takes the fast kernels and has a wider range."""
+    dtype = _dtype(checkpoint_dtype)
+    if dtype == torch.float16 and torch.device(device).type == "cpu":
+        return torch.bfloat16
+    return dtype
 
 
 def _quantized_weight_names(model: nn.Module, converter) -> Callable[[str], bool]:
@@ -385,7 +386,12 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, dty
         t = t.detach().cpu()
         sd[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
     sd = to_thudm_state_dict(sd, config)
-    hf = to_hf_config(config)
+    if config.family == "chatglm" and config.alpha_num_layers != CHATGLM_V1_ALPHA_LAYERS:
+        # ChatGLM-6B's code fixes α at √56 (glm-family.md §3.2), so its config.json cannot state another α: such a
+        # model is written with glmkit's own config (model_type "glmkit"), which only glmkit loads.
+        hf = {"model_type": "glmkit", **config.to_dict()}
+    else:
+        hf = to_hf_config(config)
     if dtype is not None:
         hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     if max_shard_bytes:

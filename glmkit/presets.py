@@ -4,8 +4,8 @@ PRESETS: dict[str, dict] = {
     # https://huggingface.co/THUDM/chatglm-6b/blob/main/config.json
     "chatglm-6b": dict(
         vocab_size=130528, hidden_size=4096, num_layers=28, num_heads=32, ffn_hidden_size=16384, max_seq_len=2048,
-        norm="layernorm", norm_eps=1e-5, residual="deepnorm", mlp="gelu", qkv_layout="per_head", rope="2d",
-        rope_fp16="table", attention="prefix_lm", family="chatglm", torch_dtype="float16",
+        norm="layernorm", norm_eps=1e-5, residual="deepnorm", alpha_num_layers=28, mlp="gelu", qkv_layout="per_head",
+        rope="2d", rope_fp16="table", attention="prefix_lm", family="chatglm", torch_dtype="float16",
     ),
     # https://huggingface.co/THUDM/chatglm2-6b/blob/main/config.json
     "chatglm2-6b": dict(
@@ -27,8 +27,8 @@ PRESETS: dict[str, dict] = {
     # ChatGLM-6B architecture at toy size, with its own 10240-id ChatGLM-6B-layout tokenizer.
     "glm-tiny": dict(
         vocab_size=10240, hidden_size=192, num_layers=4, num_heads=3, ffn_hidden_size=768, max_seq_len=1024,
-        norm="layernorm", norm_eps=1e-5, residual="deepnorm", mlp="gelu", qkv_layout="per_head", rope="2d",
-        rope_fp16="table", attention="prefix_lm", bos_token_id=9900, eos_token_id=9901, pad_token_id=3,
+        norm="layernorm", norm_eps=1e-5, residual="deepnorm", alpha_num_layers=28, mlp="gelu", qkv_layout="per_head",
+        rope="2d", rope_fp16="table", attention="prefix_lm", bos_token_id=9900, eos_token_id=9901, pad_token_id=3,
         mask_token_id=9896, gmask_token_id=9897, family="chatglm", torch_dtype="float32",
     ),
     # https://huggingface.co/THUDM/glm-4-9b-chat/blob/main/config.json (rope_ratio 500 -> base 5e6)

@@ -90,6 +90,9 @@ class TrainArgs:
     """steps between checkpoints (0 = only at the end)"""
     resume: bool = True
     """continue from out_dir/checkpoint.pt when it exists"""
+    init_from: str = ""
+    """start from this model folder's weights instead of random ones (continued pretraining); its architecture must
+    match the model section, except DeepNorm's α, which is reparametrized exactly (see rescale_deepnorm)"""
     export_dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
     """dtype of the exported model.safetensors"""
     progress: bool = True
@@ -268,6 +271,10 @@ def setup(config: PretrainConfig, tokenizer=None) -> State:
     torch.manual_seed(t.seed)
     raw = GLM(mcfg)
     raw.init_weights(generator=torch.Generator().manual_seed(t.seed))  # identical on every rank
+    ckpt = Path(t.out_dir) / "checkpoint.pt"
+    resuming = t.resume and ckpt.exists()
+    if t.init_from and not resuming:
+        init_from_model(raw, t.init_from)
     raw.to(device)
     model: torch.nn.Module = raw
     if world > 1 and t.distributed == "ddp":
@@ -294,10 +301,43 @@ def setup(config: PretrainConfig, tokenizer=None) -> State:
     vocab = _vocab_size(tokenizer)
     state = State(config, mcfg, model, raw, optimizer, scheduler, scaler, tokenizer, special,
                   sentence_end_ids_from_tokenizer(tokenizer, vocab), device, amp_dtype, rank, world)
-    ckpt = Path(t.out_dir) / "checkpoint.pt"
-    if t.resume and ckpt.exists():
+    if resuming:
         load_checkpoint(state, ckpt)
     return state
+
+
+def rescale_deepnorm(state_dict: dict[str, torch.Tensor], alpha_from: float, alpha_to: float) -> None:
+    """Rewrites DeepNorm weights trained with α = alpha_from so that the model computes the same function with
+    α = alpha_to. Each sublayer feeds α·LN(x) + f(LN(x)) to a LayerNorm (the next sublayer's or the final one),
+    which is blind to scale: multiplying f's output projection (weight and bias) by alpha_to / alpha_from scales
+    the whole sum by that factor, so every LayerNorm output, and so the logits, stay the same (up to eps)."""
+    ratio = alpha_to / alpha_from
+    for name, tensor in state_dict.items():
+        if ".attn.proj." in name or ".mlp.proj." in name:
+            tensor.mul_(ratio)
+
+
+def _architecture(config: GLMConfig) -> dict[str, Any]:
+    skip = {"alpha_num_layers", "name", "torch_dtype", "extra", "rope_fp16", "pre_seq_len", "prefix_projection",
+            "prefix_hidden_size"}
+    return {k: v for k, v in config.to_dict().items() if k not in skip}
+
+
+def init_from_model(model: GLM, path: str) -> None:
+    """Loads a model folder's weights into `model` (fp32) for continued pretraining."""
+    from glmkit.loader import load_model
+
+    source = load_model(path, dtype=torch.float32)
+    have, want = _architecture(source.config), _architecture(model.config)
+    diff = {k: (have[k], want[k]) for k in want if have.get(k) != want[k]}
+    if diff:
+        raise ValueError(f"train.init_from {path}: its architecture differs from the model section "
+                         f"(field: (checkpoint, config)): {diff}")
+    if source.prefix_encoder is not None:
+        raise ValueError(f"train.init_from {path}: a P-tuned model; merge or drop its prefix first")
+    sd = {k: v.clone() for k, v in source.state_dict().items()}
+    rescale_deepnorm(sd, source.config.deepnorm_alpha, model.config.deepnorm_alpha)
+    model.load_state_dict(sd, strict=True)
 
 
 # -------------------------------------------------------------------------------------------------------- data

@@ -730,7 +730,7 @@ def cli_main(argv: list[str]) -> int:
     samples, length = args.calibration_samples or 16, args.calibration_length or 256
     if samples < 1 or length < 10:
         parser.error("--calibration-samples must be >= 1 and --calibration-length >= 10")
-    from glmkit.loader import cpu_dtype, load_model, resolve_model_dir
+    from glmkit.loader import load_model, resolve_model_dir
 
     src = resolve_model_dir(args.src)
     if args.calibrate:
@@ -741,8 +741,8 @@ def cli_main(argv: list[str]) -> int:
             text = (Path(args.calibration_file).read_text(encoding="utf-8") if args.calibration_file else None)
         except (OSError, UnicodeDecodeError) as e:
             parser.error(f"cannot read --calibration-file: {e}")
-        # fp16 checkpoints run in bf16 on CPU (fast GEMMs; the unquantized parts are saved in bf16 then)
-        model = load_model(src, dtype=args.dtype or cpu_dtype(src))
+        # fp16 checkpoints load in bf16 on CPU by default (fast GEMMs; the unquantized parts are saved in bf16)
+        model = load_model(src, dtype=args.dtype)
         calibrate_and_quantize(model, load_tokenizer(src), spec["bits"], spec["group_size"], spec["scheme"],
                                spec["symmetric"], text, samples, length)
     else:

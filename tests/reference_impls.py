@@ -72,7 +72,9 @@ def chatglm_v1_logits(sd, hf, input_ids, fp16_table=True, prefix_kv=None):
         P = prefix_kv[0][0].shape[0]
         attn_mask = torch.cat((torch.zeros(b, 1, s, P, dtype=torch.bool), attn_mask), dim=3)
     x = F.embedding(input_ids, sd["transformer.word_embeddings.weight"]).transpose(0, 1)  # [s, b, h]
-    alpha = (2 * L) ** 0.5
+    # modeling_chatglm.py: GLMBlock(..., num_layers=28) is a default argument that ChatGLMModel.get_layer never
+    # passes, so alpha = (2 * self.num_layers) ** 0.5 is sqrt(56) whatever config.num_layers says.
+    alpha = (2 * 28) ** 0.5
     cos, sin = _chatglm_rotary_table(d // 2, int(position_ids.max()) + 1, fp16_table)
     for i in range(L):
         p = f"transformer.layers.{i}."

@@ -187,17 +187,23 @@ def test_streaming_load_peak_memory(tmp_path):
         f"loading {size / 1e6:.0f} MB raised peak RSS by {(peak - base) / 1e6:.0f} MB"
 
 
-def test_cpu_front_doors_run_float16_checkpoints_in_bfloat16(tmp_path):
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_float16_checkpoints_load_in_bfloat16_on_cpu_by_default(tmp_path, quantize):
     from glmkit.chat_cli import load_chat_model
-    from glmkit.loader import cpu_dtype
+    from glmkit.loader import default_dtype
 
     hf = dict(CHATGLM_V1_HF, torch_dtype="float16")
     sd = {k: v.half() for k, v in thudm_v1_state_dict(hf).items()}
     folder = write_folder(tmp_path / "fp16", hf, sd, fmt="safetensors")
-    assert cpu_dtype(str(folder)) == "bfloat16"
-    assert cpu_dtype("glm-tiny") is None  # fp32 checkpoints keep their dtype
-    assert cpu_dtype(str(tmp_path / "missing")) is None  # load_model reports it
-    model = glmkit.load_model(folder, device="cpu", quantize="int4", dtype=cpu_dtype(str(folder)))
-    assert model.wte.weight.dtype == torch.bfloat16
+    assert default_dtype("float16", "cpu") == torch.bfloat16
+    assert default_dtype("float16", "cuda") == torch.float16
+    assert default_dtype("float32", "cpu") == torch.float32  # fp32 checkpoints keep their dtype
+    # the library default, with no dtype=: the fast bf16 path (the quantized kernels included)
+    model = glmkit.load_model(folder, quantize=quantize)
+    assert model.wte.weight.dtype == torch.bfloat16 and model.config.torch_dtype == "bfloat16"
+    assert model.config.rope_fp16 == "table_bf16"
+    assert glmkit.load_model("glm-tiny", quantize=quantize).wte.weight.dtype == torch.float32
+    # an explicit dtype wins
+    assert glmkit.load_model(folder, quantize=quantize, dtype="float16").wte.weight.dtype == torch.float16
     with pytest.raises(FileNotFoundError):
         load_chat_model(str(tmp_path / "missing"), device="cpu")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
 import glmkit
@@ -257,3 +260,47 @@ def test_glm_config_validation():
         GLMConfig.from_hf_config({"model_type": "llama"})
     with pytest.raises(ValueError):
         GLMForCausalLM(GLMConfig.from_hf_config(CHATGLM_V1_HF))(torch.tensor([[1000]]))
+
+
+@pytest.mark.parametrize("depth", [1, 3, 6, 28])
+def test_chatglm_v1_alpha_is_sqrt56_at_every_depth(tmp_path, depth):
+    """ChatGLM-6B's GLMBlock takes num_layers=28 as a default argument that the model never passes: α = √56 for a
+    checkpoint of any depth (logits and greedy tokens as the original computes them)."""
+    hf = dict(CHATGLM_V1_HF, num_layers=depth, hidden_size=32, num_attention_heads=2, inner_hidden_size=48)
+    sd = thudm_v1_state_dict(hf, seed=depth)
+    model = glmkit.load_model(write_folder(tmp_path / f"d{depth}", hf, sd)).eval()
+    assert model.config.deepnorm_alpha == 56 ** 0.5
+    ids = torch.tensor([[5, 17, 33, 8, GMASK, BOS]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), chatglm_v1_logits(sd, hf, ids, fp16_table=False), atol=1e-4, rtol=1e-4)
+    new = model.generate(ids, max_new_tokens=6, do_sample=False)[0].tolist()
+    seq = ids
+    for _ in range(6):  # greedy with the reference's full forward at every step
+        nxt = chatglm_v1_logits(sd, hf, seq, fp16_table=False)[0, -1].argmax()
+        if int(nxt) == hf["eos_token_id"]:
+            break
+        seq = torch.cat((seq, nxt.view(1, 1)), dim=1)
+    assert new[:seq.shape[1] - ids.shape[1]] == seq[0, ids.shape[1]:].tolist()
+
+
+def test_deepnorm_alpha_follows_its_config_field():
+    assert GLMConfig.from_name("chatglm-6b", num_layers=3).deepnorm_alpha == 56 ** 0.5
+    assert GLMConfig.from_name("chatglm-6b", num_layers=3, alpha_num_layers=None).deepnorm_alpha == 6 ** 0.5
+    assert GLMConfig.from_name("chatglm2-6b").deepnorm_alpha == 1.0  # pre-norm residuals have no α
+
+
+def test_non_chatglm_alpha_saves_in_glmkit_layout_and_round_trips(tmp_path):
+    """A DeepNorm α the original code cannot express is written with glmkit's own config, never silently as √56."""
+    config = GLMConfig.from_name("chatglm-6b", vocab_size=160, hidden_size=32, num_layers=2, num_heads=2,
+                                 ffn_hidden_size=48, alpha_num_layers=2, bos_token_id=154, eos_token_id=155,
+                                 mask_token_id=150, gmask_token_id=151, torch_dtype="float32")
+    model = GLMForCausalLM(config)
+    model.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    out = model.save_pretrained(tmp_path / "m")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "glmkit"
+    loaded = glmkit.load_model(out)
+    assert loaded.config.deepnorm_alpha == 2.0
+    model.config.rope_fp16 = loaded.config.rope_fp16  # the loader picks the rotary table of the load dtype
+    ids = torch.tensor([[5, 6, GMASK, BOS, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), model(ids))

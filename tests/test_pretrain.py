@@ -183,3 +183,27 @@ def test_cli_export_of_a_checkpoint(workdir, capsys):
     assert "exported step 6" in capsys.readouterr().out
     assert (workdir / "exported" / "model.safetensors").exists()
     assert cli_main(["--config", str(path), "train.out_dir=" + str(workdir / "none"), "--export", "x"]) == 2
+
+
+def test_init_from_continues_a_model_and_reparametrizes_deepnorm_alpha(workdir):
+    """train.init_from starts from a model folder; one trained with another DeepNorm α (here √4) is rewritten
+    exactly for the config's α (ChatGLM-6B's √56): same logits before any step."""
+    import glmkit
+
+    first = tiny_config(workdir, "init-a", max_steps=2)
+    first["model"]["alpha_num_layers"] = 2
+    state = setup(config_from_dict(first))
+    fit(state)
+    source = glmkit.load_model(workdir / "init-a" / "final", dtype="float32")
+    assert source.config.deepnorm_alpha == 2.0
+    second = tiny_config(workdir, "init-b", max_steps=2, init_from=str(workdir / "init-a" / "final"))
+    continued = setup(config_from_dict(second))
+    assert continued.raw_model.config.deepnorm_alpha == 56 ** 0.5
+    ids = torch.tensor([source.config.gmask_token_id, source.config.bos_token_id, 40, 41, 42])[None]
+    with torch.no_grad():
+        continued.raw_model.config.rope_fp16 = source.config.rope_fp16
+        torch.testing.assert_close(continued.raw_model.eval()(ids), source(ids), atol=2e-4, rtol=1e-4)
+    bad = tiny_config(workdir, "init-c", init_from=str(workdir / "init-a" / "final"))
+    bad["model"]["ffn_hidden_size"] = 96
+    with pytest.raises(ValueError, match="ffn_hidden_size"):
+        setup(config_from_dict(bad))

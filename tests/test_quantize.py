@@ -523,3 +523,38 @@ def test_bench_builds_each_precision_and_prints_one_table(capsys):
                               {"prefill_tok_s": 4, "decode_tok_s": 3, "peak_rss": 8, "threads": 2}])
     assert (best["prefill_tok_s"], best["decode_tok_s"], best["peak_rss"]) == (5, 3, 9)
     assert bench.measure_bandwidth(gib=0.125, repeats=2) > 1e8
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grad_modes_mix_in_any_order_after_generate(quantize, dtype):
+    """inference_mode (generate), no_grad, plain calls and a training step, in several orders, prefill-sized (128
+    rows) and decode-sized (1 row) inputs: scratch buffers first made under inference_mode must not break the rest."""
+    from glmkit import kernels
+
+    kernels._WORKSPACE.clear()  # the first dequantization below runs under inference_mode (generate's prefill)
+    model = glmkit.load_model("glm-tiny", quantize=quantize, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(5, 9000, (1, 128), generator=g)
+    one = prompt[:, :1]
+    first = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        no_grad_logits = model(prompt)
+        model(one)
+    plain = model(prompt)
+    with torch.inference_mode():
+        inference_logits = model(prompt)
+    torch.testing.assert_close(plain.detach(), no_grad_logits)
+    torch.testing.assert_close(inference_logits, no_grad_logits)
+    # a training step: gradients reach the float parameters through the quantized layers
+    model.train()
+    model(prompt).float().logsumexp(-1).mean().backward()
+    assert model.wte.weight.grad is not None and torch.isfinite(model.wte.weight.grad).all()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(prompt), no_grad_logits)
+    assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False), first)
+    with torch.inference_mode():
+        model(one)
+    model(one).sum().backward()
