@@ -11,7 +11,7 @@ Models (ChatGLM-6B layout, fp32, each saved as a checkpoint and loaded back thro
   Random models at this scale are chaotic (attention close to argmax), so one seed says little; the mean ratio
   to the original's error is the figure to read.
 
-"int8/int4 GPTQ": `glmkit quantize --calibrate` (glmkit.calibrate) on the bundled calibration text, for
+"int8/int4 GPTQ": `glmkit quantize --calibrate` (glmkit.quant.calibrate) on the bundled calibration text, for
 glm-tiny (the random models have no tokenizer).
 
 "original": the float weights replaced by ChatGLM-6B's quantize() result, written from its formula
@@ -32,10 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import glmkit  # noqa: E402
-from glmkit.calibrate import calibrate_and_quantize  # noqa: E402
-from glmkit.config import GLMConfig  # noqa: E402
-from glmkit.loader import save_model  # noqa: E402
-from glmkit.model import GLM  # noqa: E402
+from glmkit.quant.calibrate import calibrate_and_quantize  # noqa: E402
+from glmkit.core.config import GLMConfig  # noqa: E402
+from glmkit.loading.loader import save_model  # noqa: E402
+from glmkit.core.model import GLM  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "corpus" / "tang-poems.jsonl"
 VARIANTS = {"int8": dict(quantize="int8"), "int4 g32 (default)": dict(quantize="int4"),

@@ -5,12 +5,12 @@
     python benchmarks/decode.py --help
 
 Prints one table: prefill tokens/s, decode tokens/s and peak RSS per precision beside the memory-bandwidth
-roofline measured in the same run (see glmkit/bench.py for what is measured and how).
+roofline measured in the same run (see glmkit/evaluation/bench.py for what is measured and how).
 """
 
 import sys
 
-from glmkit.bench import cli_main
+from glmkit.evaluation.bench import cli_main
 
 if __name__ == "__main__":
     sys.exit(cli_main(sys.argv[1:]))

@@ -1,5 +1,5 @@
 import sys
 
-from glmkit.cli import main
+from glmkit.commands.cli import main
 
 sys.exit(main())

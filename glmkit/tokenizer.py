@@ -4,15 +4,19 @@ Three layouts, one small surface (`encode`, `decode`, `__call__`, `convert_token
 
 - ChatGLM-6B (`ice_text.model`): SentencePiece over text whose newlines became `<n>`, tabs `<|tab|>` and runs of
   2..80 spaces `<|blank_k|>`. `[MASK] [gMASK] [sMASK] <unused_0> <sop> <eop> <ENC> <dBLOCK>` are pieces of the model,
-  every id is shifted by `num_image_tokens`, and `encode` appends `[gMASK] <sop>`.
+  every id is shifted by `num_image_tokens`, and `encode` appends `[gMASK] <sop>`. In text, `<sop> <eop> <unk> <pad>
+  [MASK]` (transformers 4.27's special tokens of the class) are cut out together with the whitespace around them;
+  `[gMASK]`, `[sMASK]`, `</s>`... are text for SentencePiece.
 - ChatGLM2-6B / ChatGLM3-6B (`tokenizer.model`): plain SentencePiece; `[MASK] [gMASK] [sMASK] sop eop` (and ChatGLM3's
-  role tokens) are numbered after the SentencePiece vocabulary, and `encode` prefixes `[gMASK] sop`.
+  role tokens) are numbered after the SentencePiece vocabulary, and `encode` prefixes `[gMASK] sop`. Their strings in
+  text are text for SentencePiece (a piece spelled like one maps to the command id).
 - GLM-4 (`tokenizer.model` holding base64 ranks): tiktoken byte-level BPE with GLM-4's split regex; special tokens and
-  their ids come from `tokenizer_config.json` (`added_tokens_decoder`).
+  their ids come from `tokenizer_config.json` (`added_tokens_decoder`); in text they are cut out, whitespace kept.
 
-Each class reproduces what the family's original `tokenization_chatglm.py` does through `PreTrainedTokenizer`
-(tokenize -> pieces -> ids, then the family's special tokens); the ids of special tokens are always read from the
-files, never assumed.
+Each class reproduces what the family's original `tokenization_chatglm.py` does through `PreTrainedTokenizer` of the
+transformers version it ran with (tokenize -> pieces -> ids, then the family's special tokens; see `_split_on` for the
+added-token rules); the ids of special tokens are always read from the files, never assumed. tests/data/special_tokens
+holds ids produced by the original code.
 """
 
 from __future__ import annotations
@@ -29,11 +33,11 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import sentencepiece as spm
 
-from glmkit.hub import read_json_object, resolve_model_dir
+from glmkit.core.hub import read_json_object, resolve_model_dir
 
 # ---------------------------------------------------------------------------------------------------------- constants
 
@@ -69,21 +73,82 @@ def clean_up_tokenization(text: str) -> str:
             .replace(" 're", "'re"))
 
 
-def _split_on(text: str, specials: Sequence[str]) -> list[tuple[str, bool]]:
-    """Splits text on literal special-token strings, longest match first, as transformers' added-token trie does
-    (transformers 5 keeps the whitespace around them). Returns (chunk, is_special) pairs without empty chunks."""
-    specials = sorted((s for s in specials if s), key=len, reverse=True)
+class SplitRule(NamedTuple):
+    """How transformers' slow tokenizer treats the whitespace around one no-split token (AddedToken's flags)."""
+
+    lstrip: bool = False  # the token eats the whitespace before it
+    rstrip: bool = False  # ... and after it
+    single_word: bool = False  # only a token when not glued to a word (it joins the neighbouring text otherwise)
+
+
+STRIP_BOTH = SplitRule(lstrip=True, rstrip=True)  # a special token given as a plain string, transformers < 4.34
+KEEP_SPACES = SplitRule()  # an AddedToken with the default flags (added_tokens_decoder, transformers >= 4.34)
+
+
+def _rule_of(value: Any, plain: SplitRule) -> SplitRule:
+    """The rule of a token as a tokenizer config gives it: an AddedToken dict carries its flags, a string gets `plain`."""
+    if isinstance(value, dict):
+        return SplitRule(bool(value.get("lstrip", False)), bool(value.get("rstrip", False)),
+                         bool(value.get("single_word", False)))
+    return plain
+
+
+def _split_on(text: str, specials: dict[str, SplitRule]) -> list[tuple[str, bool]]:
+    """Splits text on no-split tokens as `PreTrainedTokenizer.tokenize` does before `_tokenize` sees the rest.
+
+    1. The text is cut at every occurrence of a token (leftmost first, longest at a position: the added-token trie).
+    2. For each token in order: `rstrip` strips the whitespace (`str.lstrip`) off the chunk after it, `lstrip` off
+       the chunk before it; `single_word` glues the token to a neighbour that is not separated by a space, which
+       makes the token plain text of that chunk.
+    3. Empty chunks are dropped. Returns (chunk, is_special) pairs.
+
+    transformers 4.27-4.33 (ChatGLM-6B pinned 4.27.1) strip both sides of special tokens given as plain strings;
+    4.34+ keep the whitespace unless the AddedToken (tokenizer_config.json `added_tokens_decoder`) says otherwise.
+    Strings that are not no-split tokens reach the model's own tokenizer as text (SentencePiece still matches its
+    user-defined pieces there, whitespace included)."""
+    specials = {s: r for s, r in specials.items() if s}
+    if not text:
+        return []
     if not specials or not any(s in text for s in specials):
-        return [(text, False)] if text else []
-    pattern = re.compile("|".join(re.escape(s) for s in specials))
-    parts: list[tuple[str, bool]] = []
+        return [(text, False)]
+    pattern = re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
+    chunks: list[str] = []
     pos = 0
     for m in pattern.finditer(text):
-        parts.append((text[pos:m.start()], False))
-        parts.append((m.group(0), True))
+        if m.start() > pos:
+            chunks.append(text[pos:m.start()])
+        chunks.append(m.group(0))
         pos = m.end()
-    parts.append((text[pos:], False))
-    return [(c, s) for c, s in parts if c]
+    if pos < len(text):
+        chunks.append(text[pos:])
+    for i, token in enumerate(chunks):  # chunks change under the loop, as in transformers
+        rule = specials.get(token)
+        if rule is None:
+            continue
+        left = chunks[i - 1] if i > 0 else None
+        right = chunks[i + 1] if i < len(chunks) - 1 else None
+        if rule.rstrip and right:
+            chunks[i + 1] = right.lstrip()
+        if rule.lstrip and left:
+            chunks[i - 1] = left.rstrip()
+        if rule.single_word and left and left[-1] != " ":
+            chunks[i - 1] += token
+            chunks[i] = ""
+        elif rule.single_word and right and right[0] != " ":
+            chunks[i + 1] = token + chunks[i + 1]
+            chunks[i] = ""
+    return [(c, c in specials) for c in chunks if c]
+
+
+def _added_tokens(cfg: dict[str, Any]) -> dict[str, tuple[int, SplitRule]]:
+    """tokenizer_config.json's `added_tokens_decoder`: token -> (id, rule); transformers >= 4.34 splits all of them
+    out of the text before the model's tokenizer runs."""
+    out: dict[str, tuple[int, SplitRule]] = {}
+    for idx, tok in (cfg.get("added_tokens_decoder") or {}).items():
+        content = _token_str(tok, "")
+        if content:
+            out[content] = (int(idx), _rule_of(tok, KEEP_SPACES))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------- base class
@@ -277,11 +342,25 @@ class ChatGLMTokenizer(GLMTokenizerBase):
         self.smask_token_id = self._optional_id("[sMASK]")
         self.pad_token_id = self._optional_id(self.pad_token)
         self.unk_token_id = self._token_to_id(self.unk_token)
-        # The tokens transformers treats as special for this class: split out of the text before SentencePiece
-        # (each remaining chunk gets its own dummy prefix), dropped by skip_special_tokens.
-        self._hf_special_tokens = [t for t in (self.bos_token, self.eos_token, self.unk_token, self.pad_token,
-                                               self.mask_token, self.end_token, self.gmask_token)
-                                   if self._has_piece(t)]
+        # What transformers 4.27.1 (pinned by ChatGLM-6B) does with the original class: only the SPECIAL_TOKENS_
+        # ATTRIBUTES (bos <sop>, eos <eop>, unk, pad, mask [MASK], and sep/cls/additional_special_tokens when a config
+        # names them) become no-split tokens. They are cut out of the text and, given as plain strings, strip the
+        # whitespace on both sides; every remaining chunk is preprocessed and gets SentencePiece's dummy prefix on its
+        # own. `gmask_token` / `end_token` are only kwargs of the class: "[gMASK]", "[sMASK]", "</s>"... stay text
+        # for SentencePiece (which matches them only where the model makes them user-defined pieces).
+        no_split: dict[str, SplitRule] = {}
+        for attr, default in (("bos_token", "<sop>"), ("eos_token", "<eop>"), ("unk_token", "<unk>"),
+                              ("sep_token", None), ("pad_token", "<pad>"), ("cls_token", None),
+                              ("mask_token", "[MASK]")):
+            value = cfg.get(attr, default)
+            if value is not None:
+                no_split.setdefault(_token_str(value, ""), _rule_of(value, STRIP_BOTH))
+        for value in cfg.get("additional_special_tokens") or []:
+            no_split.setdefault(_token_str(value, ""), _rule_of(value, STRIP_BOTH))
+        # A special token that is no piece of the model would get an id past the vocabulary there; glmkit keeps
+        # such a string as text instead.
+        self._no_split = {t: r for t, r in no_split.items() if t and self._has_piece(t)}
+        self._hf_special_tokens = list(self._no_split)  # dropped by decode(skip_special_tokens=True)
 
     def _has_piece(self, piece: str) -> bool:
         pid = self.sp.PieceToId(piece)
@@ -328,15 +407,23 @@ class ChatGLMTokenizer(GLMTokenizerBase):
             out = [i + self.num_image_tokens for i in out]
         return out if add_dummy_prefix else out[2:]
 
+    def _segments(self, text: str) -> list[tuple[str, bool]]:
+        if self.do_lower_case:  # transformers lowercases all but the no-split tokens before it splits
+            text = "".join(c if special else c.lower() for c, special in
+                           _split_on(text, dict.fromkeys(self._no_split, KEEP_SPACES)))
+        return _split_on(text, self._no_split)
+
     def tokenize(self, text: str) -> list[str]:
         pieces: list[str] = []
-        for chunk, special in _split_on(text, self._hf_special_tokens):
+        for chunk, special in self._segments(text):
             pieces.extend([chunk] if special else self.sp_encode(chunk, out_type=str))
         return pieces
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The original's `encode`: tokenize (no-split tokens cut out, whitespace around them stripped, SentencePiece
+        on each chunk), pieces -> ids, then `[gMASK] <sop>` appended."""
         ids: list[int] = []
-        for chunk, special in _split_on(text, self._hf_special_tokens):
+        for chunk, special in self._segments(text):
             ids.extend([self._token_to_id(chunk)] if special else self.sp_encode(chunk))
         if add_special_tokens:
             ids = ids + [self.gmask_token_id, self.bos_token_id]
@@ -352,6 +439,8 @@ class ChatGLMTokenizer(GLMTokenizerBase):
             ids = [i for i in ids if i != self.pad_token_id]
         if skip_special_tokens:
             drop = {self._token_to_id(t) for t in self._hf_special_tokens} | self.special_token_ids
+            if self.end_token_id is not None:
+                drop.add(self.end_token_id)
             ids = [i for i in ids if i not in drop]
         pieces = [self._id_to_token(i) for i in ids]
         text = self._postprocess(self.sp.decode_pieces(pieces))
@@ -429,6 +518,12 @@ class ChatGLM2Tokenizer(GLMTokenizerBase):
         self.smask_token_id = self.special_tokens["[sMASK]"]
         self.sop_token_id = self.special_tokens["sop"]
         self.eop_token_id = self.special_tokens["eop"]
+        # The original (transformers 4.30, ChatGLM2-6B's pin; ChatGLM3-6B ran 4.30-4.40 with the same result) has no
+        # no-split tokens (its unk/pad/eos are read-only properties, its command tokens no transformers specials):
+        # "[gMASK]", "<|user|>", "sop"... inside text are plain text for SentencePiece, whitespace and all. Only a
+        # config carrying `added_tokens_decoder` (transformers >= 4.34) makes transformers split tokens out.
+        self._added = _added_tokens(self.init_kwargs)
+        self._no_split = {t: r for t, (_, r) in self._added.items()}
 
     @property
     def vocab_size(self) -> int:
@@ -440,14 +535,26 @@ class ChatGLM2Tokenizer(GLMTokenizerBase):
                                                  if i is not None}
 
     def tokenize(self, text: str) -> list[str]:
-        return self.sp.encode(text, out_type=str)
+        pieces: list[str] = []
+        for chunk, special in _split_on(text, self._no_split):
+            pieces.extend([chunk] if special else self.sp.encode(chunk, out_type=str))
+        return pieces
 
     def sp_encode(self, text: str) -> list[int]:
         """SentencePiece ids of text, no command tokens (the original SPTokenizer.encode)."""
         return self.sp.encode(text)
 
+    def _piece_id(self, piece: str) -> int:
+        # The original maps pieces through `convert_token_to_id`, which looks at the command tokens first: a
+        # SentencePiece piece spelled "sop" or "[MASK]" gets the command id, not its own.
+        if piece in self._added:
+            return self._added[piece][0]
+        return self.special_tokens[piece] if piece in self.special_tokens else self.sp.PieceToId(piece)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.sp.encode(text)
+        """The original's `encode`: SentencePiece pieces of the text, each piece -> id (command tokens first), then
+        `[gMASK] sop` in front."""
+        ids = [self._piece_id(p) for p in self.tokenize(text)]
         return [self.gmask_token_id, self.sop_token_id] + ids if add_special_tokens else ids
 
     def decode(self, ids: Iterable[int] | Any, skip_special_tokens: bool = False) -> str:
@@ -549,6 +656,17 @@ class GLM4Tokenizer(GLMTokenizerBase):
                 raise TokenizerError(f"the GLM-4 tokenizer config in {Path(vocab_file).parent} lacks {needed!r}")
         if self.eos_token_id is None:
             raise TokenizerError(f"eos token {self.eos_token!r} is not one of the special tokens {sorted(st)}")
+        # The original runs on transformers >= 4.40: every token of `added_tokens_decoder` is cut out of the text
+        # before tiktoken sees it, keeping the whitespace around it unless its lstrip/rstrip/single_word flags say
+        # otherwise; special-token attributes the config names (eos_token, pad_token, additional_special_tokens...)
+        # are added the same way. A folder without a config splits nothing: the strings are text for tiktoken.
+        no_split = {t: r for t, (_, r) in _added_tokens(cfg).items()}
+        named = [cfg.get(a) for a in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                                      "mask_token")] + list(cfg.get("additional_special_tokens") or [])
+        for value in named:
+            if value is not None and _token_str(value, "") in st:
+                no_split.setdefault(_token_str(value, ""), _rule_of(value, KEEP_SPACES))
+        self._no_split = {t: r for t, r in no_split.items() if t in st}
 
     def _read_special_tokens(self) -> dict[str, int]:
         decoder = self.init_kwargs.get("added_tokens_decoder")
@@ -569,7 +687,7 @@ class GLM4Tokenizer(GLMTokenizerBase):
         return set(self.index_special_tokens)
 
     def _segments(self, text: str) -> list[tuple[str, bool]]:
-        return _split_on(text, list(self.special_tokens))
+        return _split_on(text, self._no_split)
 
     def tokenize(self, text: str) -> list[str]:
         out: list[str] = []

@@ -161,9 +161,9 @@ POEMS = ["床前明月光，疑是地上霜。\n舉頭望明月，低頭思故�
 def tiny_chatglm_with_tokenizer(root: Path, std: float, seed: int):
     """A random tiny ChatGLM-6B-layout model with a tokenizer trained on POEMS, saved to root/model and loaded back
     through glmkit's own loader. Returns (model, tokenizer, model folder)."""
-    from glmkit.config import GLMConfig
-    from glmkit.loader import load_model, save_model
-    from glmkit.model import GLM
+    from glmkit.core.config import GLMConfig
+    from glmkit.loading.loader import load_model, save_model
+    from glmkit.core.model import GLM
     from glmkit.tokenizer import load_tokenizer, train_tokenizer
 
     rows = [f"{p}（{i}）" for i in range(40) for p in POEMS]

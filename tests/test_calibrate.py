@@ -1,4 +1,4 @@
-"""glmkit.calibrate: GPTQ rounding, the calibration batch, calibrated glm-tiny against round-to-nearest, and
+"""glmkit.quant.calibrate: GPTQ rounding, the calibration batch, calibrated glm-tiny against round-to-nearest, and
 `glmkit quantize --calibrate` writing a checkpoint that loads without quantizing again."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import glmkit
-import glmkit.quantize as Q
-from glmkit.calibrate import calibrate_and_quantize, calibration_batch, gptq_quantize, quantize_calibrated
+import glmkit.quant.quantize as Q
+from glmkit.commands.quantize import cli_main as quantize_command
+from glmkit.quant.calibrate import calibrate_and_quantize, calibration_batch, gptq_quantize, quantize_calibrated
 from tests.conftest import SHARED_DATA, rel_err
 
 
@@ -92,7 +93,7 @@ def test_quantize_calibrated_checks():
 
 def test_quantize_cli_calibrate_round_trip(tmp_path, capsys):
     dst = tmp_path / "q4"
-    assert Q.cli_main(["glm-tiny", str(dst), "--bits", "4", "--calibrate", "--calibration-samples", "4",
+    assert quantize_command(["glm-tiny", str(dst), "--bits", "4", "--calibrate", "--calibration-samples", "4",
                        "--calibration-length", "64"]) == 0
     assert "GPTQ-calibrated" in capsys.readouterr().out
     loaded = glmkit.load_model(dst)
@@ -104,9 +105,9 @@ def test_quantize_cli_calibrate_round_trip(tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), expected(ids), rtol=1e-5, atol=1e-5)
     with pytest.raises(SystemExit):
-        Q.cli_main(["glm-tiny", str(tmp_path / "x"), "--bits", "4", "--calibration-samples", "4"])
+        quantize_command(["glm-tiny", str(tmp_path / "x"), "--bits", "4", "--calibration-samples", "4"])
     assert "need --calibrate" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        Q.cli_main(["glm-tiny", str(tmp_path / "x"), "--bits", "4", "--calibrate", "--calibration-file",
+        quantize_command(["glm-tiny", str(tmp_path / "x"), "--bits", "4", "--calibrate", "--calibration-file",
                     str(tmp_path / "missing.txt")])
     assert "cannot read --calibration-file" in capsys.readouterr().err

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-import glmkit.generate
-from glmkit import chat as C
-from glmkit.api import GLMForCausalLM
-from glmkit.config import GLMConfig
+import glmkit.core.generate
+from glmkit.core import chat as C
+from glmkit.core.causal_lm import GLMForCausalLM
+from glmkit.core.config import GLMConfig
 from glmkit.tokenizer import GLM4_SPECIAL_TOKENS, load_tokenizer, train_tokenizer, write_tiktoken_ranks
 
 LINES = [
@@ -218,14 +218,14 @@ def test_max_length_counts_prompt_and_answer(toks, monkeypatch):
     tok = toks["chatglm"]
     model = tiny_model(tok)
     steps = []
-    real = glmkit.generate.generate_stream
+    real = glmkit.core.generate.generate_stream
 
     def counting(*args, **kwargs):
         for step in real(*args, **kwargs):
             steps.append(int(step[0]))
             yield step
 
-    monkeypatch.setattr(glmkit.generate, "generate_stream", counting)
+    monkeypatch.setattr(glmkit.core.generate, "generate_stream", counting)
     script = tok.sp_encode("长长长长长长长长长长长长长长长长长长长长长长长长长长长长长长")
     prompt = C.build_chat_input(tok, "你好")
     C.chat(model, tok, "你好", do_sample=False, max_length=len(prompt) + 7, logits_processor=[Script(script)])
@@ -234,13 +234,13 @@ def test_max_length_counts_prompt_and_answer(toks, monkeypatch):
 
 def test_family_defaults_reach_the_sampler(toks, monkeypatch):
     seen = {}
-    real = glmkit.generate.generate_stream
+    real = glmkit.core.generate.generate_stream
 
     def spy(model, input_ids, **kwargs):
         seen.update(kwargs)
         return real(model, input_ids, **kwargs)
 
-    monkeypatch.setattr(glmkit.generate, "generate_stream", spy)
+    monkeypatch.setattr(glmkit.core.generate, "generate_stream", spy)
     expected = {"chatglm": (2048, 0.7, 0.95), "chatglm2": (8192, 0.8, 0.8), "chatglm3": (8192, 0.8, 0.8)}
     for family, (max_length, top_p, temperature) in expected.items():
         tok = toks[family]

@@ -36,9 +36,9 @@ def build_tiny_chat_model(out: Path, family: str = "chatglm3", *, endless: bool 
     other logits (std ~1.7 here) are never all below 0. Answers then run to the length limit, long enough to
     interrupt.
     """
-    from glmkit.api import GLMForCausalLM
-    from glmkit.config import GLMConfig
-    from glmkit.loader import save_model
+    from glmkit.core.causal_lm import GLMForCausalLM
+    from glmkit.core.config import GLMConfig
+    from glmkit.loading.loader import save_model
     from glmkit.tokenizer import train_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
@@ -73,7 +73,7 @@ def build_tiny_chat_model(out: Path, family: str = "chatglm3", *, endless: bool 
 
 # ------------------------------------------------------------------------------------------------ helpers
 def test_text_delta_pieces_add_up_to_the_final_text():
-    from glmkit.chat_cli import TextDelta
+    from glmkit.core.chat import TextDelta
 
     # versions of a growing answer as chat() post-processes them: a pending UTF-8 byte, trailing spaces, and a
     # half-width comma that turns full-width once a CJK character follows
@@ -86,7 +86,7 @@ def test_text_delta_pieces_add_up_to_the_final_text():
 
 
 def test_response_text():
-    from glmkit.chat_cli import response_text
+    from glmkit.core.chat import response_text
 
     assert response_text("hi") == "hi"
     assert response_text({"name": "weather", "content": "call it"}) == "weather\ncall it"

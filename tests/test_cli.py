@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from glmkit.cli import COMMANDS, main
+from glmkit.commands.cli import COMMANDS, main
 
 
 def test_usage_lists_every_command(capsys):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from glmkit.config import ConfigError, GLMConfig
-from glmkit.convert import to_hf_config
-from glmkit.presets import PRESETS
+from glmkit.core.config import ConfigError, GLMConfig
+from glmkit.core.convert import to_hf_config
+from glmkit.core.presets import PRESETS
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -22,7 +22,7 @@ def test_every_preset_builds_and_round_trips(name):
 def test_chatglm6b_shape_is_6_2b_parameters():
     import torch
 
-    from glmkit.model import GLM
+    from glmkit.core.model import GLM
 
     with torch.device("meta"):
         model = GLM(GLMConfig.from_name("chatglm-6b"))

@@ -1,4 +1,4 @@
-"""The blank-infilling sample builder (glmkit/data/blank.py) and the streaming corpus dataset (data/corpus.py),
+"""The blank-infilling sample builder (glmkit/training/data/blank.py) and the streaming corpus dataset (data/corpus.py),
 checked against the rules of shared/docs/glm-family.md §1.4-1.5 and §3.4."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from tests.conftest import POEMS
-from glmkit.config import GLMConfig
-from glmkit.data.blank import (
+from glmkit.core.config import GLMConfig
+from glmkit.training.data.blank import (
     IGNORE_INDEX,
     BlankBuilder,
     BlankConfig,
@@ -24,8 +24,8 @@ from glmkit.data.blank import (
     sample_spans,
     sentence_end_ids_from_tokenizer,
 )
-from glmkit.data.corpus import BlankInfillingDataset, Source, iter_documents
-from glmkit.model import GLM
+from glmkit.training.data.corpus import BlankInfillingDataset, Source, iter_documents
+from glmkit.core.model import GLM
 
 SP = SpecialIds(mask=1000, smask=1001, gmask=1002, sop=1003, eop=1004, pad=0)
 END = 999  # a sentence-end token id in the integer documents below

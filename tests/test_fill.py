@@ -1,4 +1,4 @@
-"""`glmkit fill`: blanks filled left to right with GLM's Part A / Part B layout, through glmkit.generate."""
+"""`glmkit fill`: blanks filled left to right with GLM's Part A / Part B layout, through glmkit.core.generate."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tests.conftest import POEMS, tiny_chatglm_with_tokenizer
-from glmkit.fill import _BlankView, _encode_piece, cli_main, fill
+from glmkit.commands.fill import cli_main
+from glmkit.core.fill import _BlankView, _encode_piece, fill
 
 BUNDLED = Path(__file__).resolve().parents[1] / "glmkit" / "assets" / "glm-tiny"
 
@@ -108,7 +109,7 @@ def test_cli(tiny, capsys):
 
 @pytest.mark.skipif(not (BUNDLED / "config.json").exists(), reason="the bundled glm-tiny is not built yet")
 def test_bundled_model_fills():
-    from glmkit.loader import load_model
+    from glmkit.loading.loader import load_model
     from glmkit.tokenizer import load_tokenizer
 
     model = load_model("glm-tiny", dtype="float32").eval()

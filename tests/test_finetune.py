@@ -1,4 +1,4 @@
-"""`glmkit finetune` and glmkit.data.finetune: main.py's data rules token by token, the training loop's
+"""`glmkit finetune` and glmkit.training.data.finetune: main.py's data rules token by token, the training loop's
 guarantees (frozen base, adapter-only checkpoints, exact resume), prediction files, and the CLI end to end.
 
 Everything runs on tiny tokenizers and models these tests train/initialise themselves (no shared data needed)."""
@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from glmkit.data.finetune import (
+from glmkit.commands.finetune import cli_main, parse_args
+from glmkit.training.data.finetune import (
     IGNORE_INDEX,
     Columns,
     Lengths,
@@ -24,7 +25,8 @@ from glmkit.data.finetune import (
     eval_example,
     train_example,
 )
-from glmkit.finetune import build_parser, cli_main, linear_schedule, lm_loss, load_for_finetune, train
+from glmkit.training.finetune import load_for_finetune
+from glmkit.training.finetune_loop import linear_schedule, lm_loss, train
 from tests.conftest import free_port
 
 CHARS = "春花秋月何時了往事知多少小樓昨夜又東風故國不堪回首明中雕欄玉砌應猶在只是朱顏改問君能有幾愁恰似一江水向流问答"
@@ -47,9 +49,9 @@ def _make_tokenizer(folder: Path, family: str):
 
 
 def _make_model_dir(folder: Path, tok, seed: int = 0) -> Path:
-    from glmkit.api import GLMForCausalLM
-    from glmkit.config import GLMConfig
-    from glmkit.loader import save_model
+    from glmkit.core.causal_lm import GLMForCausalLM
+    from glmkit.core.config import GLMConfig
+    from glmkit.loading.loader import save_model
 
     if tok.family == "chatglm":
         cfg = GLMConfig(vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4, ffn_hidden_size=64,
@@ -99,7 +101,7 @@ def v2(tmp_path_factory):
 
 
 def _args(*argv: str):
-    return build_parser().parse_args(list(argv))
+    return parse_args(argv)
 
 
 def _common(env: dict, out: Path, *extra: str) -> list[str]:
@@ -180,7 +182,7 @@ def test_collators_pad_right_for_training_and_left_for_prompts():
 
 # ------------------------------------------------------------------------------------------------ loop pieces
 def test_selected_positions_loss_equals_full_logits_loss(v1):
-    from glmkit.loader import load_model
+    from glmkit.loading.loader import load_model
 
     model = load_model(v1["model"])
     ids = torch.randint(5, 300, (2, 12))
@@ -206,7 +208,7 @@ def test_ptuning_trains_only_the_prefix(v1, tmp_path):
     model, tok = load_for_finetune(args, "ptuning")
     base = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("prefix_encoder")}
     prefix = model.prefix_encoder.embedding.weight.detach().clone()
-    from glmkit.data.finetune import build_examples, read_rows
+    from glmkit.training.data.finetune import build_examples, read_rows
 
     examples = build_examples(tok, read_rows(args.train_file), Columns(), Lengths(16, 24), train=True)
     metrics = train(model, tok, examples, args, "ptuning", torch.device("cpu"))
@@ -218,8 +220,8 @@ def test_ptuning_trains_only_the_prefix(v1, tmp_path):
 
 
 def test_zero_length_prefix_equals_base(v1):
-    from glmkit.loader import load_model
-    from glmkit.ptuning import attach_prefix
+    from glmkit.loading.loader import load_model
+    from glmkit.adapters.ptuning import attach_prefix
 
     model = load_model(v1["model"])
     ids = torch.tensor([v1["tok"].encode("春花秋月", add_special_tokens=False) + [v1["tok"].gmask_token_id,
@@ -304,7 +306,7 @@ def test_lora_finetune_cli(v1, tmp_path):
 
 
 def test_full_finetune_checkpoint_is_a_model_folder(v1, tmp_path):
-    from glmkit.loader import load_model
+    from glmkit.loading.loader import load_model
 
     out = tmp_path / "full"
     assert cli_main(_common(v1, out, "--do_train", "--train_file", str(v1["train"]), "--learning_rate", "1e-3",
@@ -346,13 +348,13 @@ def test_cli_errors(v1, tmp_path, capsys):
 def test_full_finetune_under_torchrun_fsdp(v1, tmp_path):
     out = tmp_path / "fsdp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), "-m", "glmkit.finetune",
+           str(free_port()), "-m", "glmkit.commands.finetune",
            *_common(v1, out, "--do_train", "--train_file", str(v1["train"]), "--learning_rate", "1e-3",
                     "--max_steps", "2", "--per_device_train_batch_size", "2", "--device", "cpu")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from glmkit.loader import load_model
+    from glmkit.loading.loader import load_model
 
     tuned, base = load_model(out / "checkpoint-2"), load_model(v1["model"])
     assert not torch.equal(tuned.h[0].attn.qkv.weight, base.h[0].attn.qkv.weight)
@@ -367,7 +369,7 @@ def test_ptuning_over_an_int8_base(v1, tmp_path):
     assert type(model.h[0].attn.qkv).__name__ == "QuantizedLinear"
     frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("prefix_encoder")}
     prefix = model.prefix_encoder.embedding.weight.detach().clone()
-    from glmkit.data.finetune import build_examples, read_rows
+    from glmkit.training.data.finetune import build_examples, read_rows
 
     examples = build_examples(tok, read_rows(args.train_file), Columns(), Lengths(16, 24), train=True)
     train(model, tok, examples, args, "ptuning", torch.device("cpu"))

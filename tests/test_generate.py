@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from glmkit.generate import apply_repetition_penalty, invalid_score_guard, sample, warp
+import glmkit
+
+from glmkit.core.generate import apply_repetition_penalty, invalid_score_guard, sample, warp
 
 
 def test_greedy_and_temperature_zero():
@@ -80,7 +82,7 @@ def test_beam_search_matches_transformers(tmp_path):
 
     transformers = pytest.importorskip("transformers")
     import glmkit
-    from glmkit.generate import beam_search
+    from glmkit.core.generate import beam_search
 
     torch.manual_seed(0)
     cfg = transformers.GlmConfig(vocab_size=60, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
@@ -103,7 +105,7 @@ def test_beam_search_matches_transformers(tmp_path):
 
 def test_beam_search_with_one_beam_is_greedy(chatglm_v1_dir):
     import glmkit
-    from glmkit.generate import beam_search
+    from glmkit.core.generate import beam_search
 
     model = glmkit.load_model(chatglm_v1_dir)
     ids = torch.tensor([[5, 6, 7, 151, 154]])

@@ -1,9 +1,9 @@
-"""glmkit.kernels: THUDM INT4 packing, the CPU int4pack layout, and every matmul path against a plain reference."""
+"""glmkit.quant.kernels: THUDM INT4 packing, the CPU int4pack layout, and every matmul path against a plain reference."""
 
 import pytest
 import torch
 
-from glmkit import kernels
+from glmkit.quant import kernels
 
 
 def test_pack_int4_hand_made_high_nibble_is_even_column():

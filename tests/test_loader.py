@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import glmkit
-from glmkit.loader import CheckpointError
+from glmkit.loading.loader import CheckpointError
 from tests.conftest import CHATGLM_V1_HF, CHATGLM_V2_HF, thudm_v1_state_dict, thudm_v2_state_dict, write_folder
 
 IDS_V1 = torch.tensor([[5, 6, 7, 151, 154, 9, 10]])
@@ -50,7 +50,7 @@ def test_adapter_folder_equals_merged_checkpoint(tmp_path):
 
 
 def test_ptuning_checkpoint_round_trip(tmp_path):
-    from glmkit.ptuning import attach_prefix, save_ptuning_checkpoint
+    from glmkit.adapters.ptuning import attach_prefix, save_ptuning_checkpoint
 
     base = write_folder(tmp_path / "base", CHATGLM_V2_HF, thudm_v2_state_dict(CHATGLM_V2_HF))
     model = glmkit.load_model(base)
@@ -83,7 +83,7 @@ def test_transformers_glm_parity(tmp_path):
     theirs = ref.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None)[:, ids.shape[1]:]
     assert torch.equal(ours.generate(ids, max_new_tokens=8, eos_token_id=[]), theirs)
     # quantize-on-load: q/k/v are fused before quantizing, the other weights are read a block of rows at a time
-    from glmkit.quantize import quantize_model
+    from glmkit.quant.quantize import quantize_model
 
     q8 = glmkit.load_model(tmp_path / "glm", quantize="int8")
     with torch.no_grad():
@@ -93,7 +93,7 @@ def test_transformers_glm_parity(tmp_path):
 def test_save_model_round_trip_and_thudm_names(tmp_path):
     sd = thudm_v2_state_dict(CHATGLM_V2_HF)
     model = glmkit.load_model(write_folder(tmp_path / "a", CHATGLM_V2_HF, sd))
-    out = model.save_pretrained(tmp_path / "b", max_shard_bytes=50_000)
+    out = glmkit.save_model(model, tmp_path / "b", max_shard_bytes=50_000)
     from safetensors import safe_open
 
     names = set()
@@ -133,7 +133,7 @@ def test_corrupt_files(tmp_path):
 
 
 def test_unknown_architecture(tmp_path):
-    from glmkit.config import ConfigError
+    from glmkit.core.config import ConfigError
 
     folder = write_folder(tmp_path / "m", dict(CHATGLM_V1_HF, model_type="llama", architectures=["LlamaForCausalLM"]),
                           {"x": torch.zeros(1)})
@@ -189,8 +189,8 @@ def test_streaming_load_peak_memory(tmp_path):
 
 @pytest.mark.parametrize("quantize", [None, "int8", "int4"])
 def test_float16_checkpoints_load_in_bfloat16_on_cpu_by_default(tmp_path, quantize):
-    from glmkit.chat_cli import load_chat_model
-    from glmkit.loader import default_dtype
+    from glmkit.loading.tools import load_chat_model
+    from glmkit.loading.loader import default_dtype
 
     hf = dict(CHATGLM_V1_HF, torch_dtype="float16")
     sd = {k: v.half() for k, v in thudm_v1_state_dict(hf).items()}

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from glmkit.api import GLMForCausalLM
-from glmkit.config import GLMConfig
-from glmkit.lora import (
+from glmkit.core.causal_lm import GLMForCausalLM
+from glmkit.core.config import GLMConfig
+from glmkit.adapters.lora import (
     apply_lora,
     has_lora,
     load_lora_adapter,
@@ -150,7 +150,7 @@ def test_load_lora_adapter_reads_peft_written_folders(tmp_path):
 
 
 def test_loader_applies_lora_adapter(tmp_path):
-    from glmkit.loader import load_model, save_model
+    from glmkit.loading.loader import load_model, save_model
 
     base = tiny_model()
     save_model(base, tmp_path / "base")
@@ -181,8 +181,8 @@ def test_merge_folds_lora_into_the_base():
 
 
 def test_merge_lora_cli_writes_a_loadable_model(tmp_path):
-    from glmkit.loader import load_model, save_model
-    from glmkit.lora import cli_main
+    from glmkit.loading.loader import load_model, save_model
+    from glmkit.commands.merge_lora import cli_main
 
     base = tiny_model()
     save_model(base, tmp_path / "base")
@@ -209,7 +209,7 @@ def test_targets():
 
 
 def test_lora_on_a_quantized_base(tmp_path):
-    from glmkit.loader import load_model, save_model
+    from glmkit.loading.loader import load_model, save_model
 
     save_model(tiny_model(), tmp_path / "base")
     model = load_model(tmp_path / "base", quantize="int8")

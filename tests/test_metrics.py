@@ -1,4 +1,4 @@
-"""glmkit.metrics against hand-computed ROUGE (jieba words) and BLEU-4 (characters, smoothing method 3)."""
+"""glmkit.evaluation.metrics against hand-computed ROUGE (jieba words) and BLEU-4 (characters, smoothing method 3)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from glmkit.metrics import compute_metrics, score_pair
+from glmkit.evaluation.metrics import compute_metrics, score_pair
 
 
 def f1(p: float, r: float) -> float:

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import glmkit
-import glmkit.model
-from glmkit.config import GLMConfig
-from glmkit.api import GLMForCausalLM
+import glmkit.core.model
+from glmkit.core.config import GLMConfig
+from glmkit.core.causal_lm import GLMForCausalLM
 from tests.conftest import CHATGLM_V1_HF, CHATGLM_V2_HF, thudm_v1_state_dict, thudm_v2_state_dict, write_folder
 from tests.reference_impls import chatglm_v1_logits, chatglm_v2_logits
 
@@ -127,8 +127,8 @@ def test_kv_cache_matches_full_forward(chatglm_v1_dir, chatglm_v2_dir):
 def test_bf16_decode_attention_on_cpu_runs_in_fp32():
     """Decode steps (<= DECODE_ROWS query rows) compute CPU attention in fp32 on the bf16 values; a layer's output
     then equals fp32 SDPA on those values, rounded once to bf16."""
-    from glmkit.config import GLMConfig
-    from glmkit.model import DECODE_ROWS, GLM
+    from glmkit.core.config import GLMConfig
+    from glmkit.core.model import DECODE_ROWS, GLM
 
     cfg = GLMConfig.from_name("chatglm2-6b", vocab_size=64, hidden_size=64, num_layers=1, num_heads=4,
                               num_kv_heads=2, ffn_hidden_size=96, max_seq_len=64)
@@ -145,7 +145,7 @@ def test_bf16_decode_attention_on_cpu_runs_in_fp32():
         attn(x, cos_sin, mask)
         H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, k, v = attn.qkv(x).split([H * D, K * D, K * D], dim=-1)
-        q, k = (glmkit.model.apply_rotary_interleaved(t.view(1, 5, -1, D), *cos_sin) for t in (q, k))
+        q, k = (glmkit.core.model.apply_rotary_interleaved(t.view(1, 5, -1, D), *cos_sin) for t in (q, k))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(1, 5, K, D).transpose(1, 2)
         ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                                                enable_gqa=True).to(torch.bfloat16)
@@ -201,7 +201,7 @@ def test_sampling_is_seeded_and_streaming_matches(chatglm_v2_dir):
 
 
 def test_zero_length_prefix_equals_base(chatglm_v1_dir):
-    from glmkit.ptuning import attach_prefix
+    from glmkit.adapters.ptuning import attach_prefix
 
     model = glmkit.load_model(chatglm_v1_dir)
     ids = torch.tensor([[5, 6, 7, GMASK, BOS, 9]])
@@ -212,7 +212,7 @@ def test_zero_length_prefix_equals_base(chatglm_v1_dir):
 
 
 def test_ptuned_v1_matches_reference(tmp_path):
-    from glmkit.ptuning import PrefixEncoder  # noqa: F401
+    from glmkit.adapters.ptuning import PrefixEncoder  # noqa: F401
 
     for projection in (False, True):
         sd = thudm_v1_state_dict(CHATGLM_V1_HF, pre_seq_len=4, prefix_projection=projection)
@@ -252,7 +252,7 @@ def _reference_prefix(sd, hf, batch, projection, heads):
 def test_glm_config_validation():
     import pytest
 
-    from glmkit.config import ConfigError
+    from glmkit.core.config import ConfigError
 
     with pytest.raises(ConfigError):
         GLMConfig(hidden_size=30, num_heads=4)
@@ -296,7 +296,7 @@ def test_non_chatglm_alpha_saves_in_glmkit_layout_and_round_trips(tmp_path):
                                  mask_token_id=150, gmask_token_id=151, torch_dtype="float32")
     model = GLMForCausalLM(config)
     model.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
-    out = model.save_pretrained(tmp_path / "m")
+    out = glmkit.save_model(model, tmp_path / "m")
     assert json.loads((out / "config.json").read_text())["model_type"] == "glmkit"
     loaded = glmkit.load_model(out)
     assert loaded.config.deepnorm_alpha == 2.0

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from glmkit.pretrain import config_from_dict, fit, load_config, lr_lambda, setup
+from glmkit.training.pretrain import config_from_dict, fit, load_config, lr_lambda, setup
 from tests.conftest import free_port
 
 POEMS = ["床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。", "白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓。",
@@ -110,7 +110,7 @@ def test_interrupted_run_resumes_to_the_same_result(workdir):
 
 
 def test_exported_model_loads_and_matches(workdir):
-    from glmkit.loader import load_model
+    from glmkit.loading.loader import load_model
     from glmkit.tokenizer import load_tokenizer
 
     state = setup(config_from_dict(tiny_config(workdir, "export", export_dtype="float32", max_steps=2)))
@@ -140,7 +140,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_config_file_overrides_and_errors(tmp_path, capsys):
-    from glmkit.pretrain import cli_main
+    from glmkit.commands.pretrain import cli_main
 
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  max_steps: 7\ndata:\n  seq_len: 32\n", encoding="utf-8")
@@ -172,7 +172,7 @@ def test_gradient_accumulation_is_the_same_update(workdir, single_run):
 
 
 def test_cli_export_of_a_checkpoint(workdir, capsys):
-    from glmkit.pretrain import cli_main
+    from glmkit.commands.pretrain import cli_main
 
     cfg = tiny_config(workdir, "single")
     path = workdir / "single.yaml"

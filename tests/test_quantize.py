@@ -1,4 +1,4 @@
-"""glmkit.quantize: schemes, QuantizedLinear, loader integration (quantize-on-load, THUDM and glmkit checkpoints),
+"""glmkit.quant.quantize: schemes, QuantizedLinear, loader integration (quantize-on-load, THUDM and glmkit checkpoints),
 save -> load without requantizing, logits error bounds, and the peak memory of streaming quantization."""
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 import glmkit
-import glmkit.quantize as Q
-from glmkit import kernels
-from glmkit.api import GLMForCausalLM
-from glmkit.config import GLMConfig
-from glmkit.quantize import QuantizedLinear, quantization_spec
+import glmkit.quant.quantize as Q
+from glmkit.commands.quantize import cli_main as quantize_command
+from glmkit.quant import kernels
+from glmkit.core.causal_lm import GLMForCausalLM
+from glmkit.core.config import GLMConfig
+from glmkit.quant.quantize import QuantizedLinear, quantization_spec
 from tests.conftest import CHATGLM_V1_HF, rel_err, thudm_v1_state_dict, write_folder
 from tests.reference_impls import chatglm_v1_logits
 
@@ -284,7 +285,7 @@ def test_save_then_load_without_requantizing(tmp_path, monkeypatch):
     src = write_folder(tmp_path / "src", hf, thudm_v1_state_dict(hf, std=0.1), fmt="safetensors")
     (src / "tokenizer_config.json").write_text("{}", encoding="utf-8")
     (src / "ice_text.model").write_bytes(b"spm")
-    assert Q.cli_main([str(src), str(tmp_path / "q4"), "--bits", "4", "--group-size", "32"]) == 0
+    assert quantize_command([str(src), str(tmp_path / "q4"), "--bits", "4", "--group-size", "32"]) == 0
     model = glmkit.load_model(src, quantize="int4", group_size=32)
     Q.save_quantized(model, tmp_path / "q4b", src_dir=src)
     for out in (tmp_path / "q4", tmp_path / "q4b"):
@@ -314,7 +315,7 @@ def test_save_then_load_without_requantizing(tmp_path, monkeypatch):
 
 def test_quantize_cli_help(capsys):
     with pytest.raises(SystemExit) as e:
-        Q.cli_main(["--help"])
+        quantize_command(["--help"])
     assert e.value.code == 0 and "--group-size" in capsys.readouterr().out
 
 
@@ -407,9 +408,9 @@ def test_streaming_quantization_peak_memory(tmp_path):
     del sd
     def peak_delta(quantize):
         code = (
-            "import torch, glmkit, glmkit.api, glmkit.loader\n"
-            "from glmkit.bench import peak_rss_bytes\n"
-            "from glmkit.quantize import QuantizedLinear\n"
+            "import torch, glmkit, glmkit.core.causal_lm, glmkit.loading.loader\n"
+            "from glmkit.evaluation.bench import peak_rss_bytes\n"
+            "from glmkit.quant.quantize import QuantizedLinear\n"
             # one-time costs (thread pools, per-thread malloc arenas, kernels) are not the loader's: pay them first
             "QuantizedLinear.from_linear(torch.nn.Linear(4096, 1024), 4)(torch.zeros(1, 4096))\n"
             "torch.nn.Linear(4096, 1024)(torch.zeros(1, 4096))\n"
@@ -437,8 +438,8 @@ def _load_rss(folder, quantize: str | None) -> tuple[int, int]:
     malloc's caching, which otherwise moves it by +-40 MB from run to run."""
     code = (
         "import re, torch, glmkit\n"
-        "from glmkit.bench import peak_rss_bytes\n"
-        "from glmkit.quantize import QuantizedLinear\n"
+        "from glmkit.evaluation.bench import peak_rss_bytes\n"
+        "from glmkit.quant.quantize import QuantizedLinear\n"
         # one-time costs (thread pools, kernels) are not the loader's: pay them first
         "QuantizedLinear.from_linear(torch.nn.Linear(16384, 1024), 4)(torch.zeros(1, 16384))\n"
         "base = peak_rss_bytes()\n"
@@ -464,7 +465,7 @@ def test_safetensors_weights_are_quantized_a_block_of_rows_at_a_time(tmp_path):
     size = sum(t.numel() * t.element_size() for t in sd.values())
     quantized = layer_params * (0.5 + 4 / 64) + (size - 4 * layer_params)
     del sd
-    from glmkit.loader import CheckpointRows, iter_tensors, weight_files
+    from glmkit.loading.loader import CheckpointRows, iter_tensors, weight_files
 
     rows = dict(iter_tensors(weight_files(folder), lambda name: name.endswith("dense_4h_to_h.weight")))
     deferred = rows["transformer.layers.1.mlp.dense_4h_to_h.weight"]
@@ -500,7 +501,7 @@ def test_state_dict_round_trip():
 
 
 def test_bench_builds_each_precision_and_prints_one_table(capsys):
-    from glmkit import bench
+    from glmkit.commands import bench
 
     sizes = {}
     for precision in bench.PRECISIONS:
@@ -530,7 +531,7 @@ def test_bench_builds_each_precision_and_prints_one_table(capsys):
 def test_grad_modes_mix_in_any_order_after_generate(quantize, dtype):
     """inference_mode (generate), no_grad, plain calls and a training step, in several orders, prefill-sized (128
     rows) and decode-sized (1 row) inputs: scratch buffers first made under inference_mode must not break the rest."""
-    from glmkit import kernels
+    from glmkit.quant import kernels
 
     kernels._WORKSPACE.clear()  # the first dequantization below runs under inference_mode (generate's prefill)
     model = glmkit.load_model("glm-tiny", quantize=quantize, dtype=dtype)

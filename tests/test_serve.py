@@ -100,7 +100,7 @@ def ask(client, content: str, **kwargs):
 
 
 def test_parse_messages():
-    from glmkit.serve import APIError, parse_messages
+    from glmkit.serving.protocol import APIError, parse_messages
 
     system, history, query = parse_messages([
         {"role": "system", "content": "be brief"}, {"role": "user", "content": "a"},
@@ -123,7 +123,7 @@ def test_models_and_health(server, client):
 
 
 def test_plain_matches_library_and_stream_matches_plain(client, local):
-    from glmkit.chat import build_chat_input
+    from glmkit.core.chat import build_chat_input
 
     model, tok = local
     messages = [{"role": "system", "content": "You are terse."},

@@ -5,19 +5,21 @@ The originals need old transformers versions, each in its own virtual environmen
 
     python3 -m venv /tmp/t427 && /tmp/t427/bin/pip install transformers==4.27.1 sentencepiece torch
     python3 -m venv /tmp/t430 && /tmp/t430/bin/pip install transformers==4.30.2 sentencepiece torch
-    python3 -m venv /tmp/t440 && /tmp/t440/bin/pip install transformers==4.40.2 sentencepiece tiktoken
+    python3 -m venv /tmp/t440 && /tmp/t440/bin/pip install transformers==4.40.2 sentencepiece tiktoken torch
 
-and the families' original `tokenization_chatglm.py` files (not kept in this repository; their sha256 is recorded
-in golden.json). Where they were read from:
+(torch only because the ChatGLM2 file imports it) and the families' original `tokenization_chatglm.py` files (not
+kept in this repository; their sha256 is recorded in golden.json). Where they were read from:
 
 - ChatGLM-6B: THUDM/chatglm-6b (Hugging Face) at 4d0fc39 "Update decode method in tokenizer" (2023-05-08, the last
   change of the file), mirrored with its history in github.com/greensheng/chatglm-6b.
 - ChatGLM2-6B: THUDM/chatglm2-6b `tokenization_chatglm.py`, the copy in github.com/bq-xiao/chatglm2-6b-model at
-  1fd8e8d ("init"; `_pad` already takes `padding_side`). Tokenizing is the same in every published revision.
+  1fd8e8d ("init"; `_pad` already takes `padding_side`, i.e. a late revision). `_tokenize` / `convert_token_to_id`
+  read the same in the earlier (June/July 2023) revisions seen.
 - ChatGLM3-6B: THUDM/chatglm3-6b at 456aa87 "fix piece id out of range" (2023-12-07), mirrored with its history in
   github.com/czk1997/chatglm3-copy.
 - GLM-4: a glm-4-9b-chat `ChatGLM4Tokenizer` (tiktoken ranks; its special tokens registered in tiktoken and encoded
-  with `disallowed_special=()`); with `added_tokens_decoder` in tokenizer_config.json transformers splits the
+  with `disallowed_special=()`; its tokenizing methods transcribed from a public copy, chat/padding methods left out);
+  with `added_tokens_decoder` in tokenizer_config.json transformers splits the
   special tokens out before `_tokenize` is called, so the revisions that leave tiktoken without special tokens give
   the same ids.
 
@@ -27,7 +29,8 @@ Steps (from the repository root):
     python3 tests/data/special_tokens/make_golden.py generate \\
         --py427 /tmp/t427/bin/python --py430 /tmp/t430/bin/python --py440 /tmp/t440/bin/python \\
         --chatglm6b-src chatglm-6b/tokenization_chatglm.py --chatglm2-src chatglm2-6b/tokenization_chatglm.py \\
-        --chatglm3-src chatglm3-6b/tokenization_chatglm.py --glm4-src glm-4-9b-chat/tokenization_chatglm.py
+        --chatglm3-src chatglm3-6b/tokenization_chatglm.py --glm4-src glm-4-9b-chat/tokenization_chatglm.py \\
+        [--glm4-alt-src other-glm-4-revision/tokenization_chatglm.py]
 
 `generate` loads every case folder with `AutoTokenizer.from_pretrained(folder, trust_remote_code=True)` (the
 original file copied in as tokenization_chatglm.py), as a user of the published checkpoints does, and records
@@ -66,7 +69,8 @@ EXTRA_TEXTS = ["[MASK] in text", "x [MASK] y", "Hello [MASK] world [gMASK] end <
                "白日依山盡，[sMASK]", "<|user|>\n你好<|assistant|>", "<|system|> You are [MASK] <|user|> hi ",
                "[gMASK]sop<|user|>\n 你好<|assistant|>", "  ", "", "plain text, no special token",
                "code:\n    [MASK]\n\treturn 0", "<pad><pad> x <unk>", "a</s>b </s> c", "[[MASK]]", "<<sop>>",
-               "[MASK][gMASK][sMASK]", "end with space [MASK] ", "\u00a0[MASK]\u00a0x"]
+               "[MASK][gMASK][sMASK]", "end with space [MASK] ", "\u00a0[MASK]\u00a0x", "Hello <SOP> World",
+               "[mask] In TEXT", "<EOP>", "ABC  [MASK]   DEF  G\n", "<|USER|> Hi [GMASK]"]
 
 
 def texts_for(specials: list[str]) -> list[str]:
@@ -82,6 +86,7 @@ def texts_for(specials: list[str]) -> list[str]:
 CASES = {
     "chatglm": ("chatglm6b", "py427", "chatglm", CHATGLM_SPECIALS),
     "chatglm_userdef": ("chatglm6b", "py427", "chatglm_userdef", CHATGLM_SPECIALS),
+    "chatglm_lower": ("chatglm6b", "py427", "chatglm_lower", CHATGLM_SPECIALS),
     "glm_tiny": ("chatglm6b", "py427", str(REPO / "glmkit" / "assets" / "glm-tiny"), CHATGLM_SPECIALS),
     "chatglm2": ("chatglm2", "py430", "chatglm2", CHATGLM2_SPECIALS),
     "chatglm2_pieces": ("chatglm2", "py430", "chatglm2_pieces", CHATGLM2_SPECIALS),
@@ -90,15 +95,23 @@ CASES = {
     "glm4": ("glm4", "py440", "glm4", GLM4_SPECIALS),
     "glm4_strip": ("glm4", "py440", "glm4_strip", GLM4_SPECIALS),
 }
-# Cross-checks: the same case under another transformers version must give the same ids (not stored).
-CROSS_CHECKS = [("chatglm3", "py440"), ("chatglm3_pieces", "py440"), ("chatglm2", "py440")]
+# Cross-checks (not stored): the same case under another transformers version, or with another revision of the
+# family's file, must give the same ids.
+CROSS_CHECKS = [("chatglm3", "py440", "chatglm3"), ("chatglm3_pieces", "py440", "chatglm3"),
+                ("chatglm2", "py440", "chatglm2"), ("glm4", "py440", "glm4_alt"), ("glm4_strip", "py440", "glm4_alt")]
+# Which cases also keep tokenize() and decode() of the original (ids are kept for all).
+STORE = {"tokens": {"chatglm", "chatglm_userdef", "chatglm_lower", "chatglm2", "chatglm3_pieces"},
+         "decoded": {"chatglm", "chatglm_userdef", "glm_tiny", "chatglm2", "chatglm2_pieces"}}
 VERSIONS = {"py427": "transformers==4.27.1", "py430": "transformers==4.30.2", "py440": "transformers==4.40.2"}
 SOURCES = {
     "chatglm6b": "THUDM/chatglm-6b tokenization_chatglm.py @ 4d0fc39 (2023-05-08; github.com/greensheng/chatglm-6b)",
     "chatglm2": "THUDM/chatglm2-6b tokenization_chatglm.py (copy in github.com/bq-xiao/chatglm2-6b-model @ 1fd8e8d)",
     "chatglm3": "THUDM/chatglm3-6b tokenization_chatglm.py @ 456aa87 (2023-12-07; github.com/czk1997/chatglm3-copy)",
-    "glm4": "glm-4-9b-chat ChatGLM4Tokenizer tokenization_chatglm.py (tiktoken special tokens, "
-            "disallowed_special=() in _tokenize)",
+    "glm4": "glm-4-9b-chat ChatGLM4Tokenizer tokenization_chatglm.py, the revision that registers the special "
+            "tokens in tiktoken and encodes with disallowed_special=() (tokenizing methods transcribed verbatim; chat "
+            "and padding methods left out)",
+    "glm4_alt": "the same with tiktoken given no special tokens and _tokenize = tiktoken encode(text) (the glm-4v-9b "
+                "/ earlier glm-4-9b-chat revisions)",
 }
 
 
@@ -134,6 +147,14 @@ def build() -> None:
     out.mkdir(exist_ok=True)
     (out / "ice_text.model").write_bytes(proto.SerializeToString())
     shutil.copyfile(HERE / "chatglm" / "tokenizer_config.json", out / "tokenizer_config.json")
+
+    # The same model with do_lower_case and remove_space set (both act on the text around the special tokens).
+    out = HERE / "chatglm_lower"
+    out.mkdir(exist_ok=True)
+    shutil.copyfile(HERE / "chatglm" / "ice_text.model", out / "ice_text.model")
+    cfg = json.loads((HERE / "chatglm" / "tokenizer_config.json").read_text())
+    cfg.update(do_lower_case=True, remove_space=True)
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False, indent=2) + "\n")
 
     # A unigram model holding pieces spelled like ChatGLM2/3 command tokens: the original maps such a piece to the
     # command id (`convert_token_to_id` looks the piece up in its special tokens first).
@@ -217,6 +238,8 @@ def run_worker(python: str, folder: Path, src: Path, texts: list[str]) -> dict:
 def generate(args: argparse.Namespace) -> None:
     srcs = {"chatglm6b": Path(args.chatglm6b_src), "chatglm2": Path(args.chatglm2_src),
             "chatglm3": Path(args.chatglm3_src), "glm4": Path(args.glm4_src)}
+    if args.glm4_alt_src:
+        srcs["glm4_alt"] = Path(args.glm4_alt_src)
     pythons = {"py427": args.py427, "py430": args.py430, "py440": args.py440}
     cases = {}
     for name, (fam, py, folder, specials) in CASES.items():
@@ -224,34 +247,61 @@ def generate(args: argparse.Namespace) -> None:
         texts = texts_for(specials)
         res = run_worker(pythons[py], folder_path, srcs[fam], texts)
         model = next(p for p in folder_path.iterdir() if p.name in ("ice_text.model", "tokenizer.model"))
+        fields = ["text", "ids"] + [f for f in ("tokens", "decoded") if name in STORE[f]]
+        columns = {"text": texts, "ids": res["ids"], "tokens": res["tokens"], "decoded": res["decoded"]}
         cases[name] = {
             "folder": os.path.relpath(folder_path, REPO), "model_sha256": sha256(model),
             "config_sha256": sha256(folder_path / "tokenizer_config.json"),
             "original": SOURCES[fam], "original_sha256": sha256(srcs[fam]),
-            "transformers": res["transformers"], "class": res["class"],
-            "cases": [{"text": t, "ids": i, **({"tokens": k} if k is not None else {}), "decoded": d}
-                      for t, i, k, d in zip(texts, res["ids"], res["tokens"], res["decoded"])],
+            "transformers": res["transformers"], "class": res["class"], "fields": fields,
+            "rows": [list(row) for row in zip(*(columns[f] for f in fields))],
         }
         print(f"{name}: {len(texts)} texts with {res['class']} under transformers {res['transformers']}")
-    for name, py in CROSS_CHECKS:
-        fam, _, folder, specials = CASES[name]
-        res = run_worker(pythons[py], HERE / folder, srcs[fam], texts_for(specials))
-        if res["ids"] != [c["ids"] for c in cases[name]["cases"]]:
-            raise SystemExit(f"{name}: transformers {res['transformers']} gives other ids than "
-                             f"{cases[name]['transformers']}")
-        cases[name]["also_checked_with"] = f"transformers {res['transformers']} (same ids)"
-        print(f"{name}: same ids under transformers {res['transformers']}")
-    golden = {
-        "about": "ids of the ORIGINAL tokenization_chatglm.py of each GLM family, loaded with "
+    for name, py, src in CROSS_CHECKS:
+        if src not in srcs:
+            continue
+        _, _, folder, specials = CASES[name]
+        res = run_worker(pythons[py], HERE / folder, srcs[src], texts_for(specials))
+        if res["ids"] != [row[1] for row in cases[name]["rows"]]:
+            raise SystemExit(f"{name}: {src} under transformers {res['transformers']} gives other ids")
+        cases[name].setdefault("also_checked_with", []).append(
+            f"{SOURCES[src]} (sha256 {sha256(srcs[src])}) under transformers {res['transformers']}: same ids")
+        print(f"{name}: same ids with {src} under transformers {res['transformers']}")
+    write_golden({
+        "about": "Ids of the ORIGINAL tokenization_chatglm.py of each GLM family, loaded with "
                  "AutoTokenizer.from_pretrained(folder, trust_remote_code=True) under the transformers version each "
-                 "family ran with; `ids` = encode(text) (special tokens added), `tokens` = tokenize(text), "
-                 "`decoded` = decode(ids). Regenerate with tests/data/special_tokens/make_golden.py (see its "
-                 "docstring).",
+                 "family ran with. A row is `fields` of one text: ids = encode(text) (the family's special tokens "
+                 "added), tokens = tokenize(text), decoded = decode(ids). Regenerate with "
+                 "tests/data/special_tokens/make_golden.py (see its docstring); glmkit's tests only read this file.",
         "transformers_versions": VERSIONS,
         "cases": cases,
-    }
-    (HERE / "golden.json").write_text(json.dumps(golden, ensure_ascii=False, indent=None, separators=(",", ":"))
-                                      + "\n", encoding="utf-8")
+    })
+
+
+def write_golden(golden: dict) -> None:
+    """One row per line, so that a text sits next to its ids and diffs stay readable."""
+    def dump(v: object) -> str:
+        return json.dumps(v, ensure_ascii=False, separators=(",", ":"))
+
+    lines = ["{"]
+    for key in ("about", "transformers_versions"):
+        lines.append(f" {dump(key)}:{dump(golden[key])},")
+    lines.append(' "cases":{')
+    names = list(golden["cases"])
+    for n, name in enumerate(names):
+        case = dict(golden["cases"][name])
+        rows = case.pop("rows")
+        lines.append(f"  {dump(name)}:{{")
+        lines.extend(f"   {dump(k)}:{dump(v)}," for k, v in case.items())
+        lines.append('   "rows":[')
+        lines.extend(f"    {dump(r)}{',' if i < len(rows) - 1 else ''}" for i, r in enumerate(rows))
+        lines.append("   ]")
+        lines.append("  }" + ("," if n < len(names) - 1 else ""))
+    lines.append(" }")
+    lines.append("}")
+    text = "\n".join(lines) + "\n"
+    assert json.loads(text) == json.loads(dump(golden))
+    (HERE / "golden.json").write_text(text, encoding="utf-8")
     print("wrote", HERE / "golden.json")
 
 
@@ -266,6 +316,7 @@ def main() -> None:
     g = sub.add_parser("generate")
     for k in ("py427", "py430", "py440", "chatglm6b_src", "chatglm2_src", "chatglm3_src", "glm4_src"):
         g.add_argument("--" + k.replace("_", "-"), required=True)
+    g.add_argument("--glm4-alt-src", help="another revision of the GLM-4 file, for a cross-check")
     args = ap.parse_args()
     if args.cmd == "build":
         build()

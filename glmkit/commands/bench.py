@@ -1,0 +1,48 @@
+"""`glmkit bench`: glmkit.evaluation.bench.run_benchmark, printed as one table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from glmkit.evaluation.bench import PRECISIONS, format_table, run_benchmark
+
+
+def cli_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="glmkit bench",
+        description="Prefill/decode tokens per second and peak RSS of bf16, INT8 and INT4 at the ChatGLM-6B shape "
+                    "(random weights, batch 1), beside the memory-bandwidth roofline measured in the same run.")
+    parser.add_argument("--layers", type=int, default=28, help="transformer layers (28 = full ChatGLM-6B; bf16 "
+                        "needs ~12 GB at 28, fewer layers run faster and in less memory)")
+    parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for prefill (default 128)")
+    parser.add_argument("--decode-tokens", type=int, default=16, help="decode steps timed (default 16)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS),
+                        help="comma-separated subset of bf16,int8,int4 (default all)")
+    parser.add_argument("--group-size", type=int, default=None, help="INT4 group size (default: glmkit's)")
+    parser.add_argument("--model", default="chatglm-6b", help="preset shape (default chatglm-6b)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds over all precisions, interleaved; each figure is its best round (on a shared "
+                             "machine, 2-3 rounds steady the ratios; default 1)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON after the table")
+    args = parser.parse_args(argv)
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    try:
+        bandwidth, results = run_benchmark(precisions, layers=args.layers, prompt_tokens=args.prompt_tokens,
+                                           decode_tokens=args.decode_tokens, group_size=args.group_size,
+                                           threads=args.threads, model=args.model, repeats=args.repeats)
+    except ValueError as e:
+        parser.error(str(e))
+    except RuntimeError as e:
+        print(f"glmkit bench: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.model} shape, {args.layers} layers, batch 1, {args.prompt_tokens}-token prompt, "
+          f"{args.decode_tokens} decode steps, {results[0]['threads']} threads, "
+          + (f"best of {args.repeats} interleaved rounds, " if args.repeats > 1 else "")
+          + f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(format_table(results, bandwidth))
+    if args.json:
+        print(json.dumps({"bandwidth": bandwidth, "results": results}, indent=2))
+    return 0

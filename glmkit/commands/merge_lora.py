@@ -1,0 +1,40 @@
+"""`glmkit merge-lora`: glmkit.loading.loader.merge_lora_checkpoint from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from glmkit.adapters.lora import ADAPTER_CONFIG
+from glmkit.loading.tools import merge_lora_checkpoint
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="glmkit merge-lora",
+        description="Fold a LoRA adapter (adapter_config.json + adapter_model.safetensors, as written by "
+                    "`glmkit finetune --method lora` or PEFT) into its base model and save the merged model.")
+    p.add_argument("--base", required=True, help="base model: a folder or a name such as glm-tiny")
+    p.add_argument("--adapter", required=True, help="the LoRA adapter folder")
+    p.add_argument("--output", required=True, help="folder for the merged model (created)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the merged weights (default: the base's)")
+    return p
+
+
+def cli_main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        out = merge_lora_checkpoint(args.base, args.adapter, args.output, dtype=args.dtype)
+    except FileNotFoundError as e:
+        print(f"glmkit merge-lora: {e}", file=sys.stderr)
+        return 2
+    if not any(Path(out).glob("*.model")) and not (Path(out) / "tokenizer_config.json").exists():
+        print(f"note: {args.base} has no tokenizer files; {out} holds only the merged weights", file=sys.stderr)
+    info = json.loads((Path(args.adapter) / ADAPTER_CONFIG).read_text())
+    print(f"merged LoRA (r={info.get('r')}, alpha={info.get('lora_alpha')}, targets={info.get('target_modules')}) "
+          f"into {args.base} -> {out}")
+    return 0

@@ -1,0 +1,284 @@
+"""One config for the whole GLM family; family differences are fields, never subclasses.
+
+Field groups follow the model's reading order. `from_hf_config` reads the `config.json` of every published layout
+(THUDM `chatglm` v1, ChatGLM2/3, GLM-4 `chatglm` with `rope_ratio`, and transformers' native `glm`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+# ChatGLM-6B's code computes DeepNorm's α from this default argument, never from config.num_layers.
+CHATGLM_V1_ALPHA_LAYERS = 28
+
+
+class ConfigError(ValueError):
+    """A config.json glmkit cannot turn into a model."""
+
+
+@dataclass
+class GLMConfig:
+    # --- size ---
+    vocab_size: int = 130528
+    hidden_size: int = 4096
+    num_layers: int = 28
+    num_heads: int = 32
+    num_kv_heads: int | None = None  # grouped KV heads (ChatGLM2 `multi_query_group_num`); None = num_heads
+    head_dim: int | None = None  # None = hidden_size // num_heads (ChatGLM2 `kv_channels`)
+    ffn_hidden_size: int = 16384
+    max_seq_len: int = 2048
+
+    # --- transformer block ---
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    # "deepnorm": ChatGLM-6B, x = α·LN(x) + f(LN(x)) with α = √(2·alpha_num_layers).
+    # "prenorm":  ChatGLM2+/GLM-4, x = x + f(LN(x)), final norm after the stack.
+    residual: Literal["deepnorm", "prenorm"] = "deepnorm"
+    # The layer count DeepNorm's α is computed from; None = num_layers (GLM-130B's SAT code). ChatGLM-6B's
+    # GLMBlock takes num_layers=28 as a default argument that ChatGLMModel never passes, so its α is √56 at
+    # every depth (glm-family.md §3.2): its reader and presets set 28.
+    alpha_num_layers: int | None = None
+    mlp: Literal["gelu", "swiglu"] = "gelu"  # gelu = tanh approximation; swiglu gate = first half
+    qkv_bias: bool = True
+    proj_bias: bool = True  # attention output projection
+    mlp_bias: bool = True
+    # Layout of the fused qkv projection's output rows:
+    #   "per_head": [h0:q k v | h1:q k v | ...] (ChatGLM-6B)
+    #   "grouped":  [all q | all k | all v]       (ChatGLM2+, GLM-4)
+    qkv_layout: Literal["per_head", "grouped"] = "per_head"
+
+    # --- positions ---
+    # "2d":               ChatGLM-6B: first half of each head rotated by position ids, second half by block ids,
+    #                     GPT-NeoX half-split layout.
+    # "half_interleaved": ChatGLM2+/GLM-4: rotary on the first `rotary_dim` dims, interleaved pairs (x[2i], x[2i+1]).
+    rope: Literal["2d", "half_interleaved"] = "2d"
+    rope_base: float = 10000.0
+    rotary_dim: int | None = None  # half_interleaved only; None = head_dim // 2
+    # ChatGLM-6B rounds inv_freq to fp16 and builds its cos/sin table in the dtype that buffer has: fp16 as
+    # published ("table"), fp32 after .float() ("inv_freq": only inv_freq rounded), bf16 after .bfloat16()
+    # ("table_bf16": positions, angles and table in bf16). The loader picks the one matching the load dtype.
+    rope_fp16: Literal["none", "inv_freq", "table", "table_bf16"] = "none"
+    # "prefix_lm": ChatGLM-6B, everything before <sop> sees everything before <sop>, causal after.
+    attention: Literal["prefix_lm", "causal"] = "prefix_lm"
+
+    # --- head ---
+    tie_word_embeddings: bool = False
+
+    # --- P-tuning v2 prefixes ---
+    pre_seq_len: int | None = None
+    prefix_projection: bool = False
+    prefix_hidden_size: int | None = None  # width of the projection MLP; None = hidden_size
+
+    # --- special tokens (ids come from the checkpoint) ---
+    bos_token_id: int | None = 130004  # ChatGLM-6B <sop>
+    eos_token_id: int | list[int] | None = 130005  # <eop>
+    pad_token_id: int | None = 3
+    mask_token_id: int | None = 130000
+    gmask_token_id: int | None = 130001
+
+    # --- bookkeeping ---
+    torch_dtype: str = "float32"
+    family: Literal["chatglm", "chatglm2", "glm4"] = "chatglm"
+    name: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # unrecognised config.json fields, kept for save
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.rope == "2d":
+            if self.head_dim % 4:
+                raise ConfigError(f"2D rotary needs head_dim divisible by 4, got {self.head_dim}")
+            if self.qkv_layout == "per_head" and self.num_kv_heads != self.num_heads:
+                raise ConfigError("the per-head qkv layout has no grouped KV heads")
+        if self.rotary_dim is None:
+            self.rotary_dim = self.head_dim // 2
+        if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
+            raise ConfigError(f"rotary_dim {self.rotary_dim} must be even and at most head_dim {self.head_dim}")
+        if self.pre_seq_len is not None and self.pre_seq_len < 0:
+            raise ConfigError(f"pre_seq_len must be >= 0, got {self.pre_seq_len}")
+        if self.alpha_num_layers is not None and self.alpha_num_layers <= 0:
+            raise ConfigError(f"alpha_num_layers must be positive, got {self.alpha_num_layers}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def deepnorm_alpha(self) -> float:
+        if self.residual != "deepnorm":
+            return 1.0
+        return (2 * (self.alpha_num_layers or self.num_layers)) ** 0.5
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+
+    @property
+    def qkv_out_features(self) -> int:
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> GLMConfig:
+        from glmkit.core.presets import PRESETS
+
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        return cls(**{**PRESETS[name], "name": name, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GLMConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown GLMConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> GLMConfig:
+        """Reads a published config.json (any GLM layout) into a GLMConfig."""
+        model_type = hf.get("model_type")
+        archs = hf.get("architectures") or []
+        if model_type == "glm" or "GlmForCausalLM" in archs:
+            return _from_transformers_glm(hf)
+        if model_type == "chatglm" or any(a.startswith("ChatGLM") for a in archs):
+            if "multi_query_attention" in hf or "rmsnorm" in hf or "padded_vocab_size" in hf:
+                return _from_chatglm2(hf)
+            if "position_encoding_2d" in hf or "inner_hidden_size" in hf:
+                return _from_chatglm1(hf)
+            raise ConfigError("config.json says model_type 'chatglm' but matches neither the ChatGLM-6B nor the "
+                              "ChatGLM2/3/GLM-4 layout (no position_encoding_2d / multi_query_attention fields)")
+        if model_type == "glmkit":
+            return cls.from_dict({k: v for k, v in hf.items() if k != "model_type"})
+        raise ConfigError(f"unsupported model_type {model_type!r} (architectures {archs}); glmkit loads 'chatglm' "
+                          "(ChatGLM-6B, ChatGLM2/3-6B, GLM-4 THUDM layout) and 'glm' (transformers GlmForCausalLM)")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> GLMConfig:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no config file at {path}")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} does not hold a JSON object")
+        return cls.from_hf_config(data) if "model_type" in data and data["model_type"] != "glmkit" else (
+            cls.from_dict({k: v for k, v in data.items() if k != "model_type"}))
+
+
+def _require(hf: dict[str, Any], *keys: str) -> None:
+    missing = [k for k in keys if k not in hf]
+    if missing:
+        raise ConfigError(f"config.json lacks required fields {missing}")
+
+
+def _known_extra(hf: dict[str, Any], used: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in hf.items() if k not in used}
+
+
+def _from_chatglm1(hf: dict[str, Any]) -> GLMConfig:
+    _require(hf, "hidden_size", "num_layers", "num_attention_heads", "vocab_size")
+    if not hf.get("position_encoding_2d", True):
+        raise ConfigError("ChatGLM-6B with position_encoding_2d=false is not a published model; unsupported")
+    hidden = hf["hidden_size"]
+    return GLMConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hidden, num_layers=hf["num_layers"],
+        num_heads=hf["num_attention_heads"], ffn_hidden_size=hf.get("inner_hidden_size") or 4 * hidden,
+        max_seq_len=hf.get("max_sequence_length", 2048), norm="layernorm", norm_eps=hf.get("layernorm_epsilon", 1e-5),
+        residual="deepnorm", alpha_num_layers=CHATGLM_V1_ALPHA_LAYERS, mlp="gelu", qkv_bias=True, proj_bias=True,
+        mlp_bias=True, qkv_layout="per_head", rope="2d", rope_base=10000.0, rope_fp16="table", attention="prefix_lm", tie_word_embeddings=False,
+        pre_seq_len=hf.get("pre_seq_len"), prefix_projection=bool(hf.get("prefix_projection", False)),
+        bos_token_id=hf.get("bos_token_id", 130004), eos_token_id=hf.get("eos_token_id", 130005),
+        pad_token_id=hf.get("pad_token_id", 3), mask_token_id=hf.get("mask_token_id", 130000),
+        gmask_token_id=hf.get("gmask_token_id", 130001), torch_dtype=_dtype_name(hf), family="chatglm",
+        extra={"quantization_bit": hf.get("quantization_bit", 0)},
+    )
+
+
+def _from_chatglm2(hf: dict[str, Any]) -> GLMConfig:
+    _require(hf, "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size")
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("kv_channels") or hf["hidden_size"] // heads
+    kv_heads = hf.get("multi_query_group_num", heads) if hf.get("multi_query_attention", False) else heads
+    if hf.get("apply_residual_connection_post_layernorm", False):
+        raise ConfigError("apply_residual_connection_post_layernorm=true is not used by any published model")
+    if not hf.get("post_layer_norm", True):
+        raise ConfigError("post_layer_norm=false is not used by any published model")
+    vocab = hf.get("padded_vocab_size") or hf.get("vocab_size")
+    if vocab is None:
+        raise ConfigError("config.json lacks padded_vocab_size / vocab_size")
+    rope_ratio = float(hf.get("rope_ratio", 1.0))
+    is_glm4 = vocab >= 150000
+    add_bias_linear = bool(hf.get("add_bias_linear", False))
+    return GLMConfig(
+        vocab_size=vocab, hidden_size=hf["hidden_size"], num_layers=hf["num_layers"], num_heads=heads,
+        num_kv_heads=kv_heads, head_dim=head_dim, ffn_hidden_size=hf["ffn_hidden_size"],
+        max_seq_len=hf.get("seq_length", 32768), norm="rmsnorm" if hf.get("rmsnorm", True) else "layernorm",
+        norm_eps=hf.get("layernorm_epsilon", 1e-5), residual="prenorm", mlp="swiglu",
+        qkv_bias=bool(hf.get("add_qkv_bias", False)) or add_bias_linear, proj_bias=add_bias_linear,
+        mlp_bias=add_bias_linear, qkv_layout="grouped", rope="half_interleaved", rope_base=10000.0 * rope_ratio,
+        rotary_dim=head_dim // 2, rope_fp16="none", attention="causal",
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        pre_seq_len=hf.get("pre_seq_len"), prefix_projection=bool(hf.get("prefix_projection", False)),
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id", 2), pad_token_id=hf.get("pad_token_id", 0),
+        mask_token_id=None, gmask_token_id=None, torch_dtype=_dtype_name(hf), family="glm4" if is_glm4 else "chatglm2",
+        extra={"quantization_bit": hf.get("quantization_bit", 0)},
+    )
+
+
+def _from_transformers_glm(hf: dict[str, Any]) -> GLMConfig:
+    _require(hf, "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise ConfigError(f"rope_type {rope_type!r} is not supported (only the default rotary embedding)")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"hidden_act {hf['hidden_act']!r} is not supported (GLM uses silu)")
+    rotary_dim = int(head_dim * factor)
+    return GLMConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
+        ffn_hidden_size=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 131072),
+        norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1.5625e-7), residual="prenorm", mlp="swiglu",
+        qkv_bias=bool(hf.get("attention_bias", True)), proj_bias=False, mlp_bias=False, qkv_layout="grouped",
+        rope="half_interleaved", rope_base=float(theta), rotary_dim=rotary_dim - rotary_dim % 2, rope_fp16="none",
+        attention="causal", tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        pre_seq_len=None, bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"), mask_token_id=None, gmask_token_id=None, torch_dtype=_dtype_name(hf),
+        family="glm4", extra={"hf_layout": "glm"},
+    )
+
+
+def _dtype_name(hf: dict[str, Any]) -> str:
+    name = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+    aliases = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
+    name = aliases.get(str(name), str(name))
+    if name not in ("float32", "float16", "bfloat16"):
+        raise ConfigError(f"unsupported torch_dtype {name!r}")
+    return name

@@ -1,0 +1,109 @@
+"""Fill [MASK] / [sMASK] / [gMASK] blanks, left to right, as GLM's blank infilling does (`glmkit fill`).
+
+    glmkit fill "床前明月[MASK]，疑是地上霜。"
+    glmkit fill "白日依山盡，[sMASK]" --do-sample --top-p 0.8 --seed 1
+    glmkit fill "Call me Ishmael." --model path/to/chatglm-6b          # no blank: continue, as [gMASK] at the end
+
+For each blank, the input is the text so far (earlier blanks already filled, later ones still masks: Part A,
+bidirectional) followed by `<sop>`; generation runs until `<eop>` with every generated token at the blank's
+position and block ids 1, 2, ... (Part B), which is the layout glmkit pretrain trains and ChatGLM-6B uses for
+`[gMASK]`. Generation itself is glmkit.core.generate's loop; this module only builds inputs and positions.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from glmkit.core.generate import generate_stream
+
+BLANK_RE = re.compile(r"(\[MASK\]|\[sMASK\]|\[gMASK\])")
+
+
+@dataclass
+class FillResult:
+    text: str  # the input with every blank replaced by its answer
+    answers: list[str] = field(default_factory=list)  # one per blank, left to right
+
+
+class _BlankView:
+    """The model as glmkit.core.generate sees it while one blank is filled: the family's positions, except that Part B
+    (from <sop>) sits at `mask_pos`. ChatGLM-6B's own rule freezes it at the first [gMASK], else the first [MASK],
+    which is wrong for an [sMASK] or for a [MASK] left of a [gMASK]."""
+
+    def __init__(self, model, mask_pos: int) -> None:
+        self._model = model
+        self._mask_pos = mask_pos
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._model(*args, **kwargs)
+
+    def default_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        pos = self._model.default_position_ids(input_ids, attention_mask)  # [B, 2, T]
+        part_b = pos[:, 1] > 0
+        pos[:, 0] = torch.where(part_b, torch.full_like(pos[:, 0], self._mask_pos), pos[:, 0])
+        return pos
+
+
+def _encode_piece(tokenizer, text: str, first: bool) -> list[int]:
+    """Token ids of a text segment. Segments after a blank continue the text, so they get no SentencePiece dummy
+    prefix (the pretraining samples cut spans out of one encoded document)."""
+    if not text:
+        return []
+    if not first and hasattr(tokenizer, "sp_encode") and getattr(tokenizer, "family", "") == "chatglm":
+        return tokenizer.sp_encode(text, add_dummy_prefix=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def fill(model, tokenizer, text: str, *, max_new_tokens: int = 64, gmask_max_new_tokens: int = 128,
+         **generate_kwargs) -> FillResult:
+    """Fills each blank of `text` left to right; a text without blanks is continued (a trailing [gMASK]).
+
+    generate_kwargs go to glmkit.core.generate.generate_stream (do_sample, temperature, top_p, top_k, seed,
+    repetition_penalty, ...). [gMASK] blanks get up to `gmask_max_new_tokens` tokens, the others `max_new_tokens`.
+    """
+
+    if model.config.rope != "2d":
+        raise ValueError("glmkit fill needs a ChatGLM-6B-layout model (2D positions, blank infilling); "
+                         f"{model.config.family!r} models are causal-only")
+    ids_of = {"[MASK]": tokenizer.mask_token_id, "[sMASK]": tokenizer.smask_token_id,
+              "[gMASK]": tokenizer.gmask_token_id}
+    parts = BLANK_RE.split(text)  # text, blank, text, blank, ..., text
+    if len(parts) == 1:
+        parts = [text, "[gMASK]", ""]
+    for blank in parts[1::2]:
+        if ids_of[blank] is None:
+            raise ValueError(f"the tokenizer has no {blank} token")
+    segments = [_encode_piece(tokenizer, seg, first=i == 0) for i, seg in enumerate(parts[0::2])]
+    blanks = parts[1::2]
+    answers: list[list[int]] = []
+    eop = tokenizer.eop_token_id
+    for k, blank in enumerate(blanks):
+        ids: list[int] = []
+        for j, seg in enumerate(segments):
+            ids += seg
+            if j < len(blanks):
+                if j < k:
+                    ids += answers[j]
+                else:
+                    if j == k:
+                        mask_pos = len(ids)
+                    ids.append(ids_of[blanks[j]])
+        ids.append(tokenizer.sop_token_id)
+        limit = gmask_max_new_tokens if blank == "[gMASK]" else max_new_tokens
+        out: list[int] = []
+        for step in generate_stream(_BlankView(model, mask_pos), torch.tensor([ids]), max_new_tokens=limit,
+                                    eos_token_id=eop, **generate_kwargs):
+            tok = int(step[0])
+            if tok == eop:
+                break
+            out.append(tok)
+        answers.append(out)
+    decoded = [tokenizer.decode(a) for a in answers]
+    filled = "".join(seg + (decoded[i] if i < len(decoded) else "") for i, seg in enumerate(parts[0::2]))
+    return FillResult(filled, decoded)

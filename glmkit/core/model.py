@@ -1,0 +1,398 @@
+"""The GLM family in one file of plain nn.Modules, in reading order.
+
+Covers ChatGLM-6B (2D rotary, DeepNorm, prefix-LM mask), ChatGLM2/3-6B and GLM-4 (RMSNorm, SwiGLU, grouped KV
+heads, rotary on half of each head in interleaved pairs, causal). Family differences are GLMConfig fields.
+Facts and formulas: shared/docs/glm-family.md (§3.2-3.4 for ChatGLM-6B, §4 for the later generations).
+
+Shapes: B batch, T new tokens, S key length (cache + new), H query heads, K kv heads, D head_dim, P prefix length.
+This file imports only torch, the standard library and glmkit.core.config (no training, quantization or serving code).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glmkit.core.config import GLMConfig
+
+DECODE_ROWS = 16  # up to this many query rows, CPU attention runs in fp32 (see Attention.forward)
+
+
+class RMSNorm(nn.Module):
+    """ChatGLM2's RMSNorm: statistics in fp32, scaled by the weight, cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return (self.weight * (x * torch.rsqrt(variance + self.eps))).to(x.dtype)
+
+
+def make_norm(config: GLMConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.hidden_size, config.norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+
+
+# ----------------------------------------------------------------------------------------------------------- rotary
+class Rotary(nn.Module):
+    """Cos/sin tables for both rotary schemes, indexed by position ids.
+
+    2d (ChatGLM-6B): each head's first D/2 dims rotate by positions, the last D/2 by block positions, with one
+    table of D/2 dims in the GPT-NeoX half-split layout (`rotate_half`). ChatGLM-6B rounds inv_freq to fp16 and,
+    unless the model was `.float()`-ed, also builds positions × inv_freq and cos/sin in fp16 (`rope_fp16`).
+    half_interleaved (ChatGLM2+, GLM-4): dims [0, rotary_dim) rotate in pairs (x[2i], x[2i+1]); the rest pass.
+    """
+
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        self.config = config  # read at call time: the loader may set rope_fp16 after construction
+
+    @property
+    def dim(self) -> int:
+        return self.config.head_dim // 2 if self.config.rope == "2d" else self.config.rotary_dim
+
+    def inv_freq(self, device=None) -> torch.Tensor:
+        # Computed per call (dim/2 values): no buffer to materialise after meta-device construction.
+        inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, self.dim, 2, device=device).float() / self.dim))
+        if self.config.rope_fp16 != "none":
+            inv_freq = inv_freq.half().float()
+        return inv_freq
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> cos, sin [B, T, dim] (2d) or [B, T, dim/2] (interleaved), float32."""
+        mode = self.config.rope_fp16
+        table_dtype = {"table": torch.float16, "table_bf16": torch.bfloat16}.get(mode)
+        inv_freq = self.inv_freq(positions.device)
+        if table_dtype is None:
+            angles = positions.float()[..., None] * inv_freq  # (B, T, dim/2)
+        else:  # the original's arange(seq_len, dtype) x inv_freq, each product rounded to that dtype
+            t = positions.to(table_dtype).float()
+            angles = (t[..., None] * inv_freq.to(table_dtype).float()).to(table_dtype).float()
+        if self.config.rope == "2d":
+            angles = torch.cat((angles, angles), dim=-1)  # (B, T, dim)
+        cos, sin = angles.cos(), angles.sin()
+        if table_dtype is not None:
+            cos, sin = cos.to(table_dtype).float(), sin.to(table_dtype).float()
+        return cos, sin
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, d); cos/sin (B, T, d)."""
+    cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, d)
+    return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
+
+
+def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, D); cos/sin (B, T, r/2): rotate pairs (x[2i], x[2i+1]) of the first r dims."""
+    r = cos.shape[-1] * 2
+    rot, rest = x[..., :r], x[..., r:]
+    pairs = rot.float().reshape(*rot.shape[:-1], r // 2, 2)  # (B, T, H, r/2, 2)
+    c, s = cos[:, :, None], sin[:, :, None]  # (B, T, 1, r/2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2)  # (B, T, H, r)
+    return torch.cat((out.to(x.dtype), rest), dim=-1)
+
+
+# -------------------------------------------------------------------------------------------------------- attention
+class KVCache(nn.Module):
+    """Preallocated keys/values for incremental decoding, written at `input_pos` slots."""
+
+    def __init__(self, batch_size: int, max_seq_len: int, n_kv: int, head_dim: int, dtype, device) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, K, T, D) written at slots input_pos; returns the cache up to the last written slot."""
+        self.k[:, :, input_pos] = k.to(self.k.dtype)
+        self.v[:, :, input_pos] = v.to(self.v.dtype)
+        end = int(input_pos[-1]) + 1
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.qkv = nn.Linear(config.hidden_size, config.qkv_out_features, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=config.proj_bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos_sin, mask, input_pos=None, prefix_kv=None):
+        c = self.config
+        B, T, _ = x.shape
+        H, K, D = c.num_heads, c.num_kv_heads, c.head_dim
+        qkv = self.qkv(x)  # (B, T, (H + 2K) * D)
+        if c.qkv_layout == "per_head":
+            q, k, v = qkv.view(B, T, H, 3 * D).split(D, dim=-1)  # each (B, T, H, D)
+        else:
+            q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
+            q, k, v = q.view(B, T, H, D), k.view(B, T, K, D), v.view(B, T, K, D)
+
+        if c.rope == "2d":
+            (cos_p, sin_p), (cos_b, sin_b) = cos_sin
+            half = D // 2
+            q = torch.cat((apply_rotary_half_split(q[..., :half], cos_p, sin_p),
+                           apply_rotary_half_split(q[..., half:], cos_b, sin_b)), dim=-1)
+            k = torch.cat((apply_rotary_half_split(k[..., :half], cos_p, sin_p),
+                           apply_rotary_half_split(k[..., half:], cos_b, sin_b)), dim=-1)
+        else:
+            cos, sin = cos_sin
+            q, k = apply_rotary_interleaved(q, cos, sin), apply_rotary_interleaved(k, cos, sin)
+
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
+        if self.kv_cache is not None:
+            if input_pos is None:
+                raise ValueError("a KV cache is set up: pass input_pos (the cache slots of these tokens)")
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, K, S, D)
+        if prefix_kv is not None:  # P-tuning v2: every token sees the prefix keys/values (not rotated)
+            pk, pv = prefix_kv  # (B, K, P, D)
+            k = torch.cat((pk.to(k.dtype), k), dim=2)
+            v = torch.cat((pv.to(v.dtype), v), dim=2)
+        # ChatGLM-6B divides q by (layer+1)·√D and multiplies the fp32 scores back by (layer+1) to dodge fp16
+        # overflow: the same 1/√D attention, which SDPA computes (in fp32 accumulation on CPU).
+        # Grouped KV heads: head h reads kv group h // (H / K) (enable_gqa, without copying K/V per head).
+        if x.device.type == "cpu" and x.dtype != torch.float32 and T <= DECODE_ROWS:
+            # CPU SDPA takes 3-6x longer in bf16/fp16 than in fp32 for a few query rows (decoding): run it in
+            # fp32 on the same values (it accumulates in fp32 either way).
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                               enable_gqa=K != H).to(x.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=K != H)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    """gelu: fc -> tanh-GELU -> proj (ChatGLM-6B's 'GLU' is not gated). swiglu: silu(first half) * second half."""
+
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        self.kind = config.mlp
+        fc_out = config.ffn_hidden_size * (2 if config.mlp == "swiglu" else 1)
+        self.fc = nn.Linear(config.hidden_size, fc_out, bias=config.mlp_bias)
+        self.proj = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.residual = config.residual
+        self.alpha = config.deepnorm_alpha
+        self.ln_1 = make_norm(config)
+        self.attn = Attention(config, layer_idx)
+        self.ln_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos_sin, mask, input_pos=None, prefix_kv=None):
+        if self.residual == "deepnorm":  # ChatGLM-6B / GLM-130B: x = α·LN(x) + f(LN(x))
+            a = self.ln_1(x)
+            h = a * self.alpha + self.attn(a, cos_sin, mask, input_pos, prefix_kv)
+            m = self.ln_2(h)
+            return m * self.alpha + self.mlp(m)
+        x = x + self.attn(self.ln_1(x), cos_sin, mask, input_pos, prefix_kv)
+        return x + self.mlp(self.ln_2(x))
+
+
+# ------------------------------------------------------------------------------------------------------------ model
+class GLM(nn.Module):
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary = Rotary(config)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.ln_f = make_norm(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.prefix_encoder: nn.Module | None = None  # set by glmkit.adapters.ptuning.attach_prefix
+        self.gradient_checkpointing = False
+
+    # ------------------------------------------------------------------ positions and masks
+    def default_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """The family's own positions: [B, 2, T] for ChatGLM-6B, [B, T] otherwise. Left padding is skipped."""
+        B, T = input_ids.shape
+        pad = _left_pad_lengths(attention_mask, B, T, input_ids.device)
+        if self.config.rope != "2d":
+            pos = torch.arange(T, device=input_ids.device).expand(B, T) - pad[:, None]
+            return pos.clamp(min=0)
+        positions = torch.zeros(B, 2, T, dtype=torch.long, device=input_ids.device)
+        for b, row in enumerate(input_ids.tolist()):
+            p = int(pad[b])
+            ctx, mask_pos = self._context_and_mask_position(row[p:])
+            n = T - p
+            pos = torch.arange(n)
+            block = torch.zeros(n, dtype=torch.long)
+            if ctx < n:  # Part B (from <sop>): frozen at the mask's index, block ids 1, 2, ...
+                pos[ctx:] = mask_pos
+                block[ctx:] = torch.arange(1, n - ctx + 1)
+            positions[b, 0, p:] = pos
+            positions[b, 1, p:] = block
+        return positions
+
+    def _context_and_mask_position(self, row: list[int]) -> tuple[int, int]:
+        """ChatGLM-6B: context length = index of the first <sop>; mask = first [gMASK], else first [MASK].
+
+        Without <sop> the whole row is context (n); without any mask token positions freeze at <sop> - 1.
+        """
+        c = self.config
+        ctx = row.index(c.bos_token_id) if c.bos_token_id in row else len(row)
+        mask_token = c.gmask_token_id if c.gmask_token_id in row else c.mask_token_id
+        mask_pos = row.index(mask_token) if mask_token in row else max(ctx - 1, 0)
+        return ctx, mask_pos
+
+    def default_attention_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """Bool [B, 1, T, T], True = may attend: prefix-LM for ChatGLM-6B, causal otherwise; pads never attended."""
+        B, T = input_ids.shape
+        device = input_ids.device
+        allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril().expand(B, T, T).clone()
+        if self.config.attention == "prefix_lm":
+            pad = _left_pad_lengths(attention_mask, B, T, device)
+            for b, row in enumerate(input_ids.tolist()):
+                p = int(pad[b])
+                ctx = row.index(self.config.bos_token_id, p) if self.config.bos_token_id in row[p:] else 0
+                allowed[b, :, :ctx] = True  # everything sees the context before <sop>
+        if attention_mask is not None:
+            allowed &= attention_mask.bool()[:, None, :]
+        return allowed[:, None]
+
+    # ------------------------------------------------------------------ cache
+    def setup_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+        """Preallocates a KV cache for `batch_size` rows of up to `max_seq_len` tokens (prefix excluded)."""
+        c = self.config
+        dtype = dtype or self.wte.weight.dtype
+        device = self.wte.weight.device
+        for block in self.h:
+            block.attn.kv_cache = KVCache(batch_size, max_seq_len, c.num_kv_heads, c.head_dim, dtype, device)
+
+    def clear_cache(self) -> None:
+        for block in self.h:
+            block.attn.kv_cache = None
+
+    def reorder_cache(self, index: torch.Tensor) -> None:
+        """Beam search: row b of every cache becomes row index[b]."""
+        for block in self.h:
+            cache = block.attn.kv_cache
+            cache.k, cache.v = cache.k.index_select(0, index), cache.v.index_select(0, index)
+
+    @property
+    def has_cache(self) -> bool:
+        return self.h[0].attn.kv_cache is not None
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, input_pos: torch.Tensor | None = None,
+                last_logits_only: bool = False) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab] (float32).
+
+        position_ids: [B, T], or [B, 2, T] (positions, block positions) for ChatGLM-6B; None = the family's own.
+        attention_mask: None; [B, T] with 1 = token, 0 = left padding; or bool [B, 1, T, S] / [B, T, S] with
+        True = may attend (S = T, or the cache length when input_pos is given).
+        input_pos: [T] cache slots of these tokens (only with setup_cache()).
+        last_logits_only: return logits [B, 1, vocab] for the last position only (prefill needs no more).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        c = self.config
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= c.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {c.vocab_size}), got range "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if attention_mask is not None and attention_mask.dim() == 2 and tuple(attention_mask.shape) != (B, T):
+            raise ValueError(f"attention_mask [B, T] must have shape {(B, T)}, got {tuple(attention_mask.shape)}")
+        padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        if position_ids is None:
+            if input_pos is not None:
+                raise ValueError("with a KV cache, pass position_ids (generate.py computes them)")
+            position_ids = self.default_position_ids(input_ids, padding)
+        if attention_mask is None or attention_mask.dim() == 2:
+            if input_pos is not None:
+                raise ValueError("with a KV cache, pass a bool [B, 1, T, S] attention mask over cache slots")
+            mask = self.default_attention_mask(input_ids, padding)
+        else:
+            mask = attention_mask if attention_mask.dim() == 4 else attention_mask[:, None]
+            mask = mask.bool()
+            if input_pos is not None:
+                mask = mask[..., : int(input_pos[-1]) + 1]
+
+        prefix = None
+        if self.prefix_encoder is not None and c.pre_seq_len:
+            prefix = self.prefix_encoder(B)  # list over layers of (k, v), each (B, K, P, D)
+            ones = torch.ones(*mask.shape[:-1], c.pre_seq_len, dtype=torch.bool, device=mask.device)
+            mask = torch.cat((ones.expand(mask.shape[0], *ones.shape[1:]), mask), dim=-1)
+        # A row that may attend to nothing (a padding query) attends to everything instead of producing NaN,
+        # as the original's finite -10000 fill does; its output is never used.
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+
+        if c.rope == "2d":
+            if position_ids.dim() != 3 or position_ids.shape[1] != 2:
+                raise ValueError(f"ChatGLM-6B takes position_ids [B, 2, T], got {tuple(position_ids.shape)}")
+            cos_sin = (self.rotary.cos_sin(position_ids[:, 0]), self.rotary.cos_sin(position_ids[:, 1]))
+        else:
+            if position_ids.dim() != 2:
+                raise ValueError(f"position_ids must be [B, T], got {tuple(position_ids.shape)}")
+            cos_sin = self.rotary.cos_sin(position_ids)
+
+        x = self.wte(input_ids)  # (B, T, hidden)
+        for i, block in enumerate(self.h):
+            layer_prefix = prefix[i] if prefix is not None else None
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos_sin, mask, input_pos, layer_prefix,
+                                                      use_reentrant=False)
+            else:
+                x = block(x, cos_sin, mask, input_pos, layer_prefix)
+        if last_logits_only:
+            x = x[:, -1:]
+        x = self.ln_f(x)
+        return self.lm_head(x).float()
+
+    # ------------------------------------------------------------------ utilities
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random init for training from scratch: N(0, std), output projections N(0, std/√(2L)), norms 1/0."""
+        out_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, p in self.named_parameters():
+            if name.startswith("prefix_encoder"):
+                continue
+            if p.dim() >= 2:
+                s = out_std if name.endswith(("attn.proj.weight", "mlp.proj.weight")) else std
+                p.copy_(torch.randn(p.shape, generator=generator) * s)
+            elif "ln" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _left_pad_lengths(attention_mask: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
+    """Number of leading zeros in each row of a [B, T] padding mask (0 without a mask)."""
+    if attention_mask is None:
+        return torch.zeros(B, dtype=torch.long, device=device)
+    am = attention_mask.bool()
+    return torch.where(am.any(dim=1), am.long().argmax(dim=1), torch.full((B,), T, device=device))

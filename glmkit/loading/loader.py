@@ -1,0 +1,196 @@
+"""`glmkit.load_model` / `glmkit.save_model`: a checkpoint folder (or the bundled model, or a Hugging Face id) to a
+ready model and back, with the plug-ins applied: quantization while loading and P-tuning/LoRA adapters.
+
+Reading the files is glmkit.core.checkpoint's: the model is built on the meta device and tensors are streamed in one
+at a time, so peak memory stays near the final model size (below it when quantizing while loading).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from glmkit.adapters.lora import load_lora_adapter
+from glmkit.adapters.ptuning import PREFIX_KEY, attach_prefix
+from glmkit.core.causal_lm import GLMForCausalLM
+from glmkit.core.checkpoint import (
+    CheckpointError,
+    as_dtype,
+    assign,
+    chatglm_rope_mode,
+    default_dtype,
+    finish,
+    iter_tensors,
+    read_hf_config,
+    safetensors_metadata,
+    stream_into,
+    weight_files,
+)
+from glmkit.core.config import CHATGLM_V1_ALPHA_LAYERS, ConfigError, GLMConfig
+from glmkit.core.convert import converter_for, to_hf_config, to_thudm_state_dict
+from glmkit.core.hub import resolve_model_dir
+from glmkit.quant.quantize import QuantizedLinear, default_spec, prepare_model, quantization_spec, save_quantized
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device: str = "cpu",
+               adapter: str | os.PathLike | None = None, quantize: str | None = None, group_size: int | None = None,
+               scheme: str | None = None):
+    """Loads a GLM-family checkpoint folder (or bundled name, or Hugging Face id) as a GLMForCausalLM.
+
+    dtype: torch dtype or name; default = config.json's torch_dtype, as transformers does with
+    torch_dtype="auto", except that a float16 checkpoint loaded onto the CPU runs in bfloat16 (see
+    `default_dtype`); an explicit dtype= always wins. adapter: a P-tuning or LoRA folder applied on top.
+    quantize: "int8" | "int4" quantizes the four linears of every layer while loading, shard by shard.
+    """
+    folder = resolve_model_dir(path_or_id)
+    hf = read_hf_config(folder)
+    try:
+        config = GLMConfig.from_hf_config(hf)
+    except ConfigError as e:
+        raise ConfigError(f"{folder / 'config.json'}: {e}") from None
+    files = weight_files(folder)
+    target_dtype = as_dtype(dtype) if dtype is not None else default_dtype(config.torch_dtype, device)
+    config.torch_dtype = str(target_dtype).removeprefix("torch.")
+
+    with torch.device("meta"):
+        model = GLMForCausalLM(config)
+        if config.pre_seq_len:  # P-tuning weights merged into the checkpoint
+            attach_prefix(model, config.pre_seq_len, config.prefix_projection, config.prefix_hidden_size)
+
+    quant_spec = _quantization_spec(hf, files, quantize, group_size, scheme)
+    if quant_spec is not None:
+        prepare_model(model, quant_spec)
+        config.extra["quantization"] = quant_spec
+
+    converter = converter_for(config, hf)
+    defer = _quantized_weight_names(model, converter) if quant_spec is not None else None
+    stream_into(model, converter, iter_tensors(files, defer), target_dtype, source=folder)
+    if config.rope == "2d":
+        config.rope_fp16 = chatglm_rope_mode(target_dtype)
+    finish(model, converter, folder)
+
+    if adapter is not None:
+        load_adapter(model, adapter, dtype=target_dtype)
+    model.to(device)
+    model.eval()
+    model.name_or_path = str(path_or_id)
+    return model
+
+
+def load_adapter(model: nn.Module, adapter: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+    """Applies a P-tuning v2 folder (ChatGLM's layout) or a LoRA folder (PEFT's layout) to a loaded model."""
+    folder = Path(adapter).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder {folder} does not exist")
+    if (folder / "adapter_config.json").exists():
+        return load_lora_adapter(model, folder)
+    hf = read_hf_config(folder)
+    pre_seq_len = hf.get("pre_seq_len")
+    if not pre_seq_len:
+        raise CheckpointError(f"{folder} is neither a LoRA folder (adapter_config.json) nor a P-tuning folder "
+                              "(config.json with pre_seq_len)")
+    with torch.device("meta"):
+        encoder = attach_prefix(model, int(pre_seq_len), bool(hf.get("prefix_projection", False)))
+    files = weight_files(folder)
+    dtype = dtype or model.wte.weight.dtype
+    loaded = set()
+    for name, tensor in iter_tensors(files):
+        if not name.startswith(PREFIX_KEY):
+            raise CheckpointError(f"{folder}: a P-tuning checkpoint holds only {PREFIX_KEY}* weights, found {name!r}")
+        assign(model, "prefix_encoder." + name[len(PREFIX_KEY):], tensor, dtype)
+        loaded.add(name)
+    expected = {PREFIX_KEY + k for k in encoder.state_dict()}
+    if loaded != expected:
+        raise CheckpointError(f"{folder}: prefix weights missing {sorted(expected - loaded)}, "
+                              f"unexpected {sorted(loaded - expected)}")
+    return model
+
+
+def _quantization_spec(hf, files, quantize, group_size, scheme):
+    pre = quantization_spec(hf, safetensors_metadata(files))  # THUDM quantization_bit or glmkit metadata
+    if quantize is None:
+        return pre
+    if pre is not None:
+        raise ValueError("this checkpoint is already quantized; load it without quantize=")
+    bits = {"int8": 8, "int4": 4, "8": 8, "4": 4, 8: 8, 4: 4}.get(quantize)
+    if bits is None:
+        raise ValueError(f"quantize must be 'int8' or 'int4', got {quantize!r}")
+    return default_spec(bits, group_size=group_size, scheme=scheme)
+
+
+def _quantized_weight_names(model: nn.Module, converter) -> Callable[[str], bool]:
+    """The predicate "this checkpoint tensor is the float weight of a layer quantized while loading", for
+    tensors the converter hands over unchanged: those are read a block of rows at a time."""
+    def defer(name: str) -> bool:
+        target = converter.passthrough_target(name)
+        if not target or not target.endswith(".weight"):
+            return False
+        try:
+            module = model.get_submodule(target.removesuffix(".weight"))
+        except AttributeError:
+            return False
+        return isinstance(module, QuantizedLinear)
+
+    return defer
+
+
+# ------------------------------------------------------------------------------------------------ saving
+def save_model(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, dtype: torch.dtype | None = None,
+               max_shard_bytes: int | None = None) -> Path:
+    """Writes a THUDM-layout folder (config.json + model.safetensors, sharded if asked) that glmkit and the
+    original code both load; adds the tokenizer files when a tokenizer is given."""
+    from safetensors.torch import save_file
+
+    config: GLMConfig = model.config
+    if config.extra.get("quantization"):  # quantized layers have their own portable format and metadata
+        out = save_quantized(model, out_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        return out
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {}
+    for name, t in model.state_dict().items():
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        t = t.detach().cpu()
+        sd[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+    sd = to_thudm_state_dict(sd, config)
+    if config.family == "chatglm" and config.alpha_num_layers != CHATGLM_V1_ALPHA_LAYERS:
+        # ChatGLM-6B's code fixes α at √56 (glm-family.md §3.2), so its config.json cannot state another α: such a
+        # model is written with glmkit's own config (model_type "glmkit"), which only glmkit loads.
+        hf = {"model_type": "glmkit", **config.to_dict()}
+    else:
+        hf = to_hf_config(config)
+    if dtype is not None:
+        hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if max_shard_bytes:
+        shards, current, size = [], {}, 0
+        for k, v in sd.items():
+            nbytes = v.numel() * v.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[k] = v
+            size += nbytes
+        shards.append(current)
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+                 "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    else:
+        save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,77 @@
+"""Whole-checkpoint operations behind the commands, each usable from Python: a model and tokenizer for chat
+(`load_chat_model`), a LoRA folder merged into its base (`merge_lora_checkpoint`), a quantized copy of a
+checkpoint (`quantize_checkpoint`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glmkit.adapters.lora import ADAPTER_CONFIG, load_lora_adapter, merge_lora
+from glmkit.core.hub import resolve_model_dir
+from glmkit.loading.loader import load_model, save_model
+from glmkit.quant.calibrate import calibrate_and_quantize
+from glmkit.quant.quantize import default_spec, save_quantized
+from glmkit.tokenizer import load_tokenizer
+
+DEFAULT_MODEL = "glm-tiny"  # the bundled model: every command works with no download
+
+
+def model_name(path_or_id: str) -> str:
+    """The name shown to users and returned by the API: the bundled name, a hub id, or a folder's name."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path.resolve().name or str(path)
+    return path_or_id
+
+
+def load_chat_model(path_or_id: str = DEFAULT_MODEL, *, quantize: str | None = None, adapter: str | None = None,
+                    device: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) ready for chat; the tokenizer always comes from the base model."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(path_or_id, device=device, adapter=adapter, quantize=quantize)
+    model.eval()
+    tokenizer = load_tokenizer(path_or_id)
+    return model, tokenizer
+
+
+def merge_lora_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, output: str | os.PathLike,
+                          dtype: str | torch.dtype | None = None) -> Path:
+    """`glmkit merge-lora`: loads `base`, applies the LoRA folder `adapter`, folds it into the weights and writes
+    the merged model (with the base's tokenizer files when it has them) to `output`."""
+    adapter = Path(adapter)
+    if not (adapter / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(f"{adapter} has no {ADAPTER_CONFIG}; pass a LoRA adapter folder")
+    model = load_model(base, dtype=dtype)
+    load_lora_adapter(model, adapter)
+    merge_lora(model)
+    try:
+        tokenizer = load_tokenizer(base)
+    except FileNotFoundError:  # a weights-only base folder: the merged folder is weights-only too
+        tokenizer = None
+    return save_model(model, output, tokenizer=tokenizer)
+
+
+def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, bits: int, *, group_size: int | None = None,
+                        scheme: str | None = None, symmetric: bool = False, dtype: str | None = None,
+                        calibrate: bool = False, calibration_text: str | None = None, calibration_samples: int = 16,
+                        calibration_length: int = 256) -> Path:
+    """`glmkit quantize`: writes an INT8/INT4 copy of `src` (config.json + model.safetensors with the scheme in
+    its metadata, plus the tokenizer files) that load_model reads without quantizing again. With `calibrate`, the
+    float model is loaded whole and rounded with GPTQ on `calibration_text` (default: the bundled sample)."""
+    spec = default_spec(bits, group_size, scheme, symmetric or None)
+    src_dir = resolve_model_dir(src)
+    if calibrate:
+        # fp16 checkpoints load in bf16 on CPU by default (fast GEMMs; the unquantized parts are saved in bf16)
+        model = load_model(src_dir, dtype=dtype)
+        calibrate_and_quantize(model, load_tokenizer(src_dir), spec["bits"], spec["group_size"], spec["scheme"],
+                               spec["symmetric"], calibration_text, calibration_samples, calibration_length)
+    else:
+        name = "group-symmetric" if spec["scheme"] == "group" and spec["symmetric"] else spec["scheme"]
+        model = load_model(src_dir, dtype=dtype, quantize=f"int{spec['bits']}", group_size=spec["group_size"],
+                           scheme=name)
+    return save_quantized(model, dst, src_dir=src_dir)

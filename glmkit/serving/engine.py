@@ -1,0 +1,287 @@
+"""The decoding engine behind the HTTP API, and `ChatService`: a loaded model ready to answer requests.
+
+One decoding thread owns the model (its KV cache is per model). Requests wait in a FIFO queue; each round the thread
+takes the oldest request plus every waiting request it can decode together (greedy ones, or sampled ones with the
+same settings and no seed), left-pads them into one batch and runs it through
+`glmkit.core.generate.generate_stream`, which gives each row what it would get alone. A seeded sampled request runs
+alone so its seed means the same thing whatever else is queued. Per-request state (tokens, stop strings, limits,
+cancellation) lives in its own Job; a client that goes away cancels its row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from glmkit.serving.protocol import APIError, ChatFormat, SamplingParams
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH_SIZE = 16
+MAX_QUEUE = 256
+GATHER_SECONDS = 0.02  # how long a new batch waits for more requests to join it
+
+
+@dataclass
+class Job:
+    """One request's generation: its prompt, its settings, and the channel its tokens go back through."""
+
+    input_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def send(self, kind: str, value: Any = None) -> None:
+        # Called from the decoding thread; the queue belongs to the request's event loop.
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the loop is gone (server shutting down): nobody is listening
+            pass
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Engine:
+    """The decoding thread and its queue. `submit` is called from the event loop, everything else runs in the thread."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_batch_size: int = MAX_BATCH_SIZE,
+                 max_queue: int = MAX_QUEUE) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.gather_s = GATHER_SECONDS
+        self.context = int(model.config.max_seq_len)
+        self.eos_ids = set(_stop_token_ids(model, tokenizer))
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = model.config.pad_token_id
+        self.pad_id = int(pad if pad is not None else 0)
+        self._pending: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self.active = 0  # rows in the batch being decoded
+        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0}
+        self._thread = threading.Thread(target=self._run, name="glmkit-decoder", daemon=True)
+
+    # ---- event-loop side
+    def start(self) -> None:
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closing
+
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._closing:
+                raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+            if len(self._pending) >= self.max_queue:
+                raise APIError(503, f"the server is busy ({self.max_queue} requests waiting); retry shortly",
+                               type="server_error", code="server_busy")
+            self._pending.append(job)
+            self._cond.notify()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stops taking work, cancels what waits, lets the running batch see its cancellations, joins the thread."""
+        with self._cond:
+            self._closing = True
+            waiting = list(self._pending)
+            self._pending.clear()
+            self._cond.notify_all()
+        for job in waiting:
+            job.send("error", APIError(503, "the server is shutting down", type="server_error",
+                                       code="shutting_down"))
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ---- decoding-thread side
+    def _next_batch(self) -> list[Job] | None:
+        with self._cond:
+            while not self._pending and not self._closing:
+                self._cond.wait()
+            if self._closing:
+                return None
+            first = self._pending.popleft()
+            batch = [first]
+            key = first.params.batch_key()
+            if key is None:
+                return batch
+            # Clients that connect together reach the queue a few milliseconds apart (each request is parsed and
+            # tokenized first): a short wait lets them share this batch instead of queueing behind it.
+            deadline = time.monotonic() + self.gather_s
+            while len(self._pending) + 1 < self.max_batch_size and not self._closing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            longest, most_new = len(first.input_ids), first.params.max_new_tokens
+            for job in list(self._pending):
+                if len(batch) >= self.max_batch_size:
+                    break
+                if job.params.batch_key() != key:
+                    continue
+                # a left-padded batch runs max(prompt) + max(new) positions: it must fit the context
+                if max(longest, len(job.input_ids)) + max(most_new, job.params.max_new_tokens) > self.context:
+                    continue
+                longest = max(longest, len(job.input_ids))
+                most_new = max(most_new, job.params.max_new_tokens)
+                self._pending.remove(job)
+                batch.append(job)
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self.active = len(batch)
+            self.stats["requests"] += len(batch)
+            self.stats["batches"] += 1
+            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+            try:
+                self._decode(batch)
+            except Exception as err:  # a failed batch fails its requests, never the server
+                log.exception("generation failed")
+                for job in batch:
+                    job.send("error", APIError(500, f"generation failed: {type(err).__name__}: {err}",
+                                               type="server_error", code="generation_failed"))
+            finally:
+                self.active = 0
+
+    def _decode(self, batch: list[Job]) -> None:
+        import torch
+
+        from glmkit.core.chat import INVALID_SCORE_TOKEN_ID
+        from glmkit.core.generate import generate_stream, invalid_score_guard
+
+        live = [job for job in batch if not job.cancelled.is_set()]
+        for job in batch:
+            if job.cancelled.is_set():
+                job.send("end", "cancelled")
+        if not live:
+            return
+        width = max(len(job.input_ids) for job in live)
+        ids = torch.full((len(live), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(live), width), dtype=torch.long)
+        for row, job in enumerate(live):
+            n = len(job.input_ids)
+            ids[row, width - n:] = torch.tensor(job.input_ids, dtype=torch.long)
+            mask[row, width - n:] = 1
+        params = live[0].params
+        device = next(self.model.parameters()).device
+        stream = generate_stream(
+            self.model, ids.to(device), mask.to(device),
+            max_new_tokens=max(job.params.max_new_tokens for job in live),
+            do_sample=params.do_sample, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+            eos_token_id=sorted(self.eos_ids) or None, pad_token_id=self.pad_id, seed=params.seed,
+            # chat()'s NaN/inf guard, so a request gets what model.chat would give it
+            logits_processors=[lambda seen, scores: invalid_score_guard(seen, scores, INVALID_SCORE_TOKEN_ID)],
+        )
+        running = set(range(len(live)))
+        produced = [0] * len(live)
+        try:
+            with torch.inference_mode():
+                for tokens in stream:
+                    tokens = tokens.tolist()
+                    for row in sorted(running):
+                        job = live[row]
+                        if job.cancelled.is_set() or self._closing:
+                            job.send("end", "cancelled")
+                            running.discard(row)
+                            continue
+                        token = int(tokens[row])
+                        if token in self.eos_ids:
+                            job.send("end", "stop")
+                            running.discard(row)
+                            continue
+                        job.send("token", token)
+                        produced[row] += 1
+                        if produced[row] >= job.params.max_new_tokens:
+                            job.send("end", "length")
+                            running.discard(row)
+                    if not running:
+                        break
+        finally:
+            stream.close()
+        for row in running:  # the stream ran out (context or max_new_tokens reached)
+            live[row].send("end", "length")
+
+
+def _stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Token ids that end an answer: the ones model.chat stops at for this family."""
+    from glmkit.core import chat
+
+    return [int(i) for i in chat.stop_token_ids(model, tokenizer, chat.family_of(tokenizer)) if i is not None]
+
+
+class ChatService:
+    """A loaded model ready to answer: its name, its decoding engine and its chat format."""
+
+    def __init__(self, model: Any, tokenizer: Any, name: str, *, max_batch_size: int = MAX_BATCH_SIZE,
+                 max_queue: int = MAX_QUEUE) -> None:
+        self.name = name
+        self.created = int(time.time())
+        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
+        self.context = self.engine.context
+        self.format = ChatFormat(tokenizer, self.context)
+
+    async def generate(self, ids: list[int], params: SamplingParams, stop: list[str] = (), *,
+                       incremental: bool = True) -> AsyncIterator[tuple[str, str | None, int]]:
+        """Yields (text so far, finish reason or None, tokens so far); the last item carries the finish reason.
+
+        Text that might still turn into a stop string is held back, so the texts only ever grow and the last one
+        (cut before the first stop string) extends them all. With incremental=False (and no stop strings) only the
+        final item is produced, saving a decode per token.
+        """
+        job = Job(ids, params, asyncio.get_running_loop())
+        self.engine.submit(job)
+        tokens: list[int] = []
+        try:
+            while True:
+                kind, value = await job.events.get()
+                if kind == "error":
+                    raise value
+                if kind == "end":
+                    text = self.format.text(tokens)
+                    cut = _find_stop(text, stop) if stop else None
+                    reason = "stop" if value == "cancelled" or cut is not None else value
+                    yield (text if cut is None else text[:cut]), reason, len(tokens)
+                    return
+                tokens.append(value)
+                if not (incremental or stop):
+                    continue
+                text = self.format.text(tokens)
+                if stop:
+                    cut = _find_stop(text, stop)
+                    if cut is not None:
+                        job.cancel()
+                        yield text[:cut], "stop", len(tokens)
+                        return
+                    text = text[:len(text) - _partial_stop(text, stop)]
+                yield text, None, len(tokens)
+        finally:
+            job.cancel()  # a client that went away (or a stop string) frees its batch row
+
+
+def _find_stop(text: str, stop: list[str]) -> int | None:
+    hits = [text.find(s) for s in stop if s and s in text]
+    return min(hits) if hits else None
+
+
+def _partial_stop(text: str, stop: list[str]) -> int:
+    """Length of the longest end of `text` that begins some stop string (it may still become one)."""
+    best = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best

@@ -1,0 +1,130 @@
+"""Chat with a model in the terminal, the answer streamed as it is generated (`glmkit chat` runs this).
+
+Interactive (stdin is a terminal): a welcome line names the model and the commands; `clear` empties the history,
+`stop` or Ctrl-D quits, Ctrl-C interrupts the current answer and keeps the chat going.
+Through a pipe (stdin is not a terminal): each input line gets its answer on stdout, ended by a newline (the answer
+itself is not altered, so a multi-line answer stays multi-line), with no prompts or decoration; the welcome line goes
+to stderr. `clear` and `stop` work there too.
+
+From Python: `TerminalChat(model, tokenizer, "name").run_pipe(sys.stdin)` (or `.run_interactive()`, `.answer(q)`).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+from glmkit.core.chat import TextDelta, build_chat_input, response_text
+
+COMMANDS_HELP = "'clear' empties the history, 'stop' or Ctrl-D quits, Ctrl-C interrupts an answer"
+
+
+# ---------------------------------------------------------------------------------------------- the chat loop
+class TerminalChat:
+    """One chat session: the history, the generation settings, and the printing."""
+
+    def __init__(self, model: Any, tokenizer: Any, name: str, *, system: str | None = None,
+                 max_length: int | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, seed: int | None = None, out: TextIO = sys.stdout) -> None:
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.history: list = []
+        self.out = out
+        # unset options keep the family's chat defaults (max_length is capped at the model's context by chat())
+        self.gen_kwargs: dict[str, Any] = {}
+        if max_length is not None:
+            self.gen_kwargs["max_length"] = max_length
+        if max_new_tokens is not None:
+            self.gen_kwargs["max_new_tokens"] = max_new_tokens
+        if system is not None:
+            build_chat_input(tokenizer, "", [], system=system)  # a family without a system role fails here, early
+            self.gen_kwargs["system"] = system
+        if temperature is not None:
+            if temperature == 0:
+                self.gen_kwargs["do_sample"] = False  # temperature 0 means greedy
+            else:
+                self.gen_kwargs["temperature"] = temperature
+        if top_p is not None:
+            self.gen_kwargs["top_p"] = top_p
+        if seed is not None:
+            self.gen_kwargs["seed"] = seed
+
+    def welcome(self) -> str:
+        return f"glmkit chat with {self.name}: type a message and press Enter; {COMMANDS_HELP}."
+
+    def answer(self, query: str) -> bool:
+        """Streams one answer to `out`; False when Ctrl-C interrupted it (the partial answer stays in history)."""
+        delta = TextDelta()
+        response, history = "", self.history
+        kwargs = dict(self.gen_kwargs)
+        if self.history:
+            kwargs.pop("system", None)  # the first turn put it into the history (ChatGLM3/GLM-4 role messages)
+        stream = self.model.stream_chat(self.tokenizer, query, history=self.history, **kwargs)
+        try:
+            for response, history in stream:
+                self._write(delta.update(response_text(response)))
+            self._write(delta.finish(response_text(response)))
+            self.history = history
+            return True
+        except KeyboardInterrupt:
+            stream.close()
+            self._write(delta.finish(response_text(response)))
+            self._write(" [interrupted]")
+            if response:
+                self.history = history  # keep what was shown, so "go on" can continue it
+            return False
+        except ValueError as err:  # e.g. a query too long for max_length: say so and keep chatting
+            self._write(f"[error: {err}]")
+            return True
+
+    def _write(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.out.flush()
+
+    def run_interactive(self, stdin: TextIO = sys.stdin) -> int:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        print(self.welcome(), file=self.out, flush=True)
+        while True:
+            try:
+                query = input("\nYou: ").strip()
+            except EOFError:
+                print(file=self.out)
+                return 0
+            except KeyboardInterrupt:
+                print("\n(Ctrl-C interrupts an answer; type 'stop' or press Ctrl-D to quit)", file=self.out)
+                continue
+            if not query:
+                continue
+            if query == "stop":
+                return 0
+            if query == "clear":
+                self.history = []
+                print("History cleared.", file=self.out, flush=True)
+                continue
+            self._write(f"\n{self.name}: ")
+            self.answer(query)
+            self._write("\n")
+
+    def run_pipe(self, stdin: TextIO = sys.stdin) -> int:
+        """One answer per input line, nothing else on stdout."""
+        print(self.welcome(), file=sys.stderr, flush=True)
+        try:
+            for line in stdin:
+                query = line.strip()
+                if not query:
+                    continue
+                if query == "stop":
+                    break
+                if query == "clear":
+                    self.history = []
+                    continue
+                if not self.answer(query):
+                    self._write("\n")
+                    return 130
+                self._write("\n")
+        except KeyboardInterrupt:
+            return 130
+        return 0

@@ -1,0 +1,94 @@
+"""A Gradio chat page in the browser, the answer streamed as it is generated: `build_demo` builds it for a loaded
+model, `launch` serves it (`glmkit web` is glmkit.commands.web).
+
+The page names the model and has max_length / top_p / temperature sliders (ChatGLM-6B's web demo defaults:
+2048, 0.7, 0.95; temperature 0 = greedy) and a Clear button. All chat events share one concurrency slot, so only
+one answer is generated at a time (the model's KV cache is per model); other visitors wait in Gradio's queue.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Iterator
+
+from glmkit.core.chat import response_text
+
+# Gradio phones home for analytics unless told not to; this tool runs offline.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+DEFAULTS = {"max_length": 2048, "top_p": 0.7, "temperature": 0.95}
+
+
+def chat_kwargs(max_length: float, top_p: float, temperature: float, context: int) -> dict[str, Any]:
+    """Slider values -> model.stream_chat keyword arguments."""
+    kwargs: dict[str, Any] = {"max_length": max(1, min(int(max_length), context))}
+    if temperature <= 0 or top_p <= 0:
+        kwargs["do_sample"] = False
+    else:
+        kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))
+    return kwargs
+
+
+def build_demo(model: Any, tokenizer: Any, name: str):
+    """The Gradio Blocks page for one loaded model."""
+    import gradio as gr
+
+    context = int(model.config.max_seq_len)
+
+    def respond(query: str, messages: list, history: list, max_length: float, top_p: float,
+                temperature: float) -> Iterator[tuple[list, list, str]]:
+        query = (query or "").strip()
+        if not query:
+            yield messages, history, ""
+            return
+        messages = list(messages or []) + [{"role": "user", "content": query}, {"role": "assistant", "content": ""}]
+        yield messages, history, ""
+        kwargs = chat_kwargs(max_length, top_p, temperature, context)
+        for response, new_history in model.stream_chat(tokenizer, query, history=history, **kwargs):
+            messages[-1] = {"role": "assistant", "content": response_text(response)}
+            history = new_history
+            yield messages, history, ""
+
+    with gr.Blocks(title=f"glmkit chat: {name}") as demo:
+        gr.Markdown(f"## glmkit chat\nModel: **{name}** (context {context} tokens)", elem_id="model-name")
+        chatbot = gr.Chatbot(label=name, height=540, elem_id="chatbot")
+        history = gr.State([])  # what model.chat takes as history, kept apart from the rendered messages
+        with gr.Row():
+            box = gr.Textbox(show_label=False, placeholder="Type a message and press Enter", scale=5,
+                             elem_id="query", autofocus=True)
+            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+        with gr.Row():
+            max_length = gr.Slider(1, context, value=min(DEFAULTS["max_length"], context), step=1,
+                                   label="max_length", elem_id="max-length")
+            top_p = gr.Slider(0, 1, value=DEFAULTS["top_p"], step=0.01, label="top_p", elem_id="top-p")
+            temperature = gr.Slider(0, 1, value=DEFAULTS["temperature"], step=0.01,
+                                    label="temperature (0 = greedy)", elem_id="temperature")
+        clear = gr.Button("Clear", elem_id="clear")
+
+        inputs = [box, chatbot, history, max_length, top_p, temperature]
+        outputs = [chatbot, history, box]
+        answering = [event(respond, inputs, outputs, concurrency_limit=1, concurrency_id="chat",
+                           show_progress="hidden") for event in (box.submit, send.click)]
+        # Clear stops an answer being streamed, then empties the chat and the history
+        clear.click(lambda: ([], [], ""), None, outputs, queue=False, cancels=answering)
+        chatbot.clear(lambda: [], None, history, queue=False)  # the chat box's own trash button: forget it too
+    return demo
+
+
+def _theme():
+    """Gradio's default theme with system fonts: the default pulls web fonts from Google, unreachable offline."""
+    import gradio as gr
+
+    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                             font_mono=["ui-monospace", "Consolas", "monospace"])
+
+
+def launch(model: Any, tokenizer: Any, name: str, host: str = "127.0.0.1", port: int = 7860,
+           share: bool = False) -> None:
+    """Serves `build_demo(model, tokenizer, name)` on host:port until interrupted; share=True also opens a public
+    gradio.live link (needs internet)."""
+    demo = build_demo(model, tokenizer, name)
+    print(f"glmkit web: {name} on http://{host}:{port} (Ctrl-C stops)", file=sys.stderr, flush=True)
+    demo.queue(max_size=64).launch(server_name=host, server_port=port, share=share,
+                                   inbrowser=False, show_error=True, ssr_mode=False, theme=_theme(), quiet=True)

@@ -1,0 +1,149 @@
+"""FinetuneArgs: the options of glmkit.training.finetune.finetune, named as ChatGLM-6B's ptuning/main.py flags.
+
+Every field is the `glmkit finetune` flag of the same name with the same default (`--learning_rate 2e-2` is
+`FinetuneArgs(learning_rate=2e-2, ...)`); a field's `metadata["help"]` is that flag's help text, which the command's
+parser shows. validate() and resolve_method() are the checks finetune() runs before loading anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("ptuning", "lora", "full")
+QUANTIZATION_BITS = (4, 8)
+DTYPES = ("float32", "bfloat16", "float16")
+# the flag each do_* switch needs
+INPUT_FILES = {"do_train": "train_file", "do_eval": "validation_file", "do_predict": "test_file"}
+
+
+def _opt(default: Any = None, help: str | None = None) -> Any:
+    return field(default=default, metadata={"help": help} if help is not None else {})
+
+
+@dataclass(kw_only=True)
+class FinetuneArgs:
+    """What to do (do_train / do_eval / do_predict), the model and method, the data, the training loop and
+    generation; only model_name_or_path and output_dir are required.
+
+    The method is P-tuning v2 when pre_seq_len is given, else full fine-tuning (as main.py), unless `method` says
+    otherwise. Some fields (overwrite_cache, preprocessing_num_workers, fp16, report_to, deepspeed, local_rank) are
+    accepted so main.py's scripts run unchanged and do nothing more than a note.
+    """
+
+    # ---- what to do
+    do_train: bool = _opt(False, "train on --train_file")
+    do_eval: bool = _opt(False, "evaluate on --validation_file (eval_* metrics)")
+    do_predict: bool = _opt(False, "predict on --test_file (predict_* metrics)")
+    predict_with_generate: bool = _opt(
+        False, "generate answers and score them with ROUGE/BLEU; without it --do_eval reports the loss "
+               "(--do_predict always generates: main.py without it writes no predictions or scores)")
+
+    # ---- model
+    model_name_or_path: str = field(metadata={"help": "base model folder, bundled name or HF id"})
+    ptuning_checkpoint: str | None = _opt(None, "P-tuning checkpoint folder to load on the base")
+    adapter: str | None = _opt(None, "P-tuning or LoRA folder to load on the base")
+    method: str | None = _opt(None, "default: ptuning when --pre_seq_len is given, else full")  # one of METHODS
+    pre_seq_len: int | None = _opt(None, "P-tuning v2 prefix length")
+    prefix_projection: bool = _opt(False, "P-tuning v2 with the two-layer MLP reparam.")
+    quantization_bit: int | None = _opt(None, "load the base as INT4/INT8 (frozen; P-tuning and LoRA train through it)")
+    lora_rank: int = 8
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.1
+    lora_target: str = _opt("attn.qkv", "comma-separated modules: attn.qkv, attn.proj, mlp.fc, mlp.proj (or THUDM "
+                                        "names), or all")
+    dtype: str = _opt("float32", "dtype of the loaded base weights")  # one of DTYPES
+    device: str | None = _opt(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
+    num_threads: int | None = _opt(None, "CPU threads for torch (default: the cores not already busy, at least 1; on "
+                                         "a shared, oversubscribed CPU extra threads make small models many times "
+                                         "slower)")
+
+    # ---- data (JSON Lines files; one object per line)
+    train_file: str | None = None
+    validation_file: str | None = None
+    test_file: str | None = None
+    prompt_column: str = "content"
+    response_column: str = "summary"
+    history_column: str | None = _opt(None, "list of [query, response] pairs (multi-turn data)")
+    source_prefix: str = _opt("", "text put before every prompt")
+    max_source_length: int = 64  # prompt tokens kept
+    max_target_length: int = 128  # answer tokens kept
+    val_max_target_length: int | None = _opt(None, "default: --max_target_length")
+    max_train_samples: int | None = None  # first N rows of each file
+    max_eval_samples: int | None = None
+    max_predict_samples: int | None = None
+    ignore_pad_token_for_loss: bool = True
+    overwrite_cache: bool = _opt(False, "accepted for main.py compatibility (no cache)")
+    preprocessing_num_workers: int | None = _opt(None, "accepted for compatibility")
+
+    # ---- training (HF Trainer's defaults)
+    output_dir: str = field(metadata={})  # checkpoints and *_results.json go here
+    overwrite_output_dir: bool = _opt(False, "allow an --output_dir with checkpoints")
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    max_steps: int = _opt(-1, "optimizer steps; -1 = --num_train_epochs")
+    num_train_epochs: float = 3.0
+    warmup_steps: int = 0
+    logging_steps: int = 10
+    save_steps: int = 500
+    seed: int = 42
+    bf16: bool = _opt(False, "bfloat16 autocast for forward/backward")
+    fp16: bool = _opt(False, "accepted for compatibility; use --bf16 on CPU")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward")
+    resume_from_checkpoint: str | None = _opt(None, "an OUT/checkpoint-N folder to continue from")
+    report_to: str | None = _opt(None, "accepted for compatibility (logs go to stdout)")
+    deepspeed: str | None = _opt(None, "accepted for ds_train_finetune.sh compatibility; use torchrun")
+    local_rank: int = _opt(-1, "set by launchers; torchrun's LOCAL_RANK is used")
+    disable_tqdm: bool = False
+
+    # ---- generation (predict_with_generate; defaults as main.py)
+    generation_max_length: int | None = _opt(None, "prompt + answer tokens (main.py: 512 for ChatGLM-6B, "
+                                                   "source+target+1 for ChatGLM2)")
+    do_sample: bool = True
+    top_p: float = 0.7
+    temperature: float = 0.95
+
+
+def validate(args: FinetuneArgs) -> None:
+    """ValueError, naming the flag, for options that cannot work together (before anything is loaded)."""
+    if args.method is not None and args.method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
+    if args.quantization_bit is not None and args.quantization_bit not in QUANTIZATION_BITS:
+        raise ValueError(f"--quantization_bit must be 4 or 8, got {args.quantization_bit}")
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    if not (args.do_train or args.do_eval or args.do_predict):
+        raise ValueError("nothing to do: pass --do_train, --do_eval and/or --do_predict")
+    for flag, file_field in INPUT_FILES.items():
+        if getattr(args, flag) and not getattr(args, file_field):
+            raise ValueError(f"--{flag} requires --{file_field}")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "logging_steps", "save_steps"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.pre_seq_len is not None and args.pre_seq_len < 0:
+        raise ValueError(f"--pre_seq_len must be >= 0, got {args.pre_seq_len}")
+    if args.do_train and args.max_steps <= 0 and args.num_train_epochs <= 0:
+        raise ValueError("set --max_steps or a positive --num_train_epochs")
+    if args.ptuning_checkpoint and args.adapter:
+        raise ValueError("pass either --ptuning_checkpoint or --adapter, not both")
+
+
+def resolve_method(args: FinetuneArgs) -> str:
+    """ptuning, lora or full: --method, else ptuning when --pre_seq_len is given, else full (as main.py)."""
+    method = args.method or ("ptuning" if args.pre_seq_len is not None else "full")
+    if method == "ptuning" and args.pre_seq_len is None and args.ptuning_checkpoint is None and args.do_train:
+        raise ValueError("--method ptuning needs --pre_seq_len (the prefix length, e.g. 128)")
+    if method != "ptuning" and args.pre_seq_len is not None:
+        raise ValueError(f"--pre_seq_len is a P-tuning option but --method is {method}")
+    if method == "full" and args.quantization_bit and args.do_train:
+        raise ValueError("full fine-tuning cannot train INT4/INT8 weights; use --method ptuning or lora with "
+                         "--quantization_bit, or drop --quantization_bit")
+    return method
