@@ -27,7 +27,7 @@ def __getattr__(name):
 
         return save_model
     if name == "load_tokenizer":
-        from glmkit.tokenizer import load_tokenizer
+        from glmkit.core.tokenizer import load_tokenizer
 
         return load_tokenizer
     if name == "fill":  # the module, so that glmkit.fill.fill(...) works after a plain `import glmkit`

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import random
 import socket
 from pathlib import Path
 
 import pytest
 import torch
+
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative L2 error of `a` against the reference `b`."""
@@ -21,7 +23,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
 
 # ChatGLM-6B tiny: vocab ids laid out like the slim checkpoint (mask/gmask/bos/eos near the top).
 CHATGLM_V1_HF = {
@@ -162,9 +165,10 @@ def tiny_chatglm_with_tokenizer(root: Path, std: float, seed: int):
     """A random tiny ChatGLM-6B-layout model with a tokenizer trained on POEMS, saved to root/model and loaded back
     through glmkit's own loader. Returns (model, tokenizer, model folder)."""
     from glmkit.core.config import GLMConfig
-    from glmkit.loading.loader import load_model, save_model
     from glmkit.core.model import GLM
-    from glmkit.tokenizer import load_tokenizer, train_tokenizer
+    from glmkit.core.tokenizer import load_tokenizer
+    from glmkit.loading.loader import load_model, save_model
+    from glmkit.training.tokenizer import train_tokenizer
 
     rows = [f"{p}（{i}）" for i in range(40) for p in POEMS]
     (root / "c.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in rows),
@@ -179,3 +183,53 @@ def tiny_chatglm_with_tokenizer(root: Path, std: float, seed: int):
     model.init_weights(std=std, generator=torch.Generator().manual_seed(seed))
     save_model(model, root / "model", tokenizer=tok)
     return load_model(root / "model", dtype="float32").eval(), load_tokenizer(root / "model"), root / "model"
+
+
+# A tiny random chat model with its own tokenizer, for the serving tests (terminal, HTTP, browser).
+WORDS = ("the a cat dog runs fast slow model answer question hello world river stone light "
+         "你好 世界 模型 回答 问题 我们 今天 天气 很好 , . ? !").split()
+
+
+def build_tiny_chat_model(out: Path, family: str = "chatglm3", *, endless: bool = False, max_seq_len: int = 512,
+                          std: float = 0.3, seed: int = 0) -> Path:
+    """Writes a tiny random GLM checkpoint with a freshly trained tokenizer to `out`; returns `out`.
+
+    std: weight init scale; 0.3 (not the usual 0.02) makes a random model's answer depend visibly on its prompt.
+    endless=True zeroes the output rows of every special token and of every token that does not decode to visible
+    text (newlines, blanks, bytes), so greedy decoding never stops early and answers are one readable line: the
+    other logits (std ~1.7 here) are never all below 0. Answers then run to the length limit, long enough to
+    interrupt.
+    """
+    from glmkit.core.causal_lm import GLMForCausalLM
+    from glmkit.core.config import GLMConfig
+    from glmkit.loading.loader import save_model
+    from glmkit.training.tokenizer import train_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    corpus = out.parent / f"{out.name}-corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(2000)),
+                      encoding="utf-8")
+    tok = train_tokenizer([corpus], 600 if family == "chatglm" else 512, family, out)
+    overrides = dict(vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4, ffn_hidden_size=64,
+                     max_seq_len=max_seq_len, torch_dtype="float32", eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id)
+    if family == "chatglm":
+        overrides.update(bos_token_id=tok.bos_token_id, mask_token_id=tok.get_command("[MASK]"),
+                         gmask_token_id=tok.get_command("[gMASK]"))
+        preset = "chatglm-6b"
+    else:
+        overrides.update(num_kv_heads=2, head_dim=8)
+        preset = "chatglm3-6b" if family == "chatglm3" else "chatglm2-6b"
+    config = GLMConfig.from_name(preset, **overrides)
+    torch.manual_seed(seed)
+    model = GLMForCausalLM(config)
+    model.init_weights(std=std)
+    if endless:
+        with torch.no_grad():
+            for i in range(config.vocab_size):
+                text = tok.decode([i])
+                if i in tok.special_token_ids or not text.strip() or not text.isprintable() or "\ufffd" in text:
+                    model.lm_head.weight[i] = 0
+    save_model(model, out, tokenizer=tok)
+    return out

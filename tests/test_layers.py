@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "glmkit"
+from tests.conftest import REPO
+
+PACKAGE = REPO / "glmkit"
 
 # Lowest first. A module may import its own layer or any layer below it. The same rank may hold several folders
 # that do not depend on each other's internals (training, evaluation, serving); circles are checked separately.

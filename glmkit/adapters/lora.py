@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from glmkit.quant.quantize import QuantizedLinear
+
 DEFAULT_TARGETS = ("attn.qkv",)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -66,10 +68,6 @@ def lora_config(rank: int = 8, alpha: float = 32.0, dropout: float = 0.1,
 def _register_quantized(config) -> None:
     """Lets PEFT wrap glmkit's QuantizedLinear: PEFT's dense LoRA layer only needs in/out features and a base
     forward that accepts float inputs, which QuantizedLinear provides."""
-    try:
-        from glmkit.quant.quantize import QuantizedLinear
-    except ImportError:  # quantization not installed in this build
-        return
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     if not issubclass(QuantizedLinear, nn.Linear):

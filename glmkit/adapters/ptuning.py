@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from glmkit.core.config import GLMConfig
+from glmkit.core.convert import to_hf_config
 
 PREFIX_KEY = "transformer.prefix_encoder."
 
@@ -78,8 +79,6 @@ def prefix_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_ptuning_checkpoint(model: nn.Module, out_dir: str | Path) -> Path:
     """Writes ChatGLM's P-tuning layout: config.json (with pre_seq_len) + pytorch_model.bin (prefix only)."""
-    from glmkit.core.convert import to_hf_config
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf = to_hf_config(model.config)

@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from glmkit.core.tokenizer import load_tokenizer
 from glmkit.evaluation.perplexity import perplexity_report, read_texts
 from glmkit.loading.loader import load_model
-from glmkit.tokenizer import load_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:

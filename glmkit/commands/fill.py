@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from glmkit.core.fill import fill
+from glmkit.core.tokenizer import load_tokenizer
 from glmkit.loading.loader import load_model
-from glmkit.tokenizer import load_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,6 +33,9 @@ from typing import Any
 
 import torch
 
+from glmkit.core.generate import beam_search, generate_stream, invalid_score_guard
+from glmkit.core.tokenizer import load_tokenizer
+
 Turn = tuple[str, str]
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -67,8 +70,6 @@ def as_glmkit_tokenizer(tokenizer):
     if getattr(tokenizer, "family", None) in DEFAULTS:
         return tokenizer
     from pathlib import Path
-
-    from glmkit.tokenizer import load_tokenizer
 
     vocab_file = getattr(tokenizer, "vocab_file", None)
     if isinstance(vocab_file, str) and Path(vocab_file).is_file():
@@ -319,8 +320,6 @@ def stream_chat(model, tokenizer, query: str, history: Sequence[Any] | None = No
 
     A response whose text ends in an incomplete UTF-8 character ("\\ufffd") is held back until it completes (as
     ChatGLM2/3 do); the final state is always yielded."""
-    from glmkit.core.generate import generate_stream, invalid_score_guard
-
     tokenizer = as_glmkit_tokenizer(tokenizer)
     family = family_of(tokenizer)
     if not isinstance(num_beams, int) or num_beams < 1:
@@ -341,8 +340,6 @@ def stream_chat(model, tokenizer, query: str, history: Sequence[Any] | None = No
     gen_kwargs.setdefault("eos_token_id", stop_token_ids(model, tokenizer, family))
     device = getattr(model, "device", None) or next(model.parameters()).device
     if num_beams > 1:
-        from glmkit.core.generate import beam_search
-
         beams = beam_search(model, torch.tensor([ids], dtype=torch.long, device=device), num_beams=num_beams,
                             max_length=limit, eos_token_id=gen_kwargs["eos_token_id"], logits_processors=processors,
                             repetition_penalty=gen_kwargs.get("repetition_penalty", 1.0))

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from glmkit.core.presets import PRESETS
+
 # ChatGLM-6B's code computes DeepNorm's α from this default argument, never from config.num_layers.
 CHATGLM_V1_ALPHA_LAYERS = 28
 
@@ -131,8 +133,6 @@ class GLMConfig:
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> GLMConfig:
-        from glmkit.core.presets import PRESETS
-
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
         return cls(**{**PRESETS[name], "name": name, **overrides})

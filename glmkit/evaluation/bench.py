@@ -21,6 +21,11 @@ from collections.abc import Sequence
 
 import torch
 
+from glmkit.core.causal_lm import GLMForCausalLM
+from glmkit.core.config import GLMConfig
+from glmkit.core.generate import generate_stream
+from glmkit.quant.quantize import QuantizedLinear, default_spec, prepare_model
+
 PRECISIONS = ("bf16", "int8", "int4")
 
 
@@ -55,10 +60,6 @@ def peak_rss_bytes() -> int:
 
 
 def _build_model(precision: str, layers: int, group_size: int | None, seed: int = 0, preset: str = "chatglm-6b"):
-    from glmkit.core.causal_lm import GLMForCausalLM
-    from glmkit.core.config import GLMConfig
-    from glmkit.quant.quantize import QuantizedLinear, default_spec, prepare_model
-
     config = GLMConfig.from_name(preset, num_layers=layers, torch_dtype="bfloat16")
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
@@ -104,8 +105,6 @@ def _build_model(precision: str, layers: int, group_size: int | None, seed: int 
 def weight_bytes_per_token(model) -> int:
     """Bytes of weights one decode step reads: every parameter and quantized buffer except the embedding table
     (one row of it is read)."""
-    from glmkit.quant.quantize import QuantizedLinear
-
     total = 0
     seen = set()
     for name, module in model.named_modules():
@@ -125,8 +124,6 @@ def weight_bytes_per_token(model) -> int:
 
 def run_one(precision: str, layers: int, prompt_tokens: int, decode_tokens: int, group_size: int | None,
             threads: int | None, preset: str = "chatglm-6b") -> dict:
-    from glmkit.core.generate import generate_stream
-
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()

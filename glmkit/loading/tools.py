@@ -12,10 +12,10 @@ import torch
 
 from glmkit.adapters.lora import ADAPTER_CONFIG, load_lora_adapter, merge_lora
 from glmkit.core.hub import resolve_model_dir
+from glmkit.core.tokenizer import load_tokenizer
 from glmkit.loading.loader import load_model, save_model
 from glmkit.quant.calibrate import calibrate_and_quantize
 from glmkit.quant.quantize import default_spec, save_quantized
-from glmkit.tokenizer import load_tokenizer
 
 DEFAULT_MODEL = "glm-tiny"  # the bundled model: every command works with no download
 

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from glmkit.core.convert import to_hf_config, to_thudm_state_dict
 from glmkit.quant import kernels
 
 QUANT_KEY = "glmkit_quantization"  # config.json key and safetensors metadata key of glmkit checkpoints
@@ -649,8 +650,6 @@ def save_quantized(model: nn.Module, out_dir: str | Path, src_dir: str | Path | 
     """Writes config.json (SRC's, or the model's own in THUDM layout, with the quantization key added) and
     model.safetensors in THUDM tensor names with the scheme in its metadata, plus SRC's tokenizer files."""
     from safetensors.torch import save_file
-
-    from glmkit.core.convert import to_hf_config, to_thudm_state_dict
 
     spec = model_spec(model)
     out = Path(out_dir)

@@ -18,6 +18,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+from glmkit.core import chat
+from glmkit.core.chat import INVALID_SCORE_TOKEN_ID
+from glmkit.core.generate import generate_stream, invalid_score_guard
 from glmkit.serving.protocol import APIError, ChatFormat, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -159,9 +162,6 @@ class Engine:
     def _decode(self, batch: list[Job]) -> None:
         import torch
 
-        from glmkit.core.chat import INVALID_SCORE_TOKEN_ID
-        from glmkit.core.generate import generate_stream, invalid_score_guard
-
         live = [job for job in batch if not job.cancelled.is_set()]
         for job in batch:
             if job.cancelled.is_set():
@@ -217,8 +217,6 @@ class Engine:
 
 def _stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     """Token ids that end an answer: the ones model.chat stops at for this family."""
-    from glmkit.core import chat
-
     return [int(i) for i in chat.stop_token_ids(model, tokenizer, chat.family_of(tokenizer)) if i is not None]
 
 

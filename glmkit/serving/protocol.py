@@ -11,6 +11,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from glmkit.core import chat
+from glmkit.core.chat import DEFAULTS, HF_DEFAULT_TOP_K, build_chat_input, family_of, fit_history
+
 MAX_STOP_SEQUENCES = 4
 # ChatGLM-6B's api.py defaults for POST /
 LEGACY_DEFAULTS = {"max_length": 2048, "top_p": 0.7, "temperature": 0.95}
@@ -51,7 +54,6 @@ def sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | 
     sampling keeps the 50 most likely tokens first (transformers' top_k default, which ChatGLM's chat inherits)."""
     if temperature == 0 or top_p == 0:
         return SamplingParams(max_new_tokens=max_new_tokens, do_sample=False, seed=seed)
-    from glmkit.core.chat import HF_DEFAULT_TOP_K
 
     return SamplingParams(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p,
                           top_k=HF_DEFAULT_TOP_K, seed=seed)
@@ -62,15 +64,11 @@ class ChatFormat:
     tokens -> text as the family's chat() post-processes it."""
 
     def __init__(self, tokenizer: Any, context: int) -> None:
-        from glmkit.core.chat import DEFAULTS, family_of
-
         self.tokenizer, self.context = tokenizer, context
         self.family = family_of(tokenizer)
         self.defaults = DEFAULTS[self.family]  # the family's chat temperature / top_p
 
     def prompt_ids(self, query: str, history: list, system: str | None) -> list[int]:
-        from glmkit.core.chat import build_chat_input
-
         if system is not None and self.family in ("chatglm", "chatglm2"):
             # no system role in these families: fold it into the query, as ChatGLM2-6B's openai_api.py did
             query, system = f"{system}\n{query}", None
@@ -89,8 +87,6 @@ class ChatFormat:
         """The answer text of the generated tokens (stop token excluded), post-processed as the family's chat()
         does it. ChatGLM3/GLM-4 answers start with a metadata line, empty for a plain answer; a non-empty one
         (a tool call) is returned as the model wrote it."""
-        from glmkit.core import chat
-
         text = self.tokenizer.decode(token_ids)
         if self.family == "chatglm":
             return chat.process_chatglm_response(text)
@@ -287,7 +283,6 @@ def parse_legacy_request(body: Any, fmt: ChatFormat) -> tuple[list[int], Samplin
     top_p = LEGACY_DEFAULTS["top_p"] if top_p is None else top_p
     temperature = LEGACY_DEFAULTS["temperature"] if temperature is None else temperature
     # as model.chat does: history that does not fit is dropped oldest turn first (the reply keeps all of it)
-    from glmkit.core.chat import fit_history
 
     limit = min(max_length, fmt.context)
     try:

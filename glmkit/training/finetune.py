@@ -31,6 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from glmkit.adapters.lora import apply_lora, has_lora, load_lora_adapter, mark_only_lora_as_trainable
+from glmkit.adapters.ptuning import attach_prefix, mark_only_prefix_as_trainable
+from glmkit.core.tokenizer import load_tokenizer
+from glmkit.loading.loader import load_adapter, load_model
 from glmkit.training.data.finetune import IGNORE_INDEX, Columns, Lengths, build_examples, check_columns, read_rows
 from glmkit.training.finetune_args import FinetuneArgs, resolve_method, validate
 from glmkit.training.finetune_checkpoint import init_distributed
@@ -152,9 +156,6 @@ def _set_cpu_threads(requested: int | None, world: int) -> int:
 def load_for_finetune(args: FinetuneArgs, method: str):
     """(model, tokenizer): the base model (+ adapter, + fresh trainable parts) and its tokenizer, as the method and
     flags say."""
-    from glmkit.loading.loader import load_model
-    from glmkit.tokenizer import load_tokenizer
-
     quantize = {4: "int4", 8: "int8"}.get(args.quantization_bit) if args.quantization_bit else None
     base = args.model_name_or_path
     if method == "full" and args.resume_from_checkpoint:
@@ -169,8 +170,6 @@ def load_for_finetune(args: FinetuneArgs, method: str):
         load_adapter_folder(model, adapter, trainable=bool(args.do_train))
 
     if method == "ptuning" and args.do_train:
-        from glmkit.adapters.ptuning import attach_prefix, mark_only_prefix_as_trainable
-
         if model.prefix_encoder is None:
             if args.pre_seq_len is None:
                 raise ValueError("--method ptuning needs --pre_seq_len")
@@ -181,8 +180,6 @@ def load_for_finetune(args: FinetuneArgs, method: str):
         model.prefix_encoder.float()  # as main.py: the prefix trains in fp32 over a half/quantized base
         mark_only_prefix_as_trainable(model)
     elif method == "lora" and args.do_train:
-        from glmkit.adapters.lora import apply_lora, has_lora, mark_only_lora_as_trainable
-
         if has_lora(model):
             mark_only_lora_as_trainable(model)
         else:
@@ -203,10 +200,7 @@ def load_adapter_folder(model: nn.Module, folder: str | Path, trainable: bool = 
     with transformer.prefix_encoder.*), as main.py's --ptuning_checkpoint loads it."""
     folder = Path(folder)
     if (folder / "adapter_config.json").is_file():
-        from glmkit.adapters.lora import load_lora_adapter
-
         return load_lora_adapter(model, folder, trainable=trainable)
-    from glmkit.loading.loader import load_adapter
 
     load_adapter(model, folder)
     if model.prefix_encoder is not None:

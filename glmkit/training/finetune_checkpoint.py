@@ -14,6 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from glmkit.adapters.lora import save_lora_adapter
+from glmkit.adapters.ptuning import save_ptuning_checkpoint
+from glmkit.core.causal_lm import GLMForCausalLM
+from glmkit.loading.loader import save_model
+
 STATE_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
 
 
@@ -62,16 +67,12 @@ def save_full_model(model: nn.Module, out_dir: str | Path, tokenizer=None,
     """The whole model in the base's (THUDM) layout, loadable by glmkit.load_model, plus the tokenizer files.
 
     state_dict: a gathered full state dict (FSDP), written through a CPU copy of the model."""
-    from glmkit.loading.loader import save_model
-
     if state_dict is None:
         return save_model(model, out_dir, tokenizer=tokenizer)
     return save_model(_cpu_shell(model, state_dict), out_dir, tokenizer=tokenizer)
 
 
 def _cpu_shell(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
-    from glmkit.core.causal_lm import GLMForCausalLM
-
     with torch.device("meta"):
         shell = GLMForCausalLM(model.config)
     result = shell.load_state_dict(state_dict, assign=True, strict=False)
@@ -103,12 +104,8 @@ def save_checkpoint(ckpt: Path, model: nn.Module, tokenizer, method: str, optimi
         ckpt.mkdir(parents=True, exist_ok=True)
         raw = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         if method == "ptuning":
-            from glmkit.adapters.ptuning import save_ptuning_checkpoint
-
             save_ptuning_checkpoint(raw, ckpt)
         elif method == "lora":
-            from glmkit.adapters.lora import save_lora_adapter
-
             save_lora_adapter(raw, ckpt, base_model_name_or_path=base_model_name_or_path)
         else:
             save_full_model(raw, ckpt, tokenizer=tokenizer, state_dict=full_sd)

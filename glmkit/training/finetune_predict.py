@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from glmkit.evaluation.metrics import compute_metrics
 from glmkit.training.data.finetune import (
     Columns,
     Lengths,
@@ -91,8 +92,6 @@ def evaluate_loss(model: nn.Module, tokenizer, examples: list[dict[str, list[int
 def run_evaluation(model, tokenizer, rows, args: FinetuneArgs, device, prefix: str,
                    write_predictions: bool) -> dict[str, Any]:
     """main.py's trainer.evaluate / trainer.predict: metrics with the prefix, plus generated_predictions.txt."""
-    from glmkit.evaluation.metrics import compute_metrics
-
     columns = Columns(args.prompt_column, args.response_column, args.history_column)
     val_tgt = args.val_max_target_length or args.max_target_length
     lengths = Lengths(args.max_source_length, val_tgt, args.source_prefix, args.ignore_pad_token_for_loss)

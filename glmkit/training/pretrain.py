@@ -36,6 +36,8 @@ import torch.nn.functional as F
 
 from glmkit.core.config import GLMConfig
 from glmkit.core.model import GLM
+from glmkit.core.tokenizer import load_tokenizer
+from glmkit.loading.loader import load_model, save_model
 from glmkit.training.data.blank import (
     IGNORE_INDEX,
     BlankConfig,
@@ -256,7 +258,6 @@ def _vocab_size(tokenizer) -> int:
 def _load_tokenizer(path: str):
     if not path:
         raise ValueError("the config names no tokenizer (set `tokenizer: FOLDER`)")
-    from glmkit.tokenizer import load_tokenizer
 
     return load_tokenizer(path)
 
@@ -330,8 +331,6 @@ def _architecture(config: GLMConfig) -> dict[str, Any]:
 
 def init_from_model(model: GLM, path: str) -> None:
     """Loads a model folder's weights into `model` (fp32) for continued pretraining."""
-    from glmkit.loading.loader import load_model
-
     source = load_model(path, dtype=torch.float32)
     have, want = _architecture(source.config), _architecture(model.config)
     diff = {k: (have[k], want[k]) for k in want if have.get(k) != want[k]}
@@ -610,8 +609,6 @@ def load_checkpoint(state: State, path: Path) -> None:
 def export_model(state: State, out_dir: Path) -> None:
     """Writes the model as a THUDM ChatGLM-6B-layout folder (config.json, model.safetensors) with the tokenizer
     files, through glmkit.loading.loader.save_model."""
-    from glmkit.loading.loader import save_model
-
     model_sd, _ = _full_state_dicts(state)  # collective under FSDP
     if state.rank != 0:
         return

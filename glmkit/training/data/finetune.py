@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from glmkit.core.chat import build_chat_input
+
 IGNORE_INDEX = -100
 
 
@@ -153,8 +155,6 @@ def _history(row: dict[str, Any], columns: Columns) -> list:
 
 
 def _chat_prompt_ids(tok, query: str, history: list, max_len: int) -> list[int]:
-    from glmkit.core.chat import build_chat_input
-
     ids = build_chat_input(tok, query, history)
     ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
     if ids and isinstance(ids[0], list):  # [[...]] batch of one

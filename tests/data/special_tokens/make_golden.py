@@ -125,9 +125,11 @@ def build() -> None:
     """Writes the case folders (run with glmkit's interpreter from the repository root)."""
     sys.path.insert(0, str(REPO))
     from sentencepiece import sentencepiece_model_pb2 as pb
-
-    from glmkit.tokenizer import CHATGLM_SPECIAL_PIECES, GLM4_SPECIAL_TOKENS, train_tokenizer, write_tiktoken_ranks
     from tests.test_tokenizer import CORPUS_LINES, _corpus, _train_byte_bpe
+
+    from glmkit.core.tokenizer import write_tiktoken_ranks
+    from glmkit.core.tokenizer.base import CHATGLM_SPECIAL_PIECES, GLM4_SPECIAL_TOKENS
+    from glmkit.training.tokenizer import train_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         corpus = _corpus(Path(tmp) / "train.jsonl")

@@ -11,7 +11,9 @@ import glmkit.core.generate
 from glmkit.core import chat as C
 from glmkit.core.causal_lm import GLMForCausalLM
 from glmkit.core.config import GLMConfig
-from glmkit.tokenizer import GLM4_SPECIAL_TOKENS, load_tokenizer, train_tokenizer, write_tiktoken_ranks
+from glmkit.core.tokenizer import load_tokenizer, write_tiktoken_ranks
+from glmkit.core.tokenizer.base import GLM4_SPECIAL_TOKENS
+from glmkit.training.tokenizer import train_tokenizer
 
 LINES = [
     "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
@@ -225,7 +227,7 @@ def test_max_length_counts_prompt_and_answer(toks, monkeypatch):
             steps.append(int(step[0]))
             yield step
 
-    monkeypatch.setattr(glmkit.core.generate, "generate_stream", counting)
+    monkeypatch.setattr(glmkit.core.chat, "generate_stream", counting)
     script = tok.sp_encode("长长长长长长长长长长长长长长长长长长长长长长长长长长长长长长")
     prompt = C.build_chat_input(tok, "你好")
     C.chat(model, tok, "你好", do_sample=False, max_length=len(prompt) + 7, logits_processor=[Script(script)])
@@ -240,7 +242,7 @@ def test_family_defaults_reach_the_sampler(toks, monkeypatch):
         seen.update(kwargs)
         return real(model, input_ids, **kwargs)
 
-    monkeypatch.setattr(glmkit.core.generate, "generate_stream", spy)
+    monkeypatch.setattr(glmkit.core.chat, "generate_stream", spy)
     expected = {"chatglm": (2048, 0.7, 0.95), "chatglm2": (8192, 0.8, 0.8), "chatglm3": (8192, 0.8, 0.8)}
     for family, (max_length, top_p, temperature) in expected.items():
         tok = toks[family]

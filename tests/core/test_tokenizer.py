@@ -16,11 +16,18 @@ import torch
 from sentencepiece import sentencepiece_model_pb2 as pb
 
 import glmkit
-from glmkit.tokenizer import (GLM4_SPECIAL_TOKENS, KEEP_SPACES, STRIP_BOTH, ChatGLM2Tokenizer, ChatGLMTokenizer,
-                              GLM4Tokenizer, SplitRule, TokenizerError, _split_on, cli_main, load_tokenizer,
-                              train_tokenizer, write_tiktoken_ranks)
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from glmkit.commands.tokenizer import cli_main
+from glmkit.core.tokenizer import (
+    ChatGLM2Tokenizer,
+    ChatGLMTokenizer,
+    GLM4Tokenizer,
+    TokenizerError,
+    load_tokenizer,
+    write_tiktoken_ranks,
+)
+from glmkit.core.tokenizer.base import GLM4_SPECIAL_TOKENS, KEEP_SPACES, STRIP_BOTH, SplitRule, split_on
+from glmkit.training.tokenizer import train_tokenizer
+from tests.conftest import REPO, SHARED_DATA
 
 CORPUS_LINES = [
     "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
@@ -298,8 +305,7 @@ def test_glm4_special_tokens_from_config_and_regex(glm4_dir):
 
 
 # ------------------------------------------------------------------- special-token strings inside text (golden)
-REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(__file__).resolve().parent / "data" / "special_tokens" / "golden.json"
+GOLDEN = REPO / "tests" / "data" / "special_tokens" / "golden.json"
 
 
 @functools.cache
@@ -372,23 +378,23 @@ def test_chatglm_mask_then_text_is_segmented_as_the_original(v1_dir):
 
 def test_split_on_follows_transformers_whitespace_rules():
     both = {"[MASK]": STRIP_BOTH, "<sop>": STRIP_BOTH}
-    assert _split_on("a [MASK] b", both) == [("a", False), ("[MASK]", True), ("b", False)]
-    assert _split_on(" \t[MASK]\n ", both) == [("[MASK]", True)]
-    assert _split_on("[MASK] <sop>", both) == [("[MASK]", True), ("<sop>", True)]
-    assert _split_on("x\u3000[MASK]\u00a0y", both) == [("x", False), ("[MASK]", True), ("y", False)]  # str.strip
-    assert _split_on("a [MASK] b", {"[MASK]": KEEP_SPACES}) == [("a ", False), ("[MASK]", True), (" b", False)]
-    assert _split_on("a [MASK] b", {"[MASK]": SplitRule(rstrip=True)}) == [("a ", False), ("[MASK]", True),
+    assert split_on("a [MASK] b", both) == [("a", False), ("[MASK]", True), ("b", False)]
+    assert split_on(" \t[MASK]\n ", both) == [("[MASK]", True)]
+    assert split_on("[MASK] <sop>", both) == [("[MASK]", True), ("<sop>", True)]
+    assert split_on("x\u3000[MASK]\u00a0y", both) == [("x", False), ("[MASK]", True), ("y", False)]  # str.strip
+    assert split_on("a [MASK] b", {"[MASK]": KEEP_SPACES}) == [("a ", False), ("[MASK]", True), (" b", False)]
+    assert split_on("a [MASK] b", {"[MASK]": SplitRule(rstrip=True)}) == [("a ", False), ("[MASK]", True),
                                                                           ("b", False)]
-    assert _split_on("a [MASK] b", {"[MASK]": SplitRule(lstrip=True)}) == [("a", False), ("[MASK]", True),
+    assert split_on("a [MASK] b", {"[MASK]": SplitRule(lstrip=True)}) == [("a", False), ("[MASK]", True),
                                                                           (" b", False)]
     # single_word: glued to a word, the token is plain text of that chunk
-    assert _split_on("a[MASK] b", {"[MASK]": SplitRule(single_word=True)}) == [("a[MASK]", False), (" b", False)]
-    assert _split_on("a [MASK] b", {"[MASK]": SplitRule(single_word=True)}) == [("a ", False), ("[MASK]", True),
+    assert split_on("a[MASK] b", {"[MASK]": SplitRule(single_word=True)}) == [("a[MASK]", False), (" b", False)]
+    assert split_on("a [MASK] b", {"[MASK]": SplitRule(single_word=True)}) == [("a ", False), ("[MASK]", True),
                                                                                (" b", False)]
     # the longest token wins where two start at the same place; no token, no split
-    assert _split_on("<|user|>x", {"<|user": KEEP_SPACES, "<|user|>": KEEP_SPACES}) == [("<|user|>", True),
+    assert split_on("<|user|>x", {"<|user": KEEP_SPACES, "<|user|>": KEEP_SPACES}) == [("<|user|>", True),
                                                                                          ("x", False)]
-    assert _split_on("plain", both) == [("plain", False)] and _split_on("", both) == []
+    assert split_on("plain", both) == [("plain", False)] and split_on("", both) == []
 
 
 def test_chatglm2_and_3_never_split_and_map_pieces_to_command_ids():

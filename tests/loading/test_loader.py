@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import glmkit
-from glmkit.loading.loader import CheckpointError
+from glmkit.core.checkpoint import CheckpointError
 from tests.conftest import CHATGLM_V1_HF, CHATGLM_V2_HF, thudm_v1_state_dict, thudm_v2_state_dict, write_folder
 
 IDS_V1 = torch.tensor([[5, 6, 7, 151, 154, 9, 10]])
@@ -189,8 +189,8 @@ def test_streaming_load_peak_memory(tmp_path):
 
 @pytest.mark.parametrize("quantize", [None, "int8", "int4"])
 def test_float16_checkpoints_load_in_bfloat16_on_cpu_by_default(tmp_path, quantize):
+    from glmkit.core.checkpoint import default_dtype
     from glmkit.loading.tools import load_chat_model
-    from glmkit.loading.loader import default_dtype
 
     hf = dict(CHATGLM_V1_HF, torch_dtype="float16")
     sd = {k: v.half() for k, v in thudm_v1_state_dict(hf).items()}

@@ -17,9 +17,9 @@ from torch import nn
 import glmkit
 import glmkit.quant.quantize as Q
 from glmkit.commands.quantize import cli_main as quantize_command
-from glmkit.quant import kernels
 from glmkit.core.causal_lm import GLMForCausalLM
 from glmkit.core.config import GLMConfig
+from glmkit.quant import kernels
 from glmkit.quant.quantize import QuantizedLinear, quantization_spec
 from tests.conftest import CHATGLM_V1_HF, rel_err, thudm_v1_state_dict, write_folder
 from tests.reference_impls import chatglm_v1_logits
@@ -465,7 +465,7 @@ def test_safetensors_weights_are_quantized_a_block_of_rows_at_a_time(tmp_path):
     size = sum(t.numel() * t.element_size() for t in sd.values())
     quantized = layer_params * (0.5 + 4 / 64) + (size - 4 * layer_params)
     del sd
-    from glmkit.loading.loader import CheckpointRows, iter_tensors, weight_files
+    from glmkit.core.checkpoint import CheckpointRows, iter_tensors, weight_files
 
     rows = dict(iter_tensors(weight_files(folder), lambda name: name.endswith("dense_4h_to_h.weight")))
     deferred = rows["transformer.layers.1.mlp.dense_4h_to_h.weight"]
@@ -501,7 +501,8 @@ def test_state_dict_round_trip():
 
 
 def test_bench_builds_each_precision_and_prints_one_table(capsys):
-    from glmkit.commands import bench
+    from glmkit.commands.bench import cli_main as bench_command
+    from glmkit.evaluation import bench
 
     sizes = {}
     for precision in bench.PRECISIONS:
@@ -515,7 +516,7 @@ def test_bench_builds_each_precision_and_prints_one_table(capsys):
                          + 2 * cfg.hidden_size * cfg.ffn_hidden_size)
     assert sizes["bf16"] - sizes["int8"] == pytest.approx(layer_weights, rel=0.02)  # 2 bytes -> 1 byte (+scales)
     assert head < sizes["int4"] < sizes["int8"] < sizes["bf16"]
-    assert bench.cli_main(["--model", "glm-tiny", "--layers", "1", "--prompt-tokens", "8", "--decode-tokens", "2",
+    assert bench_command(["--model", "glm-tiny", "--layers", "1", "--prompt-tokens", "8", "--decode-tokens", "2",
                            "--precisions", "int4", "--repeats", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert "best of 2 interleaved rounds" in out[0]

@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from glmkit.training.pretrain import config_from_dict, fit, load_config, lr_lambda, setup
-from tests.conftest import free_port
+from tests.conftest import REPO, free_port
 
 POEMS = ["床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。", "白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓。",
          "Call me Ishmael. Some years ago, never mind how long precisely, I thought I would sail about a little.",
@@ -21,7 +21,7 @@ POEMS = ["床前明月光，疑是地上霜。\n舉頭望明月，低頭思故�
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    from glmkit.tokenizer import train_tokenizer
+    from glmkit.training.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("pretrain")
     rows = [f"{p}（{i}）" for i in range(40) for p in POEMS]
@@ -110,8 +110,8 @@ def test_interrupted_run_resumes_to_the_same_result(workdir):
 
 
 def test_exported_model_loads_and_matches(workdir):
+    from glmkit.core.tokenizer import load_tokenizer
     from glmkit.loading.loader import load_model
-    from glmkit.tokenizer import load_tokenizer
 
     state = setup(config_from_dict(tiny_config(workdir, "export", export_dtype="float32", max_steps=2)))
     fit(state)
@@ -159,7 +159,7 @@ def test_config_file_overrides_and_errors(tmp_path, capsys):
 
 
 def test_shipped_config_parses():
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "glm-tiny.yaml")
+    cfg = load_config(REPO / "configs" / "glm-tiny.yaml")
     assert cfg.model["preset"] == "chatglm-6b"
     assert any("39000" in str(s) for s in cfg.data.eval)
 

@@ -4,15 +4,14 @@ checked against the rules of shared/docs/glm-family.md §1.4-1.5 and §3.4."""
 from __future__ import annotations
 
 import json
-import math
 import random
 import statistics
 
 import pytest
 import torch
 
-from tests.conftest import POEMS
 from glmkit.core.config import GLMConfig
+from glmkit.core.model import GLM
 from glmkit.training.data.blank import (
     IGNORE_INDEX,
     BlankBuilder,
@@ -25,7 +24,7 @@ from glmkit.training.data.blank import (
     sentence_end_ids_from_tokenizer,
 )
 from glmkit.training.data.corpus import BlankInfillingDataset, Source, iter_documents
-from glmkit.core.model import GLM
+from tests.conftest import POEMS
 
 SP = SpecialIds(mask=1000, smask=1001, gmask=1002, sop=1003, eop=1004, pad=0)
 END = 999  # a sentence-end token id in the integer documents below
@@ -259,7 +258,7 @@ def test_packing_is_block_diagonal_and_padded():
 
 @pytest.fixture(scope="module")
 def corpus_and_tokenizer(tmp_path_factory):
-    from glmkit.tokenizer import train_tokenizer
+    from glmkit.training.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("corpus")
     rows = [f"{p}（{i}）" for i in range(40) for p in POEMS]

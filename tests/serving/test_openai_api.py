@@ -17,16 +17,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import REPO, free_port
 
 try:
     from test_chat_cli import build_tiny_chat_model
 except ImportError:  # tests run as a package
-    from tests.test_chat_cli import build_tiny_chat_model
+    from tests.conftest import build_tiny_chat_model
 
 openai = pytest.importorskip("openai", reason="the official openai client is a dev dependency (pip install openai)")
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class Server:
@@ -37,7 +36,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = (model.parent / f"serve-{self.port}.log").open("w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "glmkit", "serve", "--port", str(self.port), "--model",
-                                      str(model), *extra], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+                                      str(model), *extra], cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 90
         while True:
             if self.proc.poll() is not None:

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
-from tests.conftest import POEMS, tiny_chatglm_with_tokenizer
 from glmkit.commands.fill import cli_main
 from glmkit.core.fill import _BlankView, _encode_piece, fill
+from tests.conftest import REPO, tiny_chatglm_with_tokenizer
 
-BUNDLED = Path(__file__).resolve().parents[1] / "glmkit" / "assets" / "glm-tiny"
+BUNDLED = REPO / "glmkit" / "assets" / "glm-tiny"
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +106,8 @@ def test_cli(tiny, capsys):
 
 @pytest.mark.skipif(not (BUNDLED / "config.json").exists(), reason="the bundled glm-tiny is not built yet")
 def test_bundled_model_fills():
+    from glmkit.core.tokenizer import load_tokenizer
     from glmkit.loading.loader import load_model
-    from glmkit.tokenizer import load_tokenizer
 
     model = load_model("glm-tiny", dtype="float32").eval()
     tok = load_tokenizer("glm-tiny")

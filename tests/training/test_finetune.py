@@ -38,7 +38,7 @@ def _sentences(n: int, seed: int) -> list[str]:
 
 
 def _make_tokenizer(folder: Path, family: str):
-    from glmkit.tokenizer import train_tokenizer
+    from glmkit.training.tokenizer import train_tokenizer
 
     text = folder / "text.txt"
     text.parent.mkdir(parents=True, exist_ok=True)
@@ -220,8 +220,8 @@ def test_ptuning_trains_only_the_prefix(v1, tmp_path):
 
 
 def test_zero_length_prefix_equals_base(v1):
-    from glmkit.loading.loader import load_model
     from glmkit.adapters.ptuning import attach_prefix
+    from glmkit.loading.loader import load_model
 
     model = load_model(v1["model"])
     ids = torch.tensor([v1["tok"].encode("春花秋月", add_special_tokens=False) + [v1["tok"].gmask_token_id,
@@ -315,7 +315,7 @@ def test_full_finetune_checkpoint_is_a_model_folder(v1, tmp_path):
     base, tuned = load_model(v1["model"]), load_model(ckpt)
     changed = [n for n, p in tuned.named_parameters() if not torch.equal(p, base.get_parameter(n))]
     assert "h.0.attn.qkv.weight" in changed and "wte.weight" in changed
-    from glmkit.tokenizer import load_tokenizer
+    from glmkit.core.tokenizer import load_tokenizer
 
     assert load_tokenizer(ckpt).encode("春花") == v1["tok"].encode("春花")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import codecs
 import os
 import pty
-import random
 import re
 import select
 import signal
@@ -19,56 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("the a cat dog runs fast slow model answer question hello world river stone light "
-         "你好 世界 模型 回答 问题 我们 今天 天气 很好 , . ? !").split()
-
-
-def build_tiny_chat_model(out: Path, family: str = "chatglm3", *, endless: bool = False, max_seq_len: int = 512,
-                          std: float = 0.3, seed: int = 0) -> Path:
-    """Writes a tiny random GLM checkpoint with a freshly trained tokenizer to `out`; returns `out`.
-
-    std: weight init scale; 0.3 (not the usual 0.02) makes a random model's answer depend visibly on its prompt.
-    endless=True zeroes the output rows of every special token and of every token that does not decode to visible
-    text (newlines, blanks, bytes), so greedy decoding never stops early and answers are one readable line: the
-    other logits (std ~1.7 here) are never all below 0. Answers then run to the length limit, long enough to
-    interrupt.
-    """
-    from glmkit.core.causal_lm import GLMForCausalLM
-    from glmkit.core.config import GLMConfig
-    from glmkit.loading.loader import save_model
-    from glmkit.tokenizer import train_tokenizer
-
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    corpus = out.parent / f"{out.name}-corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(2000)),
-                      encoding="utf-8")
-    tok = train_tokenizer([corpus], 600 if family == "chatglm" else 512, family, out)
-    overrides = dict(vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4, ffn_hidden_size=64,
-                     max_seq_len=max_seq_len, torch_dtype="float32", eos_token_id=tok.eos_token_id,
-                     pad_token_id=tok.pad_token_id)
-    if family == "chatglm":
-        overrides.update(bos_token_id=tok.bos_token_id, mask_token_id=tok.get_command("[MASK]"),
-                         gmask_token_id=tok.get_command("[gMASK]"))
-        preset = "chatglm-6b"
-    else:
-        overrides.update(num_kv_heads=2, head_dim=8)
-        preset = "chatglm3-6b" if family == "chatglm3" else "chatglm2-6b"
-    config = GLMConfig.from_name(preset, **overrides)
-    torch.manual_seed(seed)
-    model = GLMForCausalLM(config)
-    model.init_weights(std=std)
-    if endless:
-        with torch.no_grad():
-            for i in range(config.vocab_size):
-                text = tok.decode([i])
-                if i in tok.special_token_ids or not text.strip() or not text.isprintable() or "\ufffd" in text:
-                    model.lm_head.weight[i] = 0
-    save_model(model, out, tokenizer=tok)
-    return out
+from tests.conftest import REPO, build_tiny_chat_model
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -222,7 +173,7 @@ def test_ctrl_c_interrupts_answer_and_chat_continues(endless_model):
 
 def _run_pipe(model: Path, text: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "glmkit", "chat", "--model", str(model), "--temperature", "0",
-                           "--max-new-tokens", "16"], input=text, capture_output=True, text=True, timeout=120, cwd=ROOT)
+                           "--max-new-tokens", "16"], input=text, capture_output=True, text=True, timeout=120, cwd=REPO)
 
 
 def test_pipe_mode(endless_model):
@@ -240,16 +191,16 @@ def test_pipe_mode(endless_model):
 def test_quantized_model_chats(endless_model):
     run = subprocess.run([sys.executable, "-m", "glmkit", "chat", "--model", str(endless_model), "--quantize", "int8",
                           "--temperature", "0", "--max-new-tokens", "8"], input="hello world\n", capture_output=True,
-                         text=True, timeout=120, cwd=ROOT)
+                         text=True, timeout=120, cwd=REPO)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() and run.stdout.count("\n") == 1
 
 
 def test_bad_arguments():
     run = subprocess.run([sys.executable, "-m", "glmkit", "chat", "--top-p", "1.5"], capture_output=True, text=True,
-                         timeout=60, cwd=ROOT)
+                         timeout=60, cwd=REPO)
     assert run.returncode == 2 and "--top-p" in run.stderr
     run = subprocess.run([sys.executable, "-m", "glmkit", "chat", "--model", "/nonexistent/model"],
-                         capture_output=True, text=True, timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL)
+                         capture_output=True, text=True, timeout=60, cwd=REPO, stdin=subprocess.DEVNULL)
     assert run.returncode == 1 and "cannot load" in run.stderr
 

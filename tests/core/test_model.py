@@ -9,8 +9,8 @@ import torch
 
 import glmkit
 import glmkit.core.model
-from glmkit.core.config import GLMConfig
 from glmkit.core.causal_lm import GLMForCausalLM
+from glmkit.core.config import GLMConfig
 from tests.conftest import CHATGLM_V1_HF, CHATGLM_V2_HF, thudm_v1_state_dict, thudm_v2_state_dict, write_folder
 from tests.reference_impls import chatglm_v1_logits, chatglm_v2_logits
 

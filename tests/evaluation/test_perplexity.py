@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import POEMS, tiny_chatglm_with_tokenizer
 from glmkit.commands.eval import cli_main
 from glmkit.evaluation.perplexity import char_unigram_counts, score_texts, unigram_char_ce
+from tests.conftest import POEMS, REPO, tiny_chatglm_with_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "glmkit" / "assets" / "glm-tiny"
 CORPUS = REPO.parent / "shared" / "data" / "corpus"
 
@@ -84,9 +82,9 @@ def test_cli_ppl(tiny, capsys):
 @pytest.mark.skipif(not (CORPUS / "tang-poems.jsonl").exists(), reason="shared/data/corpus is not available")
 def test_bundled_model_beats_unigram_by_20_percent_on_held_out_tang_poems():
     """glm-tiny never trained on Tang poems 39000..; the first 150 of them, scored from encode("")."""
+    from glmkit.core.tokenizer import load_tokenizer
     from glmkit.evaluation.perplexity import read_texts
     from glmkit.loading.loader import load_model
-    from glmkit.tokenizer import load_tokenizer
 
     held = read_texts(CORPUS / "tang-poems.jsonl")[39000:39150]
     model = load_model("glm-tiny", dtype="float32").eval()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-import glmkit
-
 from glmkit.core.generate import apply_repetition_penalty, invalid_score_guard, sample, warp
 
 

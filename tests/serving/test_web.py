@@ -13,14 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import REPO, free_port
 
 try:
     from test_chat_cli import build_tiny_chat_model
 except ImportError:  # tests run as a package
-    from tests.test_chat_cli import build_tiny_chat_model
+    from tests.conftest import build_tiny_chat_model
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -32,7 +31,7 @@ pytestmark = [
 ]
 
 
-BUNDLED = ROOT / "glmkit" / "assets" / "glm-tiny"
+BUNDLED = REPO / "glmkit" / "assets" / "glm-tiny"
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,7 @@ def web(model_dir, tmp_path_factory):
     log = (tmp_path_factory.mktemp("web-log") / "web.log").open("w+")
     model = "glm-tiny" if model_dir == BUNDLED else str(model_dir)
     proc = subprocess.Popen([sys.executable, "-m", "glmkit", "web", "--model", model, "--port", str(port)],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 120
     try:
@@ -142,7 +141,7 @@ def test_chat_in_browser(page, model_dir, tmp_path):
     shot = tmp_path / "web.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
-    docs = ROOT / "docs" / "img"
+    docs = REPO / "docs" / "img"
     docs.mkdir(parents=True, exist_ok=True)
     shutil.copy(shot, docs / "web.png")
 

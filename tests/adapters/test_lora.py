@@ -7,8 +7,6 @@ import json
 import pytest
 import torch
 
-from glmkit.core.causal_lm import GLMForCausalLM
-from glmkit.core.config import GLMConfig
 from glmkit.adapters.lora import (
     apply_lora,
     has_lora,
@@ -18,6 +16,8 @@ from glmkit.adapters.lora import (
     parse_targets,
     save_lora_adapter,
 )
+from glmkit.core.causal_lm import GLMForCausalLM
+from glmkit.core.config import GLMConfig
 
 
 def tiny_model(family: str = "chatglm", seed: int = 0) -> GLMForCausalLM:
@@ -181,8 +181,8 @@ def test_merge_folds_lora_into_the_base():
 
 
 def test_merge_lora_cli_writes_a_loadable_model(tmp_path):
-    from glmkit.loading.loader import load_model, save_model
     from glmkit.commands.merge_lora import cli_main
+    from glmkit.loading.loader import load_model, save_model
 
     base = tiny_model()
     save_model(base, tmp_path / "base")

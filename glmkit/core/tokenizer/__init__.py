@@ -1,0 +1,98 @@
+"""Tokenizers of the GLM family, read from the files each checkpoint publishes, (the trainer is glmkit.training.tokenizer).
+
+Three layouts, one small surface (`encode`, `decode`, `__call__`, `convert_tokens_to_ids`, special-token ids):
+
+- ChatGLM-6B (`ice_text.model`): SentencePiece over text whose newlines became `<n>`, tabs `<|tab|>` and runs of
+  2..80 spaces `<|blank_k|>`. `[MASK] [gMASK] [sMASK] <unused_0> <sop> <eop> <ENC> <dBLOCK>` are pieces of the model,
+  every id is shifted by `num_image_tokens`, and `encode` appends `[gMASK] <sop>`. In text, `<sop> <eop> <unk> <pad>
+  [MASK]` (transformers 4.27's special tokens of the class) are cut out together with the whitespace around them;
+  `[gMASK]`, `[sMASK]`, `</s>`... are text for SentencePiece.
+- ChatGLM2-6B / ChatGLM3-6B (`tokenizer.model`): plain SentencePiece; `[MASK] [gMASK] [sMASK] sop eop` (and ChatGLM3's
+  role tokens) are numbered after the SentencePiece vocabulary, and `encode` prefixes `[gMASK] sop`. Their strings in
+  text are text for SentencePiece (a piece spelled like one maps to the command id).
+- GLM-4 (`tokenizer.model` holding base64 ranks): tiktoken byte-level BPE with GLM-4's split regex; special tokens and
+  their ids come from `tokenizer_config.json` (`added_tokens_decoder`); in text they are cut out, whitespace kept.
+
+Each class reproduces what the family's original `tokenization_chatglm.py` does through `PreTrainedTokenizer` of the
+transformers version it ran with (tokenize -> pieces -> ids, then the family's special tokens; see `split_on` for the
+added-token rules); the ids of special tokens are always read from the files, never assumed. tests/data/special_tokens
+holds ids produced by the original code.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from glmkit.core.hub import read_json_object, resolve_model_dir
+from glmkit.core.tokenizer.base import TOKENIZER_FILES, GLMTokenizerBase, TokenizerError
+from glmkit.core.tokenizer.chatglm import ChatGLMTokenizer
+from glmkit.core.tokenizer.chatglm2 import ChatGLM2Tokenizer
+from glmkit.core.tokenizer.glm4 import GLM4Tokenizer, read_tiktoken_ranks, write_tiktoken_ranks
+
+__all__ = ["ChatGLMTokenizer", "ChatGLM2Tokenizer", "GLM4Tokenizer", "GLMTokenizerBase", "Tokenizer", "TokenizerError",
+           "load_tokenizer", "read_tiktoken_ranks", "write_tiktoken_ranks"]
+
+Tokenizer = ChatGLMTokenizer | ChatGLM2Tokenizer | GLM4Tokenizer
+
+
+def _looks_like_tiktoken(path: Path) -> bool:
+    with open(path, "rb") as f:
+        first = f.readline(4096).strip()
+    parts = first.split()
+    if len(parts) != 2 or not parts[1].isdigit():
+        return False
+    try:
+        base64.b64decode(parts[0], validate=True)
+    except binascii.Error:
+        return False
+    return True
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return read_json_object(path, TokenizerError) if path.exists() else {}
+
+
+def _chatglm2_or_3(folder: Path, cfg: dict[str, Any]) -> str:
+    if cfg.get("glmkit_family") in ("chatglm2", "chatglm3"):
+        return cfg["glmkit_family"]
+    text = json.dumps(cfg, ensure_ascii=False)
+    model_cfg = _read_json(folder / "config.json")
+    names = " ".join(str(x) for x in (cfg.get("name_or_path"), cfg.get("_name_or_path"), model_cfg.get("_name_or_path"),
+                                      model_cfg.get("name"), model_cfg.get("family")) if x)
+    if "<|user|>" in text or "chatglm3" in names.lower():
+        return "chatglm3"
+    return "chatglm2"
+
+
+def load_tokenizer(path_or_id: str | os.PathLike, family: str | None = None) -> Tokenizer:
+    """Loads the tokenizer of a local folder, the bundled model ("glm-tiny") or a Hugging Face id.
+
+    The family is detected from the files: `ice_text.model` -> ChatGLM-6B; a SentencePiece `tokenizer.model` ->
+    ChatGLM2 (ChatGLM3 when the config names its role tokens); a base64-ranks `tokenizer.model` -> GLM-4.
+    `family` ("chatglm2" / "chatglm3") overrides the ChatGLM2-vs-3 guess."""
+    if Path(path_or_id).expanduser().is_file():
+        raise TokenizerError(f"{path_or_id} is a file; pass the folder that holds it (ice_text.model or "
+                             "tokenizer.model plus tokenizer_config.json)")
+    folder = resolve_model_dir(path_or_id, allow_patterns=TOKENIZER_FILES)
+    cfg = _read_json(folder / "tokenizer_config.json")
+    if (folder / "ice_text.model").is_file():
+        if family not in (None, "chatglm"):
+            raise ValueError(f"{folder} holds a ChatGLM-6B tokenizer (ice_text.model), not family {family!r}")
+        return ChatGLMTokenizer(folder / "ice_text.model", cfg)
+    model = folder / "tokenizer.model"
+    if model.is_file():
+        if model.stat().st_size == 0:
+            raise TokenizerError(f"{model} is empty; the tokenizer folder looks corrupt")
+        if _looks_like_tiktoken(model):
+            if family not in (None, "glm4"):
+                raise ValueError(f"{folder} holds a GLM-4 (tiktoken) tokenizer, not family {family!r}")
+            return GLM4Tokenizer(model, cfg)
+        fam = family or _chatglm2_or_3(folder, cfg)
+        return ChatGLM2Tokenizer(model, cfg, family=fam)
+    raise FileNotFoundError(f"no tokenizer in {folder}: expected ice_text.model (ChatGLM-6B) or tokenizer.model "
+                            "(ChatGLM2/3 SentencePiece, GLM-4 tiktoken ranks)")
