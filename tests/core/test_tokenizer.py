@@ -557,5 +557,15 @@ def test_train_on_the_shared_corpus_is_fast_and_exact(tmp_path):
     assert len(tok) <= 8000 and tok.pad_token_id == 3
     rows = [json.loads(line)["text"] for f in files for line in f.open(encoding="utf-8").readlines()[:20]]
     for text in rows:
-        assert tok.decode(tok.encode(text)) == text
+        assert tok.decode(tok.encode(text), clean_up_tokenization_spaces=False) == text
         assert tok.encode(text) == _reference_chatglm_ids(tmp_path / "tok" / "ice_text.model", text)
+
+
+def test_chatglm_decode_cleans_up_spaces_as_transformers_4_27():
+    """ChatGLM-6B's decode passes its keyword arguments to transformers 4.27's, which cleans up tokenization spaces
+    by default (output of the original code on this text and glm-tiny's tokenizer)."""
+    tok = glmkit.load_tokenizer("glm-tiny")
+    ids = tok.encode("Hello , world . It is n't ok ?")
+    assert tok.decode(ids) == "Hello, world. It isn't ok?"
+    assert tok.decode(ids, skip_special_tokens=True) == "Hello, world. It isn't ok?"
+    assert tok.decode(ids, clean_up_tokenization_spaces=False) == "Hello , world . It is n't ok ?"

@@ -40,9 +40,9 @@ class ChatGLMTokenizer(GLMTokenizerBase):
         self.max_blank_length = MAX_BLANK_LENGTH
         self.do_lower_case = bool(cfg.get("do_lower_case", False))
         self.remove_space = bool(cfg.get("remove_space", False))
-        # transformers 5 (glmkit's) does not clean up " ," / " ." in decode unless the config asks; the 4.27 that
-        # ChatGLM-6B once pinned did. A tokenizer_config.json that sets the key decides.
-        self.clean_up_tokenization_spaces = bool(cfg.get("clean_up_tokenization_spaces", False))
+        # The original's decode hands its keyword arguments to transformers 4.27's, whose default cleans up " ," /
+        # " ." / " n't" spaces (checked by running it); a tokenizer_config.json that sets the key decides.
+        self.clean_up_tokenization_spaces = bool(cfg.get("clean_up_tokenization_spaces", True))
         self.bos_token = token_str(cfg.get("bos_token"), "<sop>")
         self.eos_token = token_str(cfg.get("eos_token"), "<eop>")
         self.end_token = token_str(cfg.get("end_token"), "</s>")
@@ -151,9 +151,11 @@ class ChatGLMTokenizer(GLMTokenizerBase):
             ids = ids + [self.gmask_token_id, self.bos_token_id]
         return ids
 
-    def decode(self, ids: Iterable[int] | Any, skip_special_tokens: bool = False) -> str:
+    def decode(self, ids: Iterable[int] | Any, skip_special_tokens: bool = False,
+               clean_up_tokenization_spaces: bool | None = None) -> str:
         """As the original: pad ids are removed, the pieces are joined by SentencePiece (control pieces such as
-        <eop> vanish there if the model marks them CONTROL), then `<n>`/tab/blank tokens become whitespace."""
+        <eop> vanish there if the model marks them CONTROL), then `<n>`/tab/blank tokens become whitespace, then
+        transformers' clean-up of " ." / " ," spaces (default: the config's, else on)."""
         ids = as_id_list(ids)
         if not ids:
             return ""
@@ -166,7 +168,9 @@ class ChatGLMTokenizer(GLMTokenizerBase):
             ids = [i for i in ids if i not in drop]
         pieces = [self._id_to_token(i) for i in ids]
         text = self._postprocess(self.sp.decode_pieces(pieces))
-        return clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text
+        if clean_up_tokenization_spaces is None:
+            clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
+        return clean_up_tokenization(text) if clean_up_tokenization_spaces else text
 
     def _token_to_id(self, token: str) -> int:
         if token.startswith("<image_") and token.endswith(">") and token[7:-1].isdigit():
