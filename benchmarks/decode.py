@@ -10,7 +10,7 @@ roofline measured in the same run (see glmkit/evaluation/bench.py for what is me
 
 import sys
 
-from glmkit.evaluation.bench import cli_main
+from glmkit.commands.bench import cli_main
 
 if __name__ == "__main__":
     sys.exit(cli_main(sys.argv[1:]))
