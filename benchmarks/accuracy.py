@@ -1,6 +1,7 @@
-"""Relative L2 logits error of INT8/INT4 quantize-on-load against the float model, beside ChatGLM-6B's own scheme.
+"""Relative L2 logits error of INT8/INT4 quantize-on-load against the float model, beside ChatGLM-6B's own scheme,
+and what quantizing the output layer and embedding costs (logits error and held-out cross-entropy).
 
-    python benchmarks/accuracy.py            # one table, ~1 min on 2 cores
+    python benchmarks/accuracy.py            # two tables, ~2 min on 2 cores
 
 Models (ChatGLM-6B layout, fp32, each saved as a checkpoint and loaded back through
 ``glmkit.load_model(dir, quantize=...)``, the real quantize-on-load path):
@@ -16,6 +17,13 @@ glm-tiny (the random models have no tokenizer).
 
 "original": the float weights replaced by ChatGLM-6B's quantize() result, written from its formula
 (``scale = (absmax / qmax).half()``, ``q = round(w / scale)``), in place of the four linears of every layer.
+
+The first table compares the layers' schemes alone (output layer and embedding kept in floating point, as the
+original's quantize() keeps them); "int4 g32 MSE-fit" is the group scheme with clipping search and least-squares
+refits (glmkit's INT4 default before the output layer was quantized). The second table is glm-tiny with the output
+layer and embedding in floating point, INT8 (the default) or INT4, on top of INT4 or INT8 layers: the logits error
+(ratio to the original's INT4, which leaves them in floating point) and the per-character cross-entropy on 300
+held-out Tang poems (glmkit.evaluation.perplexity.score_texts), in fp32 and in bf16.
 """
 
 from __future__ import annotations
@@ -32,14 +40,36 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import glmkit  # noqa: E402
-from glmkit.quant.calibrate import calibrate_and_quantize  # noqa: E402
+import glmkit.quant.quantize as Q  # noqa: E402
 from glmkit.core.config import GLMConfig  # noqa: E402
-from glmkit.loading.loader import save_model  # noqa: E402
 from glmkit.core.model import GLM  # noqa: E402
+from glmkit.evaluation.perplexity import score_texts  # noqa: E402
+from glmkit.loading.loader import save_model  # noqa: E402
+from glmkit.quant.calibrate import calibrate_and_quantize  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "corpus" / "tang-poems.jsonl"
-VARIANTS = {"int8": dict(quantize="int8"), "int4 g32 (default)": dict(quantize="int4"),
-            "int4 g64": dict(quantize="int4", group_size=64), "int4 g128": dict(quantize="int4", group_size=128)}
+LAYERS = dict(quantize_head="none")  # the layers' schemes alone
+VARIANTS = {"int8": dict(quantize="int8", **LAYERS), "int4 g32 (default)": dict(quantize="int4", **LAYERS),
+            "int4 g32 MSE-fit": dict(quantize="int4", mse_fit=True, **LAYERS),
+            "int4 g64": dict(quantize="int4", group_size=64, **LAYERS),
+            "int4 g128": dict(quantize="int4", group_size=128, **LAYERS)}
+HEADS = {"int4, head float": dict(quantize="int4", quantize_head="none"),
+         "int4, head int8 (default)": dict(quantize="int4"),
+         "int4, head int4": dict(quantize="int4", quantize_head="int4"),
+         "int8, head float": dict(quantize="int8", quantize_head="none"),
+         "int8, head int8 (default)": dict(quantize="int8")}
+MSE_FIT = ((1.0, 0.95, 0.9, 0.85), 2)  # CLIP_RATIOS, REFIT_ROUNDS of the earlier INT4 default
+
+
+def load(folder: Path, dtype: torch.dtype = torch.float32, mse_fit: bool = False, **kw) -> GLM:
+    """glmkit.load_model, with mse_fit=True under the earlier INT4 rounding (clipping search + refits)."""
+    saved = Q.CLIP_RATIOS, Q.REFIT_ROUNDS
+    if mse_fit:
+        Q.CLIP_RATIOS, Q.REFIT_ROUNDS = MSE_FIT
+    try:
+        return glmkit.load_model(folder, dtype=dtype, **kw)
+    finally:
+        Q.CLIP_RATIOS, Q.REFIT_ROUNDS = saved
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -65,7 +95,7 @@ def errors(folder: Path, ids: torch.Tensor, calibrate: bool = False) -> dict[str
         out = {f"original int{b}": rel_err(original_scheme(glmkit.load_model(folder, dtype=torch.float32), b)(ids),
                                            ref) for b in (8, 4)}
         for name, kw in VARIANTS.items():
-            out[name] = rel_err(glmkit.load_model(folder, dtype=torch.float32, **kw)(ids), ref)
+            out[name] = rel_err(load(folder, **kw)(ids), ref)
         for bits in (8, 4):  # `glmkit quantize --calibrate` on the bundled calibration text
             name = f"int{bits} GPTQ" + (" g32" if bits == 4 else "")
             out[name] = float("nan")
@@ -74,6 +104,38 @@ def errors(folder: Path, ids: torch.Tensor, calibrate: bool = False) -> dict[str
                                                glmkit.load_tokenizer(folder), bits, progress=False)
                 out[name] = rel_err(model(ids), ref)
     return out
+
+
+def heldout_texts(n: int = 300) -> list[str]:
+    """The last n Tang poems: held out from glm-tiny's tokenizer and training (scripts/train_glm_tiny.sh)."""
+    lines = SHARED.read_text(encoding="utf-8").splitlines()[-n:]
+    return [json.loads(line)["text"] for line in lines]
+
+
+def head_table(folder: Path, ids: torch.Tensor) -> None:
+    """glm-tiny: the output layer and embedding in floating point, INT8 or INT4 (logits error, held-out CE)."""
+    tok = glmkit.load_tokenizer(folder)
+    texts = heldout_texts() if SHARED.exists() else []
+    float_model = glmkit.load_model(folder, dtype=torch.float32)
+    with torch.no_grad():
+        ref = float_model(ids)
+        original = rel_err(original_scheme(glmkit.load_model(folder, dtype=torch.float32), 4)(ids), ref)
+
+    def ce(model) -> float:
+        return score_texts(model, tok, texts, batch_size=16, progress=False).char_ce if texts else float("nan")
+
+    rows = [("float", None, ce(float_model), ce(glmkit.load_model(folder, dtype=torch.bfloat16)))]
+    for name, kw in HEADS.items():
+        model = load(folder, **kw)
+        with torch.no_grad():
+            err = rel_err(model(ids), ref)
+        rows.append((name, err, ce(model), ce(load(folder, torch.bfloat16, **kw))))
+    print(f"\nglm-tiny: the output layer and embedding (logits error on the poems above; per-character CE on "
+          f"{len(texts)} held-out Tang poems, nats)")
+    print(f"{'model':<28}{'logits error':>14}{'/ original int4':>17}{'CE fp32':>10}{'CE bf16':>10}")
+    for name, err, ce32, ce16 in rows:
+        cells = ("-", "-") if err is None else (f"{err:.4f}", f"{err / original:.2f}x")
+        print(f"{name:<28}{cells[0]:>14}{cells[1]:>17}{ce32:>10.4f}{ce16:>10.4f}")
 
 
 def poem_ids(folder: Path, n: int = 8, length: int = 48) -> torch.Tensor:
@@ -141,6 +203,7 @@ def main() -> None:
                                                for c in cols))
     print(f"{'random, mean ratio':<22}" + "".join(cell(ratio[c], ">19.2f") + ("" if ratio[c] != ratio[c] else "x")
                                                    for c in cols))
+    head_table(tiny, poem_ids(tiny))
 
 
 if __name__ == "__main__":

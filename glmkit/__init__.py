@@ -6,7 +6,7 @@ docs/architecture.md. Imported lazily, so `import glmkit` (and `glmkit --help`) 
 
 __version__ = "0.1.0"
 
-__all__ = ["GLMConfig", "GLMForCausalLM", "load_model", "save_model", "load_tokenizer", "__version__"]
+__all__ = ["GLMConfig", "GLMForCausalLM", "load_model", "save_model", "load_tokenizer", "score_choices", "__version__"]
 
 
 def __getattr__(name):
@@ -30,6 +30,10 @@ def __getattr__(name):
         from glmkit.core.tokenizer import load_tokenizer
 
         return load_tokenizer
+    if name == "score_choices":
+        from glmkit.core.scoring import score_choices
+
+        return score_choices
     if name == "fill":  # the module, so that glmkit.fill.fill(...) works after a plain `import glmkit`
         import glmkit.fill
 

@@ -233,3 +233,134 @@ def build_tiny_chat_model(out: Path, family: str = "chatglm3", *, endless: bool 
                     model.lm_head.weight[i] = 0
     save_model(model, out, tokenizer=tok)
     return out
+
+
+# Tool calling: a tiny GLM-4 checkpoint (its tokenizer in glm-4-9b-chat's layout, chat template included), and a
+# model whose answers are scripted below the serving engine (the HTTP, parsing and streaming layers stay real).
+TOOL_DATA = REPO / "tests" / "data" / "tool_calls"
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+SEARCH_TOOL = {"type": "function", "function": {
+    "name": "search_docs", "description": "Search the docs",
+    "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}}
+
+
+def build_tiny_glm4_model(out: Path, *, max_seq_len: int = 2048, std: float = 0.3, seed: int = 0) -> Path:
+    """A tiny random GLM-4 checkpoint with the tokenizer of tests/data/tool_calls/glm4 (556 byte-level ranks plus
+    GLM-4's special tokens, glm-4-9b-chat's chat template); returns `out`."""
+    from glmkit.core.causal_lm import GLMForCausalLM
+    from glmkit.core.config import GLMConfig
+    from glmkit.core.tokenizer import load_tokenizer
+    from glmkit.loading.loader import save_model
+
+    tok = load_tokenizer(TOOL_DATA / "glm4")
+    stops = [tok.eos_token_id, tok.get_command("<|user|>"), tok.get_command("<|observation|>")]
+    config = GLMConfig.from_name("glm-4-9b-chat", vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4,
+                                 num_kv_heads=2, head_dim=8, ffn_hidden_size=64, max_seq_len=max_seq_len,
+                                 torch_dtype="float32", eos_token_id=stops, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = GLMForCausalLM(config)
+    model.init_weights(std=std)
+    save_model(model, out, tokenizer=tok)
+    return out
+
+
+STORY = "Once upon a time a small cat watched the sun rise over the river, and the day was long and warm."
+
+
+def tool_script(family: str, prompt: str) -> tuple[str, str] | None:
+    """The scripted answer (text, stop token) to a chat prompt, or None for the model's own. The last turn decides:
+    a tool result gets a sentence about it, a weather question with the tools offered gets a get_weather call (in
+    the family's own call format), "story" gets STORY, "echo: X" gets X."""
+    from glmkit.core.tools import chatglm3_call_content
+
+    last = max(prompt.rfind("<|user|>"), prompt.rfind("<|observation|>"))
+    turn = prompt[last:]
+    if turn.startswith("<|observation|>"):
+        return "\nThe weather in Paris is sunny.", "<|user|>"
+    if "weather" in turn and "get_weather" in prompt[:last]:
+        args = {"city": "Paris"}
+        body = json.dumps(args) if family == "glm4" else chatglm3_call_content(args)
+        return f"get_weather\n{body}", "<|observation|>"
+    if "story" in turn:
+        return "\n" + STORY, "<|user|>"
+    if "echo:" in turn:
+        return "\n" + turn.split("echo:", 1)[1].split("<|assistant|>")[0].strip(), "<|user|>"
+    return None
+
+
+def scripted_model(folder: Path):
+    """(model, tokenizer): the checkpoint in `folder` as a ScriptedChatModel answering by tool_script."""
+    from glmkit.core.causal_lm import GLMForCausalLM
+    from glmkit.core.tokenizer import load_tokenizer
+    from glmkit.loading.loader import load_model
+
+    class ScriptedChatModel(GLMForCausalLM):
+        """The real forward pass, then each row's next token forced to its scripted answer (if it has one).
+        A prefill (cache slots from 0) reads each row's prompt; every later call is one step further."""
+
+        def forward(self, input_ids, position_ids=None, attention_mask=None, input_pos=None, **kwargs):
+            logits = super().forward(input_ids, position_ids, attention_mask, input_pos=input_pos, **kwargs)
+            if input_pos is None or int(input_pos[0]) == 0:
+                self.step, self.targets = 0, []
+                for row in input_ids.tolist():
+                    while row and row[0] == self.config.pad_token_id:
+                        row = row[1:]
+                    answer = tool_script(tok.family, tok.decode(row))
+                    self.targets.append(None if answer is None else
+                                        tok.sp_encode(answer[0]) + [tok.get_command(answer[1])])
+            else:
+                self.step += 1
+            logits = logits.clone()
+            for row, target in enumerate(self.targets):
+                if target is not None and self.step < len(target):
+                    logits[row, -1] = -1e4
+                    logits[row, -1, target[self.step]] = 1e4
+            return logits
+
+    tok = load_tokenizer(folder)
+    base = load_model(folder, dtype="float32")
+    model = ScriptedChatModel(base.config)
+    model.load_state_dict(base.state_dict())
+    return model.eval(), tok
+
+
+def serve_scripted(folder: str, port: int) -> None:
+    """`glmkit serve`'s library call (glmkit.serving.openai_api.serve) on the scripted model: run as a process."""
+    from glmkit.serving.openai_api import serve
+
+    model, tok = scripted_model(Path(folder))
+    serve(model, tok, "tiny-tools", port=port, log_level="warning")
+
+
+# The original GLM: tiny checkpoints its hub code wrote, and that code's outputs (tests/data/glm/make_golden.py).
+GLM_DATA = REPO / "tests" / "data" / "glm"
+
+
+def glm_golden() -> dict:
+    """tests/data/glm/golden.json (read once)."""
+    if not hasattr(glm_golden, "_cache"):
+        glm_golden._cache = json.loads((GLM_DATA / "golden.json").read_text(encoding="utf-8"))
+    return glm_golden._cache
+
+
+def glm_logits_case(fixture: str, case: str) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(the model inputs of a golden case, the original's logits at every 7th vocabulary column, its logsumexp)."""
+    if not hasattr(glm_logits_case, "_cache"):
+        glm_logits_case._cache = torch.load(GLM_DATA / "golden_logits.pt", weights_only=True)
+    kwargs = {k: torch.tensor(v) for k, v in glm_golden()["fixtures"][fixture]["logits_cases"][case].items()}
+    logits = glm_logits_case._cache
+    return kwargs, logits[f"{fixture}/{case}/columns"], logits[f"{fixture}/{case}/logsumexp"]
+
+
+def int4pack_with_block(q: torch.Tensor, block: int) -> torch.Tensor:
+    """aten's CPU int4pack layout for a given block size, written out: [N/B, K, B/2] bytes, row r of a block in the
+    low nibble and row r + B/2 in the high one, values u = q + 8, N padded to whole blocks with q = 0. (64 rows
+    per block on AVX-512, 32 on AVX2: a file saved on one machine and loaded on the other.)"""
+    n, k = q.shape
+    n_pad = -(-n // block) * block
+    u = torch.full((n_pad, k), 8, dtype=torch.uint8)
+    u[:n] = (q.to(torch.int16) + 8).to(torch.uint8)
+    v = u.view(n_pad // block, block, k).permute(0, 2, 1)  # [NB, K, B]
+    return (v[..., : block // 2] | (v[..., block // 2:] << 4)).contiguous().view(n_pad, k // 2)

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("loading", ("glmkit.loading",)),
     ("applications", ("glmkit.training", "glmkit.evaluation", "glmkit.serving")),
     ("commands", ("glmkit.commands",)),
-    ("public", ("glmkit", "glmkit.__main__", "glmkit.fill")),
+    ("public", ("glmkit", "glmkit.__main__", "glmkit.fill", "glmkit.chat")),
 ]
 
 

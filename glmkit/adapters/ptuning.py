@@ -56,10 +56,10 @@ def attach_prefix(model: nn.Module, pre_seq_len: int, prefix_projection: bool = 
                   prefix_hidden_size: int | None = None) -> PrefixEncoder:
     """Adds a (freshly initialised) prefix encoder to a GLM model and records it in model.config."""
     cfg: GLMConfig = model.config
-    device = model.wte.weight.device
+    device = model.device
     encoder = PrefixEncoder(cfg, pre_seq_len, prefix_projection, prefix_hidden_size)
     if not encoder.embedding.weight.is_meta:  # built under torch.device("meta") by the loader: filled later
-        encoder = encoder.to(device=device, dtype=model.wte.weight.dtype)
+        encoder = encoder.to(device=device, dtype=model.dtype)
     model.prefix_encoder = encoder
     cfg.pre_seq_len, cfg.prefix_projection, cfg.prefix_hidden_size = pre_seq_len, prefix_projection, prefix_hidden_size
     return encoder

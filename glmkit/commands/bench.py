@@ -23,6 +23,8 @@ def cli_main(argv: list[str]) -> int:
                         help="comma-separated subset of bf16,int8,int4 (default all)")
     parser.add_argument("--group-size", type=int, default=None, help="INT4 group size (default: glmkit's)")
     parser.add_argument("--model", default="chatglm-6b", help="preset shape (default chatglm-6b)")
+    parser.add_argument("--head", default=None, choices=("int8", "int4", "none"),
+                        help="output layer / embedding of the int8 and int4 runs (default int8, as load_model)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds over all precisions, interleaved; each figure is its best round (on a shared "
                              "machine, 2-3 rounds steady the ratios; default 1)")
@@ -32,7 +34,8 @@ def cli_main(argv: list[str]) -> int:
     try:
         bandwidth, results = run_benchmark(precisions, layers=args.layers, prompt_tokens=args.prompt_tokens,
                                            decode_tokens=args.decode_tokens, group_size=args.group_size,
-                                           threads=args.threads, model=args.model, repeats=args.repeats)
+                                           threads=args.threads, model=args.model, repeats=args.repeats,
+                                           head=args.head)
     except ValueError as e:
         parser.error(str(e))
     except RuntimeError as e:

@@ -8,6 +8,7 @@ import sys
 from glmkit.commands.common import add_model_arguments, load_from_args
 from glmkit.loading.tools import model_name
 from glmkit.serving.terminal import COMMANDS_HELP, TerminalChat
+from glmkit.serving.toolbox import Toolbox
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sampling temperature; 0 = greedy (default: the family's chat default)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: the family's)")
     parser.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                        help="end the answer before TEXT (repeatable)")
+    parser.add_argument("--presence-penalty", type=float, default=None,
+                        help="OpenAI's presence penalty, -2..2 (default 0)")
+    parser.add_argument("--frequency-penalty", type=float, default=None,
+                        help="OpenAI's frequency penalty, -2..2 (default 0)")
+    parser.add_argument("--tools", default=None, metavar="FILE.py",
+                        help="Python functions the model may call (ChatGLM3, GLM-4): the public functions of FILE.py "
+                             "(or its TOOLS list), described by their signatures and docstrings; each call is shown, "
+                             "run, and its result fed back")
     return parser
 
 
@@ -44,6 +55,19 @@ def cli_main(argv: list[str]) -> int:
     if args.top_p is not None and not 0 < args.top_p <= 1:
         print(f"glmkit chat: --top-p must be in (0, 1], got {args.top_p}", file=sys.stderr)
         return 2
+    for flag in ("presence_penalty", "frequency_penalty"):
+        value = getattr(args, flag)
+        if value is not None and not -2 <= value <= 2:
+            print(f"glmkit chat: --{flag.replace('_', '-')} must be between -2 and 2, got {value}", file=sys.stderr)
+            return 2
+    if args.stop is not None and not all(args.stop):
+        print("glmkit chat: --stop takes a non-empty text", file=sys.stderr)
+        return 2
+    try:  # a bad tools file is reported before the (slow) model load
+        toolbox = Toolbox.from_file(args.tools) if args.tools else None
+    except ValueError as err:
+        print(f"glmkit chat: --tools: {err}", file=sys.stderr)
+        return 2
     try:
         loaded = load_from_args("glmkit chat", args)
     except KeyboardInterrupt:
@@ -54,7 +78,9 @@ def cli_main(argv: list[str]) -> int:
     try:
         chat = TerminalChat(model, tokenizer, model_name(args.model), system=args.system,
                             max_length=args.max_length, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                            temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                            tools=toolbox, stop=args.stop,
+                            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
     except ValueError as err:
         print(f"glmkit chat: {err}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ import sys
 import torch
 
 from glmkit.commands.common import add_model_arguments, load_from_args
+from glmkit.core.chat import family_of, find_stop, partial_stop, stop_token_ids
 from glmkit.core.generate import generate_stream
 
 
@@ -22,26 +23,46 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's presence penalty, -2..2")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's frequency penalty, -2..2")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="end the text before TEXT (repeatable); generation also ends at the family's stop "
+                             "tokens (GLM-4: <|endoftext|>, <|user|>, <|observation|>)")
     args = parser.parse_args(argv)
+    for flag in ("presence_penalty", "frequency_penalty"):
+        if not -2 <= getattr(args, flag) <= 2:
+            print(f"glmkit generate: --{flag.replace('_', '-')} must be between -2 and 2", file=sys.stderr)
+            return 2
+    if not all(args.stop):
+        print("glmkit generate: --stop takes a non-empty text", file=sys.stderr)
+        return 2
 
     loaded = load_from_args("glmkit generate", args)
     if loaded is None:
         return 1
     model, tokenizer = loaded
+    stops = stop_token_ids(model, tokenizer, family_of(tokenizer))
     ids = tokenizer.encode(args.prompt)
     out: list[int] = []
     printed = ""
     for tok in generate_stream(model, torch.tensor([ids]), max_new_tokens=args.max_new_tokens,
                                do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
                                top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
-                               seed=args.seed):
-        if int(tok[0]) in model.config.eos_token_ids:
+                               presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                               eos_token_id=stops, seed=args.seed):
+        if int(tok[0]) in stops:
             break
         out.append(int(tok[0]))
         text = tokenizer.decode(out)
+        cut = find_stop(text, args.stop)
+        if cut is not None:
+            sys.stdout.write(text[len(printed):cut] + "\n")  # (a stop string's start is never printed early)
+            return 0
+        text = text[: len(text) - partial_stop(text, args.stop)]
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             sys.stdout.write(text[len(printed):])
             sys.stdout.flush()
             printed = text
-    sys.stdout.write(tokenizer.decode(out)[len(printed):] + "\n")
+    text = tokenizer.decode(out)
+    sys.stdout.write(text[len(printed):] + "\n")
     return 0

@@ -7,6 +7,7 @@ import sys
 
 from glmkit.commands.common import add_model_arguments, load_from_args
 from glmkit.loading.tools import model_name
+from glmkit.serving.toolbox import Toolbox
 from glmkit.serving.web import launch
 
 
@@ -17,16 +18,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
+    parser.add_argument("--tools", default=None, metavar="FILE.py",
+                        help="Python functions the model may call (ChatGLM3, GLM-4); calls and results are shown")
     return parser
 
 
 def cli_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    try:  # a bad tools file is reported before the (slow) model load
+        toolbox = Toolbox.from_file(args.tools) if args.tools else None
+    except ValueError as err:
+        print(f"glmkit web: --tools: {err}", file=sys.stderr)
+        return 2
     loaded = load_from_args("glmkit web", args)
     if loaded is None:
         return 1
     model, tokenizer = loaded
-    launch(model, tokenizer, model_name(args.model), args.host, args.port, args.share)
+    try:
+        launch(model, tokenizer, model_name(args.model), args.host, args.port, args.share, tools=toolbox)
+    except ValueError as err:  # a family without tool calling
+        print(f"glmkit web: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

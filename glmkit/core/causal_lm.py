@@ -19,14 +19,6 @@ from glmkit.core.model import GLM
 class GLMForCausalLM(GLM):
     name_or_path: str = ""
 
-    @property
-    def device(self) -> torch.device:
-        return self.wte.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.wte.weight.dtype
-
     def generate(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
         """New token ids [B, N] (see glmkit.core.generate.generate_stream for the arguments)."""
         return generate(self, input_ids, attention_mask, **kwargs)

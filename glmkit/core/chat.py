@@ -7,7 +7,9 @@ Per family (read from `tokenizer.family`):
 | chatglm  | bare query on the first turn, else `[Round i]\\n问：q\\n答：r\\n` (i from 0) + `[gMASK] <sop>` | 2048, 0.7, 0.95                          | the model's eos (`<eop>`)     |
 | chatglm2 | `[gMASK] sop` + `[Round i]\\n\\n问：q\\n\\n答：r\\n\\n` (i from 1)                          | 8192, 0.8, 0.8                           | the model's eos (`</s>`)      |
 | chatglm3 | `[gMASK] sop` + `<|role|>` + enc(metadata + "\\n") + enc(content) per message + `<|assistant|>` | 8192, 0.8, 0.8                    | eos, `<|user|>`, `<|observation|>` |
-| glm4     | the chat template: `[gMASK]<sop>` + `<|role|>{metadata}\\n{content}` per message + `<|assistant|>` | 8192, 0.8, 0.8                   | `<|endoftext|>`, `<|user|>`, `<|observation|>` |
+| glm4     | the checkpoint's jinja chat template: `[gMASK]<sop>` + `<|role|>{metadata}\\n{content}` per message + `<|assistant|>` | 8192, 0.8, 0.8 | `<|endoftext|>`, `<|user|>`, `<|observation|>` |
+
+The prompts themselves are built in glmkit.core.chat_template (also behind every tokenizer's `apply_chat_template`).
 
 Sampling uses top_k 50 unless given (transformers' default, which the originals inherit), and every family adds the
 NaN/inf guard (`InvalidScoreLogitsProcessor`: all scores 0, token 5 at 5e4). `max_length` counts prompt + answer.
@@ -20,11 +22,16 @@ Beyond the originals: history that does not fit `max_length` (default: the famil
 `model.config.max_seq_len`) is dropped oldest turn first (the returned history still holds every turn); `system=` adds a system message for ChatGLM3/GLM-4 (a clear
 error elsewhere); the caller's history list is never mutated. num_beams > 1 runs glmkit's deterministic beam
 search (transformers' beam-search scoring; sampling arguments are ignored in that mode and stream_chat yields once).
+
+Tools (ChatGLM3, GLM-4): `tools=[...]` puts the family's tool system message first (glmkit.core.tools; ChatGLM3 gets
+bare function dicts, as its own tool demo writes them); a tool call
+comes back as `{"name", "parameters"}` (ChatGLM3's chat() shape, for both families) and its result goes back as the
+next query with `role="observation"`. GLM-4's original has no chat(); glmkit gives it ChatGLM3's, with GLM-4's JSON
+calls parsed by glmkit.core.tools.parse_tool_calls. `stop=` ends the answer before the first of some strings.
 """
 
 from __future__ import annotations
 
-import ast
 import copy
 import json
 import re
@@ -33,8 +40,10 @@ from typing import Any
 
 import torch
 
+from glmkit.core.chat_template import apply_chat_template, chatglm2_prompt, chatglm3_ids, chatglm_prompt
 from glmkit.core.generate import beam_search, generate_stream, invalid_score_guard
 from glmkit.core.tokenizer import load_tokenizer
+from glmkit.core.tools import TOOL_FAMILIES, ToolError, parse_tool_calls, to_native_messages, validate_tools
 
 Turn = tuple[str, str]
 
@@ -57,6 +66,9 @@ _PUNCT = [(",", "，"), ("!", "！"), (":", "："), (";", "；"), ("?", "？")]
 
 def family_of(tokenizer) -> str:
     fam = getattr(tokenizer, "family", None)
+    if fam == "glm":
+        raise ValueError("the original GLM (glm-large-chinese, glm-2b, glm-10b, glm-10b-chinese) fills blanks and has "
+                         "no chat format or stop tokens: use `glmkit fill` / glmkit.fill.fill")
     if fam not in DEFAULTS:
         raise ValueError(f"tokenizer family {fam!r} is not one of {sorted(DEFAULTS)}; load it with "
                          "glmkit.load_tokenizer")
@@ -110,82 +122,59 @@ def _as_messages(history: Sequence[Any] | None) -> list[dict[str, Any]]:
     return messages
 
 
-def chatglm_prompt(query: str, history: Sequence[Turn]) -> str:
-    """ChatGLM-6B: the bare query without history; otherwise 0-based rounds with single newlines."""
-    if not history:
-        return query
-    prompt = "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history))
-    return prompt + f"[Round {len(history)}]\n问：{query}\n答："
+def glm4_prompt(tokenizer, messages: Sequence[dict[str, Any]]) -> str:
+    """GLM-4's prompt text for native messages: the tokenizer's chat template (see glmkit.core.chat_template)."""
+    return apply_chat_template(tokenizer, list(messages), tokenize=False)
 
 
-def chatglm2_prompt(query: str, history: Sequence[Turn]) -> str:
-    """ChatGLM2-6B: 1-based rounds with blank lines between the parts."""
-    prompt = "".join(f"[Round {i + 1}]\n\n问：{q}\n\n答：{r}\n\n" for i, (q, r) in enumerate(history))
-    return prompt + f"[Round {len(history) + 1}]\n\n问：{query}\n\n答："
-
-
-def _message_content(item: dict[str, Any]) -> str:
-    content = item.get("content", "")
-    if not isinstance(content, str):  # an assistant tool call kept as a dict
-        content = json.dumps(content, ensure_ascii=False)
-    if item.get("role") == "system" and "tools" in item:
-        content = content + "\n" + json.dumps(item["tools"], indent=4, ensure_ascii=False)
-    return content
-
-
-def chatglm3_ids(tokenizer, messages: Sequence[dict[str, Any]]) -> list[int]:
-    """ChatGLM3 `build_chat_input`: per message `<|role|>` + enc(metadata + "\\n") + enc(content), encoded
-    separately with SentencePiece; `[gMASK] sop` first and `<|assistant|>` last."""
-    ids = [tokenizer.get_command("[gMASK]"), tokenizer.get_command("sop")]
-    for item in messages:
-        ids.append(tokenizer.get_command(f"<|{item['role']}|>"))
-        ids += tokenizer.sp_encode(f"{item.get('metadata', '') or ''}\n")
-        ids += tokenizer.sp_encode(_message_content(item))
-    return ids + [tokenizer.get_command("<|assistant|>")]
-
-
-def glm4_prompt(messages: Sequence[dict[str, Any]]) -> str:
-    """GLM-4's chat template (without tools): messages with empty content are skipped, as the template does."""
-    parts = ["[gMASK]<sop>"]
-    for item in messages:
-        if "tools" in item:
-            raise ValueError("GLM-4 tool descriptions (a system message with 'tools') are not supported by "
-                             "glmkit's chat; put the tool text into the system content")
-        content = _message_content(item)
-        if content:
-            parts.append(f"<|{item['role']}|>{item.get('metadata', '') or ''}\n{content}")
-    parts.append("<|assistant|>")
-    return "".join(parts)
+def with_tools(family: str, messages: list[dict[str, Any]], tools: list[Any] | None) -> list[dict[str, Any]]:
+    """Messages with the family's tool system message for `tools`: it replaces one the history already holds (so a
+    chat can pass the same tools every turn), else it comes first. ChatGLM3 gets bare function dicts, the form its
+    own tool demo (tools_using_demo/cli_demo_tool.py) and PROMPT.md give the model."""
+    if tools is None:
+        return messages
+    if family not in TOOL_FAMILIES:
+        raise ToolError(f"{family} has no tool calling (only ChatGLM3 and GLM-4 do); call it without tools")
+    tools = validate_tools(tools, strict=False)
+    if family == "chatglm3":
+        tools = [t["function"] if t.get("type") == "function" and "function" in t else t for t in tools]
+    tools_message = to_native_messages(family, [], tools)[0]
+    for i, m in enumerate(messages):
+        if m.get("role") == "system" and "tools" in m:
+            return messages[:i] + [tools_message] + messages[i + 1:]
+    return [tools_message] + messages
 
 
 def _ids_for(tokenizer, family: str, query: str, history: Sequence[Any], system: str | None,
-             role: str = "user") -> list[int]:
+             role: str = "user", tools: list[Any] | None = None) -> list[int]:
     if family in ("chatglm", "chatglm2"):
         if system is not None:
             raise ValueError(f"{family} has no system prompt (only ChatGLM3 and GLM-4 do); put it into the query")
         if role != "user":
             raise ValueError(f"{family} has no roles; role={role!r} is only for ChatGLM3 and GLM-4")
+        if tools is not None:
+            raise ToolError(f"{family} has no tool calling (only ChatGLM3 and GLM-4 do); call it without tools")
         turns = _as_turns(history)
         prompt = chatglm_prompt(query, turns) if family == "chatglm" else chatglm2_prompt(query, turns)
         return tokenizer.encode(prompt)
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-    messages = _as_messages(history)
+    messages = with_tools(family, _as_messages(history), tools)
     if system is not None:
         messages = [{"role": "system", "content": system}] + messages
     messages = messages + [{"role": role, "content": query}]
     if family == "chatglm3":
         return chatglm3_ids(tokenizer, messages)
-    return tokenizer.encode(glm4_prompt(messages), add_special_tokens=False)
+    return apply_chat_template(tokenizer, messages)
 
 
 def build_chat_input(tokenizer, query: str, history: Sequence[Any] | None = None, system: str | None = None,
-                     role: str = "user") -> list[int]:
+                     role: str = "user", tools: list[Any] | None = None) -> list[int]:
     """The prompt ids the family's original chat() feeds the model (no truncation)."""
     if not isinstance(query, str):
         raise TypeError(f"query must be a string, got {type(query).__name__}")
     tokenizer = as_glmkit_tokenizer(tokenizer)
-    return _ids_for(tokenizer, family_of(tokenizer), query, list(history or []), system, role)
+    return _ids_for(tokenizer, family_of(tokenizer), query, list(history or []), system, role, tools)
 
 
 def _drop_oldest(history: list[Any]) -> list[Any]:
@@ -201,13 +190,13 @@ def _drop_oldest(history: list[Any]) -> list[Any]:
 
 
 def fit_history(tokenizer, query: str, history: Sequence[Any] | None, limit: int, system: str | None = None,
-                role: str = "user") -> tuple[list[int], list[Any]]:
+                role: str = "user", tools: list[Any] | None = None) -> tuple[list[int], list[Any]]:
     """Prompt ids and the history they hold, dropping the oldest turns until the prompt leaves room for at
     least one new token within `limit` (prompt + answer)."""
     family = family_of(tokenizer)
     kept = list(history or [])
     while True:
-        ids = _ids_for(tokenizer, family, query, kept, system, role)
+        ids = _ids_for(tokenizer, family, query, kept, system, role, tools)
         if len(ids) < limit:
             return ids, kept
         non_system = [m for m in kept if not (isinstance(m, dict) and m.get("role") == "system")]
@@ -233,38 +222,29 @@ def process_chatglm2_response(response: str) -> str:
     return response.strip().replace("[[训练时间]]", "2023年")
 
 
-def _tool_call_arguments(code: str) -> dict[str, Any]:
-    """The keyword arguments of `tool_call(a=..., b=...)` (ChatGLM3 eval()s this; glmkit parses literals only)."""
-    tree = ast.parse(code.strip(), mode="eval")
-    call = tree.body
-    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "tool_call"
-            and not call.args):
-        raise ValueError("not a tool_call(...) with keyword arguments")
-    return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg}
-
-
-def process_chatglm3_response(output: str, history: Sequence[dict[str, Any]]) -> tuple[Any, list[dict[str, Any]]]:
-    """ChatGLM3's process_response: each `<|assistant|>`-separated part is `metadata\\ncontent`; an empty metadata
-    is a plain answer (stripped), a non-empty one a tool call (a dict). A part without a newline is taken as
-    content (the original would raise)."""
+def process_chatglm3_response(output: str, history: Sequence[dict[str, Any]],
+                              family: str = "chatglm3") -> tuple[Any, list[dict[str, Any]]]:
+    """ChatGLM3's process_response (GLM-4 answers have the same shape): each `<|assistant|>`-separated part is
+    `metadata\ncontent`; an empty metadata is a plain answer (stripped), a non-empty one a call, returned as
+    `{"name", "parameters"}` when the conversation offers tools and the call parses (glmkit.core.tools.
+    parse_tool_calls; never evaluated), else as `{"name", "content"}`. A part without a newline is taken as content
+    (the original would raise)."""
     content: Any = ""
     history = copy.deepcopy(list(history))
+    tools = next((m["tools"] for m in history if m.get("role") == "system" and "tools" in m), None)
     for response in output.split("<|assistant|>"):
         metadata, content = response.split("\n", maxsplit=1) if "\n" in response else ("", response)
         if not metadata.strip():
             content = content.strip()
             history.append({"role": "assistant", "metadata": metadata, "content": content})
             content = content.replace("[[训练时间]]", "2023年")
+            continue
+        history.append({"role": "assistant", "metadata": metadata, "content": content})
+        calls = parse_tool_calls(family, f"{metadata}\n{content}", tools) if tools is not None else []
+        if calls and "arguments" in calls[0]:
+            content = {"name": metadata.strip(), "parameters": calls[0]["arguments"]}
         else:
-            history.append({"role": "assistant", "metadata": metadata, "content": content})
-            if history[0]["role"] == "system" and "tools" in history[0]:
-                code = "\n".join(content.split("\n")[1:-1])
-                try:
-                    content = {"name": metadata.strip(), "parameters": _tool_call_arguments(code)}
-                except (ValueError, SyntaxError):
-                    content = {"name": metadata.strip(), "content": content}
-            else:
-                content = {"name": metadata.strip(), "content": content}
+            content = {"name": metadata.strip(), "content": content}
     return content, history
 
 
@@ -288,10 +268,45 @@ def _limits(model, family: str, max_length: int | None) -> int:
 
 
 def stop_token_ids(model, tokenizer, family: str) -> list[int]:
+    """The tokens that end an answer: ChatGLM3 and GLM-4 stop at eos, `<|user|>` and `<|observation|>` (GLM-4's
+    151329, 151336, 151338), plus any other eos id the model's config names; the older families at the model's eos."""
+    config_ids = [int(i) for i in (getattr(getattr(model, "config", None), "eos_token_ids", []) or [])]
     if family in ("chatglm3", "glm4"):
-        return [tokenizer.eos_token_id, tokenizer.get_command("<|user|>"), tokenizer.get_command("<|observation|>")]
-    ids = list(getattr(model.config, "eos_token_ids", []) or [])
-    return ids or [tokenizer.eos_token_id]
+        ids = [tokenizer.eos_token_id, tokenizer.get_command("<|user|>"), tokenizer.get_command("<|observation|>")]
+        return ids + [i for i in config_ids if i not in ids]
+    return config_ids or [tokenizer.eos_token_id]
+
+
+def find_stop(text: str, stop: Sequence[str]) -> int | None:
+    """Where the first stop string begins in text (None if none occurs)."""
+    hits = [text.find(s) for s in stop if s and s in text]
+    return min(hits) if hits else None
+
+
+def partial_stop(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest end of `text` that begins some stop string (it may still become one)."""
+    best = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+def _cut(state: tuple[Any, list[Any]], end: int) -> tuple[Any, list[Any]]:
+    """A (response, history) state whose text answer ends at `end` (a stop string or a held-back partial one)."""
+    response, history = state
+    if not isinstance(response, str) or end >= len(response):
+        return state
+    response = response[:end]
+    history = list(history)
+    last = history[-1]
+    if isinstance(last, tuple):
+        history[-1] = (last[0], response)
+    else:
+        history[-1] = {**last, "content": response}
+    return response, history
 
 
 def _response_state(family: str, tokenizer, out: list[int], query: str, history: list[Any], role: str,
@@ -305,7 +320,7 @@ def _response_state(family: str, tokenizer, out: list[int], query: str, history:
     # path has no chat(), glmkit drops a trailing stop token the same way.
     text = tokenizer.decode(out[:-1])
     messages = _as_messages(history) + [{"role": role, "content": query}]
-    response, new_messages = process_chatglm3_response(text, messages)
+    response, new_messages = process_chatglm3_response(text, messages, family)
     if as_tuples:
         answer = response if isinstance(response, str) else json.dumps(response, ensure_ascii=False)
         return response, history + [(query, answer)]
@@ -315,21 +330,34 @@ def _response_state(family: str, tokenizer, out: list[int], query: str, history:
 def stream_chat(model, tokenizer, query: str, history: Sequence[Any] | None = None, max_length: int | None = None,
                 do_sample: bool = True, top_p: float | None = None, temperature: float | None = None,
                 system: str | None = None, logits_processor: Sequence[Callable] | None = None, num_beams: int = 1,
-                role: str = "user", **gen_kwargs: Any) -> Iterator[tuple[Any, list[Any]]]:
+                role: str = "user", tools: list[Any] | None = None, stop: str | Sequence[str] | None = None,
+                **gen_kwargs: Any) -> Iterator[tuple[Any, list[Any]]]:
     """Yields (response so far, history + this turn) as tokens arrive; the last item equals chat()'s result.
 
     A response whose text ends in an incomplete UTF-8 character ("\\ufffd") is held back until it completes (as
-    ChatGLM2/3 do); the final state is always yielded."""
+    ChatGLM2/3 do), so is an end that may still become a stop string; the final state is always yielded.
+
+    tools (ChatGLM3, GLM-4): OpenAI tools or bare function dicts, described to the model in the family's tool
+    system message (which replaces one the history holds); a call comes back as {"name", "parameters"}, to be
+    answered with chat(..., query=result, history=history, role="observation").
+    stop: strings that end the answer (cut before the first one), matched across token boundaries."""
     tokenizer = as_glmkit_tokenizer(tokenizer)
     family = family_of(tokenizer)
     if not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}")
     if not isinstance(query, str):
         raise TypeError(f"query must be a string, got {type(query).__name__}")
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if not all(isinstance(s, str) and s for s in stop):
+        raise ValueError("stop must be a string or a list of non-empty strings")
     history = list(history or [])
     as_tuples = family in ("chatglm", "chatglm2") or (bool(history) and not _is_messages(history))
+    if tools is not None and as_tuples and family in TOOL_FAMILIES:
+        raise ValueError("tools need a role-dict history (the (query, response) pairs cannot hold tool calls)")
     limit = _limits(model, family, max_length)
-    ids, _ = fit_history(tokenizer, query, history, limit, system, role)
+    ids, _ = fit_history(tokenizer, query, history, limit, system, role, tools)
+    if tools is not None:
+        history = with_tools(family, history, tools)
     if system is not None and family in ("chatglm3", "glm4") and not as_tuples:
         history = [{"role": "system", "content": system}] + history
     defaults = DEFAULTS[family]
@@ -343,7 +371,9 @@ def stream_chat(model, tokenizer, query: str, history: Sequence[Any] | None = No
         beams = beam_search(model, torch.tensor([ids], dtype=torch.long, device=device), num_beams=num_beams,
                             max_length=limit, eos_token_id=gen_kwargs["eos_token_id"], logits_processors=processors,
                             repetition_penalty=gen_kwargs.get("repetition_penalty", 1.0))
-        yield _response_state(family, tokenizer, beams[0].tolist(), query, history, role, as_tuples)
+        state = _response_state(family, tokenizer, beams[0].tolist(), query, history, role, as_tuples)
+        cut = find_stop(state[0], stop) if stop and isinstance(state[0], str) else None
+        yield state if cut is None else _cut(state, cut)
         return
     stream = generate_stream(
         model, torch.tensor([ids], dtype=torch.long, device=device), max_length=limit, do_sample=do_sample,
@@ -356,9 +386,20 @@ def stream_chat(model, tokenizer, query: str, history: Sequence[Any] | None = No
         out.append(int(step[0]))
         last = _response_state(family, tokenizer, out, query, history, role, as_tuples)
         text = last[0]
+        if stop and isinstance(text, str):
+            cut = find_stop(text, stop)
+            if cut is not None:
+                stream.close()
+                yield _cut(last, cut)
+                return
         # hold back an unfinished character; ChatGLM2/3 also wait for a non-empty response
         if isinstance(text, str) and (text.endswith("\ufffd") or (not text and family != "chatglm")):
             yielded = False
+            continue
+        held = partial_stop(text, stop) if stop and isinstance(text, str) else 0
+        if held:
+            yielded = False
+            yield _cut(last, len(text) - held)
             continue
         yielded = True
         yield last
@@ -372,13 +413,16 @@ def stream_chat(model, tokenizer, query: str, history: Sequence[Any] | None = No
 def chat(model, tokenizer, query: str, history: Sequence[Any] | None = None, max_length: int | None = None,
          num_beams: int = 1, do_sample: bool = True, top_p: float | None = None, temperature: float | None = None,
          system: str | None = None, logits_processor: Sequence[Callable] | None = None, role: str = "user",
+         tools: list[Any] | None = None, stop: str | Sequence[str] | None = None,
          **gen_kwargs: Any) -> tuple[Any, list[Any]]:
     """response, history = chat(model, tokenizer, "你好", history=[]), with the family's template, defaults,
-    stop tokens and post-processing (see the module docstring)."""
+    stop tokens and post-processing (see the module docstring; tools and stop as in stream_chat; other keyword
+    arguments such as presence_penalty, frequency_penalty, repetition_penalty, top_k, seed, max_new_tokens reach
+    glmkit.core.generate.generate_stream)."""
     result = None
     for result in stream_chat(model, tokenizer, query, history, max_length=max_length, do_sample=do_sample,
                               top_p=top_p, temperature=temperature, system=system, logits_processor=logits_processor,
-                              num_beams=num_beams, role=role, **gen_kwargs):
+                              num_beams=num_beams, role=role, tools=tools, stop=stop, **gen_kwargs):
         pass
     assert result is not None  # stream_chat always yields its final state
     return result

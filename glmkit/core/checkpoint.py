@@ -2,13 +2,16 @@
 and tensors, streamed one at a time into a model built on the meta device.
 
 Safetensors files are read with plain reads, .bin files with torch.load(mmap=True), each tensor copied out, so peak
-memory stays near the final model size. Every checkpoint tensor must map to a model tensor and every model tensor
-must be filled: missing, unexpected, mis-shaped and duplicated weights are errors.
+memory stays near the final model size. A checkpoint whose tensors are already in the model's runtime form (glmkit's
+saved quantized models) is memory-mapped instead (`iter_tensors(..., mapped=True)`): its tensors are views of the
+file, taken without a copy. Every checkpoint tensor must map to a model tensor and every model tensor must be filled:
+missing, unexpected, mis-shaped and duplicated weights are errors.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -133,12 +136,51 @@ def _read_safetensors(path: Path, defer: Callable[[str], bool] | None = None
             yield name, tensor
 
 
-def iter_tensors(files: list[Path], defer: Callable[[str], bool] | None = None
+MAPPED_ALIGNMENT = 64  # a mapped tensor is taken as it is only from an offset aligned to this (else copied)
+
+
+def _map_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a safetensors file as views of one private (copy-on-write) memory map of it: no copy, no
+    read until a page is touched. The map lives as long as any of its tensors. A tensor that does not start on a
+    MAPPED_ALIGNMENT boundary of the file is copied (glmkit writes its quantized files aligned)."""
+    with open(path, "rb") as f:
+        size = path.stat().st_size
+        if size < 8:
+            raise CheckpointError(f"cannot read {path}: file too short for a safetensors header")
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    data = torch.frombuffer(mapped, dtype=torch.uint8)
+    n = int.from_bytes(bytes(mapped[:8]), "little")
+    if n <= 0 or 8 + n > size:
+        raise CheckpointError(f"cannot read {path}: invalid safetensors header length {n}")
+    try:
+        header = json.loads(bytes(mapped[8:8 + n]))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: corrupt safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"cannot read {path}: bad header entry for {name!r} ({e})") from None
+        if end - begin != torch.Size(shape).numel() * dtype.itemsize or 8 + n + end > size:
+            raise CheckpointError(f"cannot read {path}: tensor {name!r} has inconsistent offsets")
+        raw = data[8 + n + begin:8 + n + end]
+        if (8 + n + begin) % MAPPED_ALIGNMENT:  # e.g. aten's INT8 kernel reads 32-byte aligned rows: copy it
+            raw = raw.clone()
+        yield name, raw.view(dtype).view(shape)
+
+
+def iter_tensors(files: list[Path], defer: Callable[[str], bool] | None = None, mapped: bool = False
                  ) -> Iterator[tuple[str, torch.Tensor | CheckpointRows]]:
     """Yields (name, tensor) one at a time, each in memory of its own (never a view of a mapped file); with
-    `defer`, the named 2-D float tensors of safetensors files as CheckpointRows instead."""
+    `defer`, the named 2-D float tensors of safetensors files as CheckpointRows instead. mapped=True: safetensors
+    tensors are views of a memory map of their file instead (for checkpoints taken as they are)."""
     for path in files:
-        if path.suffix == ".safetensors":
+        if path.suffix == ".safetensors" and mapped:
+            yield from _map_safetensors(path)
+        elif path.suffix == ".safetensors":
             yield from _read_safetensors(path, defer)
         else:
             try:
@@ -233,7 +275,9 @@ def finish(model, converter, folder) -> None:
     # ChatGLM-6B's config never sets tie_word_embeddings, so transformers' default (tied) applies when a
     # checkpoint comes without lm_head; the later families publish an untied output_layer.
     tie = model.config.tie_word_embeddings or model.config.family == "chatglm"
-    if model.lm_head.weight.is_meta and not model.wte.weight.is_meta and tie:
+    head, table = getattr(model.lm_head, "weight", None), getattr(model.wte, "weight", None)  # None: quantized
+    if isinstance(head, torch.Tensor) and isinstance(table, torch.Tensor) and head.is_meta and not table.is_meta \
+            and tie:
         model.lm_head.weight = model.wte.weight
         model.config.tie_word_embeddings = True
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]

@@ -1,7 +1,8 @@
 """One config for the whole GLM family; family differences are fields, never subclasses.
 
 Field groups follow the model's reading order. `from_hf_config` reads the `config.json` of every published layout
-(THUDM `chatglm` v1, ChatGLM2/3, GLM-4 `chatglm` with `rope_ratio`, and transformers' native `glm`).
+(THUDM `chatglm` v1, ChatGLM2/3, GLM-4 `chatglm` with `rope_ratio`, transformers' native `glm` (GLM-4), and THUDM's
+original GLM, whose hub configs also say `"model_type": "glm"`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ class GLMConfig:
     # GLMBlock takes num_layers=28 as a default argument that ChatGLMModel never passes, so its α is √56 at
     # every depth (glm-family.md §3.2): its reader and presets set 28.
     alpha_num_layers: int | None = None
-    mlp: Literal["gelu", "swiglu"] = "gelu"  # gelu = tanh approximation; swiglu gate = first half
+    # gelu: tanh approximation (ChatGLM-6B); gelu_erf: the exact erf GELU (the original GLM as its hub code runs it:
+    # transformers' `gelu`; THUDM/GLM's training code used the tanh form); swiglu: gate = first half (ChatGLM2+).
+    mlp: Literal["gelu", "gelu_erf", "swiglu"] = "gelu"
     qkv_bias: bool = True
     proj_bias: bool = True  # attention output projection
     mlp_bias: bool = True
@@ -56,15 +59,23 @@ class GLMConfig:
     # "2d":               ChatGLM-6B: first half of each head rotated by position ids, second half by block ids,
     #                     GPT-NeoX half-split layout.
     # "half_interleaved": ChatGLM2+/GLM-4: rotary on the first `rotary_dim` dims, interleaved pairs (x[2i], x[2i+1]).
-    rope: Literal["2d", "half_interleaved"] = "2d"
+    # "none":             the original GLM (no rotary; learned position tables, see position_embedding).
+    rope: Literal["2d", "half_interleaved", "none"] = "2d"
     rope_base: float = 10000.0
     rotary_dim: int | None = None  # half_interleaved only; None = head_dim // 2
     # ChatGLM-6B rounds inv_freq to fp16 and builds its cos/sin table in the dtype that buffer has: fp16 as
     # published ("table"), fp32 after .float() ("inv_freq": only inv_freq rounded), bf16 after .bfloat16()
     # ("table_bf16": positions, angles and table in bf16). The loader picks the one matching the load dtype.
     rope_fp16: Literal["none", "inv_freq", "table", "table_bf16"] = "none"
+    # "learned_2d": the original GLM (<= 10B): learned absolute + learned block-position tables (`max_seq_len + 1`
+    # rows each, as THUDM's block_position_encoding builds them) added to the word embeddings; positions [B, 2, T].
+    position_embedding: Literal["none", "learned_2d"] = "none"
     # "prefix_lm": ChatGLM-6B, everything before <sop> sees everything before <sop>, causal after.
     attention: Literal["prefix_lm", "causal"] = "prefix_lm"
+    # A query row whose mask hides every key (padding): "all" attends to every key as usual (ChatGLM's finite fill
+    # keeps such rows finite too, their output is never used); "uniform" averages all values with equal weights,
+    # as the original GLM's arithmetic mask S·M - 65504·(1 - M) makes every score of such a row the same.
+    masked_row: Literal["all", "uniform"] = "all"
 
     # --- head ---
     tie_word_embeddings: bool = False
@@ -83,7 +94,7 @@ class GLMConfig:
 
     # --- bookkeeping ---
     torch_dtype: str = "float32"
-    family: Literal["chatglm", "chatglm2", "glm4"] = "chatglm"
+    family: Literal["chatglm", "chatglm2", "glm4", "glm"] = "chatglm"  # glm: THUDM's original GLM (ACL 2022)
     name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # unrecognised config.json fields, kept for save
 
@@ -101,6 +112,9 @@ class GLMConfig:
                 raise ConfigError(f"2D rotary needs head_dim divisible by 4, got {self.head_dim}")
             if self.qkv_layout == "per_head" and self.num_kv_heads != self.num_heads:
                 raise ConfigError("the per-head qkv layout has no grouped KV heads")
+        if (self.position_embedding == "learned_2d") != (self.rope == "none"):
+            raise ConfigError("learned 2D position tables go with rope='none' (the original GLM) and only with it; got "
+                              f"position_embedding={self.position_embedding!r}, rope={self.rope!r}")
         if self.rotary_dim is None:
             self.rotary_dim = self.head_dim // 2
         if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
@@ -153,8 +167,14 @@ class GLMConfig:
         """Reads a published config.json (any GLM layout) into a GLMConfig."""
         model_type = hf.get("model_type")
         archs = hf.get("architectures") or []
-        if model_type == "glm" or "GlmForCausalLM" in archs:
+        if _is_thudm_glm(hf, archs):
+            return _from_thudm_glm(hf)
+        if "GlmForCausalLM" in archs or (model_type == "glm" and "num_hidden_layers" in hf):
             return _from_transformers_glm(hf)
+        if model_type == "glm":
+            raise ConfigError("config.json says model_type 'glm' but is neither THUDM's original GLM (GLMModel / "
+                              "GLMForConditionalGeneration: num_layers, max_sequence_length, block_position_encoding) "
+                              "nor transformers' GLM-4 (GlmForCausalLM: num_hidden_layers, intermediate_size)")
         if model_type == "chatglm" or any(a.startswith("ChatGLM") for a in archs):
             if "multi_query_attention" in hf or "rmsnorm" in hf or "padded_vocab_size" in hf:
                 return _from_chatglm2(hf)
@@ -165,7 +185,8 @@ class GLMConfig:
         if model_type == "glmkit":
             return cls.from_dict({k: v for k, v in hf.items() if k != "model_type"})
         raise ConfigError(f"unsupported model_type {model_type!r} (architectures {archs}); glmkit loads 'chatglm' "
-                          "(ChatGLM-6B, ChatGLM2/3-6B, GLM-4 THUDM layout) and 'glm' (transformers GlmForCausalLM)")
+                          "(ChatGLM-6B, ChatGLM2/3-6B, GLM-4 THUDM layout) and 'glm' (transformers GlmForCausalLM, "
+                          "or THUDM's original GLM: glm-large-chinese, glm-2b, glm-10b, glm-10b-chinese)")
 
     @classmethod
     def from_file(cls, path: str | Path) -> GLMConfig:
@@ -245,6 +266,44 @@ def _from_chatglm2(hf: dict[str, Any]) -> GLMConfig:
         bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id", 2), pad_token_id=hf.get("pad_token_id", 0),
         mask_token_id=None, gmask_token_id=None, torch_dtype=_dtype_name(hf), family="glm4" if is_glm4 else "chatglm2",
         extra={"quantization_bit": hf.get("quantization_bit", 0)},
+    )
+
+
+THUDM_GLM_ARCHITECTURES = ("GLMModel", "GLMForConditionalGeneration", "GLMForMultipleChoice",
+                           "GLMForSequenceClassification")
+
+
+def _is_thudm_glm(hf: dict[str, Any], archs: list[str]) -> bool:
+    """THUDM's original GLM (hub `configuration_glm.py`): its architectures, or a 'glm' config with its fields."""
+    if any(a in THUDM_GLM_ARCHITECTURES for a in archs):
+        return True
+    return hf.get("model_type") == "glm" and "num_hidden_layers" not in hf and any(
+        k in hf for k in ("block_position_encoding", "max_sequence_length", "output_predict"))
+
+
+def _from_thudm_glm(hf: dict[str, Any]) -> GLMConfig:
+    """THUDM's original GLM as its hub code builds it (modeling_glm.py): Pre-LN layers with LayerNorm eps 1e-5 (the
+    code never passes the config's layernorm_epsilon on), fused qkv split as [all q | all k | all v], the exact GELU,
+    learned position + block-position tables of max_sequence_length + 1 rows, logits tied to the word embeddings."""
+    _require(hf, "num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length")
+    if not hf.get("block_position_encoding", True):
+        raise ConfigError("block_position_encoding=false is not a published GLM (the hub code's own default positions "
+                          "need the block-position table); unsupported")
+    if not hf.get("output_predict", False):
+        raise ConfigError("output_predict=false: this GLM has no language-model head (the hub's "
+                          "GLMForSequenceClassification layout); glmkit loads GLM language models")
+    hidden = hf["hidden_size"]
+    return GLMConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hidden, num_layers=hf["num_layers"],
+        num_heads=hf["num_attention_heads"], ffn_hidden_size=4 * hidden, max_seq_len=hf["max_sequence_length"],
+        norm="layernorm", norm_eps=1e-5, residual="prenorm", mlp="gelu_erf", qkv_bias=True, proj_bias=True,
+        mlp_bias=True, qkv_layout="grouped", rope="none", position_embedding="learned_2d", attention="causal",
+        masked_row="uniform", tie_word_embeddings=True, pre_seq_len=hf.get("pre_seq_len"),
+        prefix_projection=bool(hf.get("prefix_projection", False)), bos_token_id=None,
+        eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"), mask_token_id=None,
+        gmask_token_id=None, torch_dtype=_dtype_name(hf), family="glm",
+        extra={"hf_config": {k: v for k, v in hf.items() if k not in ("torch_dtype", "pre_seq_len",
+                                                                       "prefix_projection")}},
     )
 
 

@@ -1,8 +1,9 @@
 """Checkpoint conversion: one name table per published layout, plus small per-family functions.
 
 A table maps a source key pattern ({} = layer index) to a glmkit name, or to None for keys that are deliberately
-dropped (rotary inv_freq buffers, which glmkit recomputes). Linear modules map whole (`module.` prefix), so any
-attribute under them (weight, bias, THUDM's weight_scale, glmkit's quantized tensors) follows along.
+dropped (rotary inv_freq buffers, which glmkit recomputes). Linear modules, the embedding and the output layer
+map whole (`module.` prefix), so any attribute under them (weight, bias, THUDM's weight_scale, glmkit's quantized
+tensors) follows along.
 Anything not in the table is an error: nothing is ignored silently.
 """
 
@@ -18,7 +19,7 @@ from glmkit.core.config import GLMConfig
 
 # Each entry: source prefix/key -> target prefix/key. Keys ending in "." map every attribute under them.
 CHATGLM_V1: dict[str, str | None] = {
-    "transformer.word_embeddings.weight": "wte.weight",
+    "transformer.word_embeddings.": "wte.",
     "transformer.layers.{}.input_layernorm.": "h.{}.ln_1.",
     "transformer.layers.{}.attention.query_key_value.": "h.{}.attn.qkv.",
     "transformer.layers.{}.attention.dense.": "h.{}.attn.proj.",
@@ -27,12 +28,12 @@ CHATGLM_V1: dict[str, str | None] = {
     "transformer.layers.{}.mlp.dense_h_to_4h.": "h.{}.mlp.fc.",
     "transformer.layers.{}.mlp.dense_4h_to_h.": "h.{}.mlp.proj.",
     "transformer.final_layernorm.": "ln_f.",
-    "lm_head.weight": "lm_head.weight",
+    "lm_head.": "lm_head.",
     "transformer.prefix_encoder.": "prefix_encoder.",
 }
 
 CHATGLM_V2: dict[str, str | None] = {  # ChatGLM2-6B, ChatGLM3-6B, GLM-4 (THUDM layout)
-    "transformer.embedding.word_embeddings.weight": "wte.weight",
+    "transformer.embedding.word_embeddings.": "wte.",
     "transformer.rotary_pos_emb.inv_freq": None,
     "transformer.encoder.layers.{}.input_layernorm.": "h.{}.ln_1.",
     "transformer.encoder.layers.{}.self_attention.query_key_value.": "h.{}.attn.qkv.",
@@ -41,19 +42,38 @@ CHATGLM_V2: dict[str, str | None] = {  # ChatGLM2-6B, ChatGLM3-6B, GLM-4 (THUDM 
     "transformer.encoder.layers.{}.mlp.dense_h_to_4h.": "h.{}.mlp.fc.",
     "transformer.encoder.layers.{}.mlp.dense_4h_to_h.": "h.{}.mlp.proj.",
     "transformer.encoder.final_layernorm.": "ln_f.",
-    "transformer.output_layer.weight": "lm_head.weight",
+    "transformer.output_layer.": "lm_head.",
     "transformer.prefix_encoder.": "prefix_encoder.",
 }
 
+ORIGINAL_GLM: dict[str, str | None] = {  # THUDM's hub GLMModel (GLMForConditionalGeneration: "glm." in front)
+    "word_embeddings.": "wte.",
+    "transformer.position_embeddings.weight": "wpe.weight",
+    "transformer.block_position_embeddings.weight": "wbe.weight",
+    "transformer.layers.{}.input_layernorm.": "h.{}.ln_1.",
+    "transformer.layers.{}.attention.query_key_value.": "h.{}.attn.qkv.",  # rows [all q | all k | all v]
+    "transformer.layers.{}.attention.dense.": "h.{}.attn.proj.",
+    "transformer.layers.{}.post_attention_layernorm.": "h.{}.ln_2.",
+    "transformer.layers.{}.mlp.dense_h_to_4h.": "h.{}.mlp.fc.",
+    "transformer.layers.{}.mlp.dense_4h_to_h.": "h.{}.mlp.proj.",
+    "transformer.final_layernorm.": "ln_f.",
+    "transformer.prefix_encoder.": "prefix_encoder.",  # glmkit's P-tuning prefix merged into a checkpoint
+}
+ORIGINAL_GLM_PREFIX = "glm."  # what GLMForConditionalGeneration / GLMForMultipleChoice put before GLMModel's names
+ORIGINAL_GLM_AUTO_MAP = {"AutoConfig": "configuration_glm.GLMConfig", "AutoModel": "modeling_glm.GLMModel",
+                         "AutoModelForSeq2SeqLM": "modeling_glm.GLMForConditionalGeneration",
+                         "AutoModelForMultipleChoice": "modeling_glm.GLMForMultipleChoice",
+                         "AutoModelForSequenceClassification": "modeling_glm.GLMForSequenceClassification"}
+
 HF_GLM: dict[str, str | None] = {  # transformers GlmForCausalLM; q/k/v are fused by HFGlmConverter
-    "model.embed_tokens.weight": "wte.weight",
+    "model.embed_tokens.": "wte.",
     "model.layers.{}.input_layernorm.weight": "h.{}.ln_1.weight",
     "model.layers.{}.self_attn.o_proj.weight": "h.{}.attn.proj.weight",
     "model.layers.{}.post_attention_layernorm.weight": "h.{}.ln_2.weight",
     "model.layers.{}.mlp.gate_up_proj.weight": "h.{}.mlp.fc.weight",  # gate = first half, as glmkit's swiglu
     "model.layers.{}.mlp.down_proj.weight": "h.{}.mlp.proj.weight",
     "model.norm.weight": "ln_f.weight",
-    "lm_head.weight": "lm_head.weight",
+    "lm_head.": "lm_head.",
 }
 
 
@@ -135,7 +155,19 @@ class HFGlmConverter(Converter):
                 for (layer, attr), parts in self.pending.items()]
 
 
+class OriginalGLMConverter(Converter):
+    """THUDM's original GLM: GLMModel's names, with or without GLMForConditionalGeneration's `glm.` prefix."""
+
+    def __init__(self) -> None:
+        super().__init__(ORIGINAL_GLM)
+
+    def map_name(self, name: str) -> str | None:
+        return super().map_name(name.removeprefix(ORIGINAL_GLM_PREFIX))
+
+
 def converter_for(config: GLMConfig, hf_config: dict[str, Any]) -> Converter:
+    if config.family == "glm":
+        return OriginalGLMConverter()
     if hf_config.get("model_type") == "glm" or config.extra.get("hf_layout") == "glm":
         return HFGlmConverter()
     if config.family == "chatglm":
@@ -144,8 +176,14 @@ def converter_for(config: GLMConfig, hf_config: dict[str, Any]) -> Converter:
 
 
 def to_thudm_state_dict(state_dict: dict[str, torch.Tensor], config: GLMConfig) -> dict[str, torch.Tensor]:
-    """glmkit names -> THUDM names (the reverse of the family's table), for saving."""
-    table = CHATGLM_V1 if config.family == "chatglm" else CHATGLM_V2
+    """glmkit names -> THUDM names (the reverse of the family's table), for saving. The original GLM gets
+    GLMForConditionalGeneration's names (`glm.` + GLMModel's), which its hub code loads."""
+    if config.family == "glm":
+        table = {ORIGINAL_GLM_PREFIX + k: v for k, v in ORIGINAL_GLM.items()
+                 if not k.startswith("transformer.prefix_encoder")}
+        table["transformer.prefix_encoder."] = "prefix_encoder."
+    else:
+        table = CHATGLM_V1 if config.family == "chatglm" else CHATGLM_V2
     reverse = [(dst, src) for src, dst in table.items() if dst is not None]
     rules = _compile({dst: src for dst, src in reverse})
     out = {}
@@ -163,8 +201,10 @@ def to_thudm_state_dict(state_dict: dict[str, torch.Tensor], config: GLMConfig) 
 
 
 def to_hf_config(config: GLMConfig) -> dict[str, Any]:
-    """A THUDM-style config.json for this config (what ChatGLM's own code and glmkit both read)."""
+    """A THUDM-style config.json for this config (what ChatGLM's / GLM's own code and glmkit both read)."""
     c = config
+    if c.family == "glm":
+        return _original_glm_config(c)
     common = {"model_type": "chatglm", "torch_dtype": c.torch_dtype, "pre_seq_len": c.pre_seq_len,
               "prefix_projection": c.prefix_projection, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id}
     if c.extra.get("quantization_bit"):
@@ -191,4 +231,25 @@ def to_hf_config(config: GLMConfig) -> dict[str, Any]:
     }
     if rope_ratio != 1.0:
         hf["rope_ratio"] = rope_ratio
+    return hf
+
+
+def _original_glm_config(c: GLMConfig) -> dict[str, Any]:
+    """The hub's config.json of the original GLM (configuration_glm.GLMConfig's fields), over the one it was read
+    from when there was one."""
+    hf = {
+        "model_type": "glm", "auto_map": ORIGINAL_GLM_AUTO_MAP,
+        "attention_dropout_prob": 0.1, "attention_scale": 1.0, "block_position_encoding": True,
+        "checkpoint_activations": False, "checkpoint_num_layers": 1, "embedding_dropout_prob": 0.1,
+        "initializer_range": 0.02, "output_dropout_prob": 0.1, "output_predict": True, "parallel_output": True,
+        "pool_token": "cls", "relative_encoding": False, "spell_func": "lstm", "spell_length": None,
+        **{k: v for k, v in c.extra.get("hf_config", {}).items() if k != "transformers_version"},
+        "architectures": ["GLMForConditionalGeneration"],  # the `glm.` names to_thudm_state_dict writes
+        "hidden_size": c.hidden_size, "num_layers": c.num_layers, "num_attention_heads": c.num_heads,
+        "max_sequence_length": c.max_seq_len, "vocab_size": c.vocab_size, "torch_dtype": c.torch_dtype,
+    }
+    if c.pre_seq_len:
+        hf.update(pre_seq_len=c.pre_seq_len, prefix_projection=c.prefix_projection)
+    if c.extra.get("quantization_bit"):
+        hf["quantization_bit"] = c.extra["quantization_bit"]
     return hf

@@ -4,10 +4,19 @@
     glmkit fill "白日依山盡，[sMASK]" --do-sample --top-p 0.8 --seed 1
     glmkit fill "Call me Ishmael." --model path/to/chatglm-6b          # no blank: continue, as [gMASK] at the end
 
-For each blank, the input is the text so far (earlier blanks already filled, later ones still masks: Part A,
-bidirectional) followed by `<sop>`; generation runs until `<eop>` with every generated token at the blank's
-position and block ids 1, 2, ... (Part B), which is the layout glmkit pretrain trains and ChatGLM-6B uses for
-`[gMASK]`. Generation itself is glmkit.core.generate's loop; this module only builds inputs and positions.
+ChatGLM-6B layout (2D rotary): for each blank, the input is the text so far (earlier blanks already filled, later
+ones still masks: Part A, bidirectional) followed by `<sop>`; generation runs until `<eop>` with every generated token
+at the blank's position and block ids 1, 2, ... (Part B), which is the layout glmkit pretrain trains and ChatGLM-6B
+uses for `[gMASK]`.
+
+The original GLM (glm-large-chinese, glm-2b, glm-10b, glm-10b-chinese) fills as its hub code's
+`build_inputs_for_generation` + `generate` do: Part A is `tokenizer(text)` = `[CLS] text <|endoftext|>` with every
+blank still a mask, seen bidirectionally; the first blank's answer follows `<|startofpiece|>` at that blank's position
+with block positions 1, 2, ..., until `<|endofpiece|>` (glmkit.core.blank). The hub fills only the first blank;
+glmkit fills the others after it as THUDM/GLM's generate_samples.py does: each later blank's Part B comes after the
+earlier ones, which it sees. A text without blanks gets `[gMASK]` at its end.
+
+Generation itself is glmkit.core.generate's loop (the model's KV cache); this module only builds inputs and positions.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from glmkit.core.blank import BlankInfillingView
 from glmkit.core.generate import generate_stream
 
 BLANK_RE = re.compile(r"(\[MASK\]|\[sMASK\]|\[gMASK\])")
@@ -68,9 +78,11 @@ def fill(model, tokenizer, text: str, *, max_new_tokens: int = 64, gmask_max_new
     repetition_penalty, ...). [gMASK] blanks get up to `gmask_max_new_tokens` tokens, the others `max_new_tokens`.
     """
 
+    if model.config.family == "glm":
+        return _fill_original_glm(model, tokenizer, text, max_new_tokens, gmask_max_new_tokens, generate_kwargs)
     if model.config.rope != "2d":
-        raise ValueError("glmkit fill needs a ChatGLM-6B-layout model (2D positions, blank infilling); "
-                         f"{model.config.family!r} models are causal-only")
+        raise ValueError("glmkit fill needs a blank-infilling model (the original GLM, or ChatGLM-6B's layout with 2D "
+                         f"positions); {model.config.family!r} models are causal-only")
     ids_of = {"[MASK]": tokenizer.mask_token_id, "[sMASK]": tokenizer.smask_token_id,
               "[gMASK]": tokenizer.gmask_token_id}
     parts = BLANK_RE.split(text)  # text, blank, text, blank, ..., text
@@ -107,3 +119,50 @@ def fill(model, tokenizer, text: str, *, max_new_tokens: int = 64, gmask_max_new
     decoded = [tokenizer.decode(a) for a in answers]
     filled = "".join(seg + (decoded[i] if i < len(decoded) else "") for i, seg in enumerate(parts[0::2]))
     return FillResult(filled, decoded)
+
+
+def _fill_original_glm(model, tokenizer, text: str, max_new_tokens: int, gmask_max_new_tokens: int,
+                       generate_kwargs: dict) -> FillResult:
+    """The original GLM: Part A = tokenizer(text); blank k's Part B after the earlier blanks' (see the module doc)."""
+    needed = ("mask_token_ids", "sop_token_id", "eop_token_id", "gmask_token_id")
+    if any(not hasattr(tokenizer, n) for n in needed):
+        raise ValueError("the original GLM fills blanks with its own tokenizer (glmkit.load_tokenizer of the same "
+                         f"folder); got {type(tokenizer).__name__}")
+    if not BLANK_RE.search(text):
+        text = text + "[gMASK]"
+    ids = tokenizer.encode(text)  # [CLS] ... <|endoftext|>, as the hub's tokenizer(text)
+    blanks = [i for i, t in enumerate(ids) if t in set(tokenizer.mask_token_ids)]
+    if not blanks:
+        raise ValueError("the text's blanks are not blank tokens of this tokenizer")
+    sop, eop = tokenizer.sop_token_id, tokenizer.eop_token_id
+    n = len(ids)
+    part_b: list[int] = []
+    part_b_pos: list[list[int]] = [[], []]
+    answers: list[list[int]] = []
+    for position in blanks:
+        prompt = ids + part_b + [sop]
+        positions = torch.tensor([[list(range(n)) + part_b_pos[0] + [position], [0] * n + part_b_pos[1] + [1]]])
+        view = BlankInfillingView(model, positions, torch.tensor([n]))
+        limit = gmask_max_new_tokens if ids[position] == tokenizer.gmask_token_id else max_new_tokens
+        out: list[int] = []
+        for step in generate_stream(view, torch.tensor([prompt]), max_new_tokens=limit, eos_token_id=eop,
+                                    **generate_kwargs):
+            tok = int(step[0])
+            if tok == eop:
+                break
+            out.append(tok)
+        answers.append(out)
+        part_b += [sop] + out
+        part_b_pos[0] += [position] * (len(out) + 1)
+        part_b_pos[1] += list(range(1, len(out) + 2))
+    decoded = [tokenizer.decode(a) for a in answers]
+    parts = BLANK_RE.split(text)
+    pieces = []
+    for i, seg in enumerate(parts[0::2]):
+        pieces.append(seg)
+        if i < len(decoded):
+            answer = decoded[i]
+            if seg[-1:].isspace() and answer[:1].isspace():  # " at [MASK]" + " Beijing": one space
+                answer = answer.lstrip()
+            pieces.append(answer)
+    return FillResult("".join(pieces), decoded)

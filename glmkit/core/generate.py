@@ -1,7 +1,8 @@
 """The one generation module: sampling, KV-cache prefill/decode, streaming. Chat, CLI, server and UI all use it.
 
-Order of score processing per step (as transformers does it): repetition penalty -> caller's logits processors
-(e.g. ChatGLM's NaN/inf guard, appended after the defaults) -> (sampling only) temperature -> top-k -> top-p -> multinomial; greedy = argmax.
+Order of score processing per step (as transformers does it): repetition penalty -> presence/frequency penalty
+(OpenAI's, over the generated tokens only, as vLLM applies them) -> caller's logits processors (e.g. ChatGLM's NaN/inf
+guard, appended after the defaults) -> (sampling only) temperature -> top-k -> top-p -> multinomial; greedy = argmax.
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ def apply_repetition_penalty(input_ids: torch.Tensor, scores: torch.Tensor, pena
     picked = scores.gather(1, input_ids)
     picked = torch.where(picked < 0, picked * penalty, picked / penalty)
     return scores.scatter(1, input_ids, picked)
+
+
+def apply_presence_frequency_penalty(generated: torch.Tensor, scores: torch.Tensor, presence: float = 0.0,
+                                     frequency: float = 0.0) -> torch.Tensor:
+    """OpenAI's penalties: each token already generated (generated [B, N]) loses `presence` once and `frequency`
+    per occurrence: scores - frequency * count - presence * (count > 0)."""
+    if (presence == 0.0 and frequency == 0.0) or generated.shape[1] == 0:
+        return scores
+    counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+    return scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
 
 
 def warp(scores: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -93,6 +104,7 @@ def _as_batch(input_ids) -> torch.Tensor:
 def generate_stream(model, input_ids, attention_mask: torch.Tensor | None = None, *,
                     max_new_tokens: int | None = None, max_length: int | None = None, do_sample: bool = False,
                     temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+                    presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                     eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
                     seed: int | None = None, logits_processors: Iterable[LogitsProcessor] = (),
                     use_cache: bool = True) -> Iterator[torch.Tensor]:
@@ -100,9 +112,10 @@ def generate_stream(model, input_ids, attention_mask: torch.Tensor | None = None
 
     attention_mask [B, T]: 1 = token, 0 = left padding. A row stops when it produces one of eos_token_id
     (default: the model's). max_length counts prompt + answer, as in transformers; max_new_tokens only the answer.
+    presence_penalty / frequency_penalty: OpenAI's (see apply_presence_frequency_penalty), 0 = off.
     """
     cfg = model.config
-    input_ids = _as_batch(input_ids).to(model.wte.weight.device)
+    input_ids = _as_batch(input_ids).to(model.device)
     B, T = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -149,6 +162,7 @@ def generate_stream(model, input_ids, attention_mask: torch.Tensor | None = None
             scores = logits[:, -1, :].float()
             seen = tokens[:, :cur]
             scores = apply_repetition_penalty(seen, scores, repetition_penalty)
+            scores = apply_presence_frequency_penalty(tokens[:, T:cur], scores, presence_penalty, frequency_penalty)
             for proc in processors:
                 scores = proc(seen, scores)
             nxt = sample(scores, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -185,6 +199,8 @@ def generate(model, input_ids, attention_mask: torch.Tensor | None = None, num_b
             raise ValueError("beam search with sampling is not supported: use num_beams=1 or do_sample=False")
         for unused in ("temperature", "top_p", "top_k", "seed", "use_cache"):
             kwargs.pop(unused, None)
+        if kwargs.pop("presence_penalty", 0.0) or kwargs.pop("frequency_penalty", 0.0):
+            raise ValueError("presence/frequency penalties are for sampling and greedy decoding, not beam search")
         return beam_search(model, input_ids, attention_mask, num_beams=num_beams, **kwargs)
     steps = list(generate_stream(model, input_ids, attention_mask, **kwargs))
     B = _as_batch(input_ids).shape[0]
@@ -224,7 +240,7 @@ def beam_search(model, input_ids, attention_mask: torch.Tensor | None = None, *,
 
 def _beam_search_row(model, ids, num_beams, max_new_tokens, max_length, eos, length_penalty, early_stopping,
                      repetition_penalty, processors) -> list[int]:
-    device = model.wte.weight.device
+    device = model.device
     ids = ids.to(device)
     T = ids.shape[1]
     max_new_tokens = new_token_budget(max_new_tokens, max_length, T)

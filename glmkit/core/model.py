@@ -1,8 +1,10 @@
 """The GLM family in one file of plain nn.Modules, in reading order.
 
 Covers ChatGLM-6B (2D rotary, DeepNorm, prefix-LM mask), ChatGLM2/3-6B and GLM-4 (RMSNorm, SwiGLU, grouped KV
-heads, rotary on half of each head in interleaved pairs, causal). Family differences are GLMConfig fields.
-Facts and formulas: shared/docs/glm-family.md (§3.2-3.4 for ChatGLM-6B, §4 for the later generations).
+heads, rotary on half of each head in interleaved pairs, causal), and THUDM's original GLM (learned position and
+block-position tables, Pre-LN, exact GELU, tied head). Family differences are GLMConfig fields.
+Facts and formulas: shared/docs/glm-family.md (§1.1 for the original GLM, §3.2-3.4 for ChatGLM-6B, §4 for the later
+generations).
 
 Shapes: B batch, T new tokens, S key length (cache + new), H query heads, K kv heads, D head_dim, P prefix length.
 This file imports only torch, the standard library and glmkit.core.config (no training, quantization or serving code).
@@ -83,15 +85,15 @@ class Rotary(nn.Module):
         return cos, sin
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, T, H, d); cos/sin (B, T, d)."""
-    cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, d)
-    return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
+def apply_rotary_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """ChatGLM-6B's 2D rotary in one pass: x (B, T, H, D); cos/sin (B, T, D), the position table beside the
+    block-position table. Dims [0, D/2) rotate by positions, [D/2, D) by block positions, each half in the
+    GPT-NeoX half-split layout: x * cos + rotate_half(x) * sin in fp32, with rotate_half(a | b) = (-b | a) taken
+    within each half, all of it in a few op calls (decoding runs this twice per layer per token)."""
+    xf = x.float()
+    parts = xf.unflatten(-1, (2, 2, -1))  # (B, T, H, half, 2, D/4)
+    rotated = torch.cat((-parts[..., 1:, :], parts[..., :1, :]), dim=-2).flatten(-3)  # rotate_half per half
+    return (xf * cos[:, :, None] + rotated * sin[:, :, None]).to(x.dtype)  # (B, T, H, D)
 
 
 def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -117,9 +119,14 @@ class KVCache(nn.Module):
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, K, T, D) written at slots input_pos; returns the cache up to the last written slot."""
-        self.k[:, :, input_pos] = k.to(self.k.dtype)
-        self.v[:, :, input_pos] = v.to(self.v.dtype)
-        end = int(input_pos[-1]) + 1
+        if k.shape[2] == 1:  # decoding: one slot, a plain slice copy (cheaper than an indexed write)
+            end = int(input_pos[0]) + 1
+            self.k[:, :, end - 1:end] = k
+            self.v[:, :, end - 1:end] = v
+        else:
+            self.k[:, :, input_pos] = k.to(self.k.dtype)
+            self.v[:, :, input_pos] = v.to(self.v.dtype)
+            end = int(input_pos[-1]) + 1
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
@@ -132,7 +139,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=config.proj_bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos_sin, mask, input_pos=None, prefix_kv=None):
+    def forward(self, x, cos_sin, mask, input_pos=None, prefix_kv=None, uniform_rows=None):
         c = self.config
         B, T, _ = x.shape
         H, K, D = c.num_heads, c.num_kv_heads, c.head_dim
@@ -143,18 +150,18 @@ class Attention(nn.Module):
             q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
             q, k, v = q.view(B, T, H, D), k.view(B, T, K, D), v.view(B, T, K, D)
 
-        if c.rope == "2d":
-            (cos_p, sin_p), (cos_b, sin_b) = cos_sin
-            half = D // 2
-            q = torch.cat((apply_rotary_half_split(q[..., :half], cos_p, sin_p),
-                           apply_rotary_half_split(q[..., half:], cos_b, sin_b)), dim=-1)
-            k = torch.cat((apply_rotary_half_split(k[..., :half], cos_p, sin_p),
-                           apply_rotary_half_split(k[..., half:], cos_b, sin_b)), dim=-1)
+        if c.rope == "none":  # the original GLM: positions were added to the embeddings
+            pass
+        elif c.rope == "2d":
+            cos, sin = cos_sin  # (B, T, D): positions' table | block positions' table
+            q, k = apply_rotary_2d(q, cos, sin), apply_rotary_2d(k, cos, sin)
         else:
             cos, sin = cos_sin
             q, k = apply_rotary_interleaved(q, cos, sin), apply_rotary_interleaved(k, cos, sin)
 
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
+        if uniform_rows is not None:  # rows that see no key: zero scores everywhere -> the mean of all values
+            q = q.masked_fill(uniform_rows, 0.0)  # uniform_rows (B|1, 1, T, 1)
         if self.kv_cache is not None:
             if input_pos is None:
                 raise ValueError("a KV cache is set up: pass input_pos (the cache slots of these tokens)")
@@ -178,7 +185,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """gelu: fc -> tanh-GELU -> proj (ChatGLM-6B's 'GLU' is not gated). swiglu: silu(first half) * second half."""
+    """gelu: fc -> tanh-GELU -> proj (ChatGLM-6B's 'GLU' is not gated); gelu_erf: the same with the exact GELU (the
+    original GLM's hub code). swiglu: silu(first half) * second half."""
 
     def __init__(self, config: GLMConfig) -> None:
         super().__init__()
@@ -192,6 +200,8 @@ class MLP(nn.Module):
         if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.kind == "gelu_erf":
+            h = F.gelu(h)
         else:
             h = F.gelu(h, approximate="tanh")
         return self.proj(h)
@@ -207,13 +217,13 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos_sin, mask, input_pos=None, prefix_kv=None):
+    def forward(self, x, cos_sin, mask, input_pos=None, prefix_kv=None, uniform_rows=None):
         if self.residual == "deepnorm":  # ChatGLM-6B / GLM-130B: x = α·LN(x) + f(LN(x))
             a = self.ln_1(x)
-            h = a * self.alpha + self.attn(a, cos_sin, mask, input_pos, prefix_kv)
+            h = a * self.alpha + self.attn(a, cos_sin, mask, input_pos, prefix_kv, uniform_rows)
             m = self.ln_2(h)
             return m * self.alpha + self.mlp(m)
-        x = x + self.attn(self.ln_1(x), cos_sin, mask, input_pos, prefix_kv)
+        x = x + self.attn(self.ln_1(x), cos_sin, mask, input_pos, prefix_kv, uniform_rows)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -223,6 +233,9 @@ class GLM(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.position_embedding == "learned_2d":  # the original GLM: position + block-position tables
+            self.wpe = nn.Embedding(config.max_seq_len + 1, config.hidden_size)
+            self.wbe = nn.Embedding(config.max_seq_len + 1, config.hidden_size)
         self.rotary = Rotary(config)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.ln_f = make_norm(config)
@@ -234,9 +247,13 @@ class GLM(nn.Module):
 
     # ------------------------------------------------------------------ positions and masks
     def default_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        """The family's own positions: [B, 2, T] for ChatGLM-6B, [B, T] otherwise. Left padding is skipped."""
+        """The family's own positions: [B, 2, T] for ChatGLM-6B and the original GLM, [B, T] otherwise. Left padding
+        is skipped. The original GLM's are its hub code's defaults: 0, 1, 2, ... with block positions 0."""
         B, T = input_ids.shape
         pad = _left_pad_lengths(attention_mask, B, T, input_ids.device)
+        if self.config.position_embedding == "learned_2d":
+            pos = (torch.arange(T, device=input_ids.device).expand(B, T) - pad[:, None]).clamp(min=0)
+            return torch.stack((pos, torch.zeros_like(pos)), dim=1)
         if self.config.rope != "2d":
             pos = torch.arange(T, device=input_ids.device).expand(B, T) - pad[:, None]
             return pos.clamp(min=0)
@@ -281,11 +298,21 @@ class GLM(nn.Module):
         return allowed[:, None]
 
     # ------------------------------------------------------------------ cache
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes (read from the final norm: the embedding may be a quantized table)."""
+        return self.ln_f.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's floating-point dtype (activations, KV cache)."""
+        return self.ln_f.weight.dtype
+
     def setup_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
         """Preallocates a KV cache for `batch_size` rows of up to `max_seq_len` tokens (prefix excluded)."""
         c = self.config
-        dtype = dtype or self.wte.weight.dtype
-        device = self.wte.weight.device
+        dtype = dtype or self.dtype
+        device = self.device
         for block in self.h:
             block.attn.kv_cache = KVCache(batch_size, max_seq_len, c.num_kv_heads, c.head_dim, dtype, device)
 
@@ -309,9 +336,11 @@ class GLM(nn.Module):
                 last_logits_only: bool = False) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] (float32).
 
-        position_ids: [B, T], or [B, 2, T] (positions, block positions) for ChatGLM-6B; None = the family's own.
+        position_ids: [B, T], or [B, 2, T] (positions, block positions) for ChatGLM-6B and the original GLM;
+        None = the family's own.
         attention_mask: None; [B, T] with 1 = token, 0 = left padding; or bool [B, 1, T, S] / [B, T, S] with
-        True = may attend (S = T, or the cache length when input_pos is given).
+        True = may attend (S = T, or the cache length when input_pos is given); or [B] (or a scalar) `sep`, the
+        original GLM's own form: every row sees the first sep tokens and itself causally (tril + [:, :sep]).
         input_pos: [T] cache slots of these tokens (only with setup_cache()).
         last_logits_only: return logits [B, 1, vocab] for the last position only (prefill needs no more).
         """
@@ -324,6 +353,14 @@ class GLM(nn.Module):
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
         if attention_mask is not None and attention_mask.dim() == 2 and tuple(attention_mask.shape) != (B, T):
             raise ValueError(f"attention_mask [B, T] must have shape {(B, T)}, got {tuple(attention_mask.shape)}")
+        if attention_mask is not None and attention_mask.dim() <= 1:  # GLM's `sep` per row (or one for all)
+            if input_pos is not None:
+                raise ValueError("with a KV cache, pass a bool [B, 1, T, S] attention mask over cache slots")
+            sep = attention_mask.reshape(-1).to(input_ids.device)
+            if sep.numel() not in (1, B):
+                raise ValueError(f"a 1-D attention_mask is GLM's sep per row: {B} values (or one), got {sep.numel()}")
+            cols = torch.arange(T, device=input_ids.device)
+            attention_mask = (cols[None, None, :] <= cols[None, :, None]) | (cols[None, None, :] < sep[:, None, None])
         padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         if position_ids is None:
             if input_pos is not None:
@@ -344,27 +381,43 @@ class GLM(nn.Module):
             prefix = self.prefix_encoder(B)  # list over layers of (k, v), each (B, K, P, D)
             ones = torch.ones(*mask.shape[:-1], c.pre_seq_len, dtype=torch.bool, device=mask.device)
             mask = torch.cat((ones.expand(mask.shape[0], *ones.shape[1:]), mask), dim=-1)
-        # A row that may attend to nothing (a padding query) attends to everything instead of producing NaN,
-        # as the original's finite -10000 fill does; its output is never used.
-        mask = mask | ~mask.any(dim=-1, keepdim=True)
+        # A row that may attend to nothing (a padding query) attends to everything instead of producing NaN, as the
+        # originals' finite fills do: ChatGLM's -10000 with the row's scores (masked_row "all"), the original GLM's
+        # S·M - 65504·(1 - M) with equal scores, i.e. the mean of all values ("uniform": its query is zeroed).
+        empty = ~mask.any(dim=-1, keepdim=True)  # (B|1, 1, T, 1)
+        uniform_rows = empty if c.masked_row == "uniform" and bool(empty.any()) else None
+        mask = mask | empty
+        if bool(mask.all()):  # e.g. decoding one unpadded row: attention without a mask (the same result, faster)
+            mask = None
 
-        if c.rope == "2d":
+        if c.position_embedding == "learned_2d":
+            if position_ids.dim() != 3 or position_ids.shape[1] != 2 or position_ids.shape[0] not in (1, B):
+                raise ValueError(f"the original GLM takes position_ids [B, 2, T], got {tuple(position_ids.shape)}")
+            if int(position_ids.min()) < 0 or int(position_ids.max()) > c.max_seq_len:
+                raise ValueError(f"position ids must lie in [0, {c.max_seq_len}] (tables of max_sequence_length + 1 "
+                                 f"rows), got [{int(position_ids.min())}, {int(position_ids.max())}]")
+            cos_sin = None
+        elif c.rope == "2d":
             if position_ids.dim() != 3 or position_ids.shape[1] != 2:
                 raise ValueError(f"ChatGLM-6B takes position_ids [B, 2, T], got {tuple(position_ids.shape)}")
-            cos_sin = (self.rotary.cos_sin(position_ids[:, 0]), self.rotary.cos_sin(position_ids[:, 1]))
+            (cos_p, sin_p), (cos_b, sin_b) = (self.rotary.cos_sin(position_ids[:, 0]),
+                                              self.rotary.cos_sin(position_ids[:, 1]))
+            cos_sin = (torch.cat((cos_p, cos_b), dim=-1), torch.cat((sin_p, sin_b), dim=-1))  # (B, T, D) each
         else:
             if position_ids.dim() != 2:
                 raise ValueError(f"position_ids must be [B, T], got {tuple(position_ids.shape)}")
             cos_sin = self.rotary.cos_sin(position_ids)
 
         x = self.wte(input_ids)  # (B, T, hidden)
+        if c.position_embedding == "learned_2d":  # + position table + block-position table
+            x = x + self.wpe(position_ids[:, 0]) + self.wbe(position_ids[:, 1])  # (B, T, hidden)
         for i, block in enumerate(self.h):
             layer_prefix = prefix[i] if prefix is not None else None
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos_sin, mask, input_pos, layer_prefix,
+                x = torch.utils.checkpoint.checkpoint(block, x, cos_sin, mask, input_pos, layer_prefix, uniform_rows,
                                                       use_reentrant=False)
             else:
-                x = block(x, cos_sin, mask, input_pos, layer_prefix)
+                x = block(x, cos_sin, mask, input_pos, layer_prefix, uniform_rows)
         if last_logits_only:
             x = x[:, -1:]
         x = self.ln_f(x)

@@ -1,5 +1,13 @@
 """Named model shapes. Each entry is the published config.json, translated to GLMConfig fields."""
 
+# What the four published original-GLM configs share (glmkit.core.config._from_thudm_glm reads the same).
+_ORIGINAL_GLM = dict(
+    max_seq_len=1024, norm="layernorm", norm_eps=1e-5, residual="prenorm", mlp="gelu_erf", qkv_layout="grouped",
+    rope="none", position_embedding="learned_2d", attention="causal", masked_row="uniform", tie_word_embeddings=True,
+    bos_token_id=None, eos_token_id=None, pad_token_id=None, mask_token_id=None, gmask_token_id=None, family="glm",
+    torch_dtype="float32",
+)
+
 PRESETS: dict[str, dict] = {
     # https://huggingface.co/THUDM/chatglm-6b/blob/main/config.json
     "chatglm-6b": dict(
@@ -31,6 +39,18 @@ PRESETS: dict[str, dict] = {
         rope="2d", rope_fp16="table", attention="prefix_lm", bos_token_id=9900, eos_token_id=9901, pad_token_id=3,
         mask_token_id=9896, gmask_token_id=9897, family="chatglm", torch_dtype="float32",
     ),
+    # THUDM's original GLM (ACL 2022), hub code `modeling_glm.py`: https://huggingface.co/THUDM/glm-large-chinese,
+    # glm-2b, glm-10b, glm-10b-chinese (config.json: num_layers, hidden_size, num_attention_heads, max_sequence_length,
+    # vocab_size; the 2B's model card says 36 layers / 4096 / 64 heads, its config.json and THUDM/GLM's
+    # model_blocklm_2B.sh say 2048 / 32). Tables of max_seq_len + 1 rows; fp32 as transformers loads them.
+    "glm-large-chinese": dict(_ORIGINAL_GLM, vocab_size=50048, hidden_size=1024, num_layers=24, num_heads=16,
+                              ffn_hidden_size=4096),
+    "glm-2b": dict(_ORIGINAL_GLM, vocab_size=50304, hidden_size=2048, num_layers=36, num_heads=32,
+                   ffn_hidden_size=8192),
+    "glm-10b": dict(_ORIGINAL_GLM, vocab_size=50304, hidden_size=4096, num_layers=48, num_heads=64,
+                    ffn_hidden_size=16384),
+    "glm-10b-chinese": dict(_ORIGINAL_GLM, vocab_size=50048, hidden_size=4096, num_layers=48, num_heads=64,
+                            ffn_hidden_size=16384),
     # https://huggingface.co/THUDM/glm-4-9b-chat/blob/main/config.json (rope_ratio 500 -> base 5e6)
     "glm-4-9b-chat": dict(
         vocab_size=151552, hidden_size=4096, num_layers=40, num_heads=32, num_kv_heads=2, head_dim=128,

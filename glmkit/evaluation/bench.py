@@ -3,10 +3,11 @@ memory-bandwidth roofline measured in the same run, as one table.
 
 Each precision runs in its own child process (so its peak RSS is its own and its memory is returned before the
 next one is built), with random weights: quantized layers get random integer weights and scales directly (no
-float copy, no quantization time). Prefill = one forward over the prompt filling the KV cache; decode = one
-token per step, both through glmkit.core.generate. Roofline decode tokens/s = bandwidth / bytes of weights read per
-token (the four quantized linears of each layer at their packed size including scales, lm_head and norms in
-bf16; the embedding contributes one row).
+float copy, no quantization time). The output layer is tied to the embedding, as in ChatGLM-6B, and quantized as
+load_model(quantize=...) does it by default (INT8; `head=` to choose). Prefill = one forward over the prompt
+filling the KV cache; decode = one token per step, both through glmkit.core.generate. Roofline decode tokens/s =
+bandwidth / bytes of weights read per token (the quantized linears at their packed size including scales, norms
+and anything unquantized in bf16; an embedding not shared with the output layer contributes one row).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from glmkit.core.causal_lm import GLMForCausalLM
 from glmkit.core.config import GLMConfig
 from glmkit.core.generate import generate_stream
-from glmkit.quant.quantize import QuantizedLinear, default_spec, prepare_model
+from glmkit.quant.quantize import QuantizedLinear, default_spec, head_spec, prepare_model
 
 PRECISIONS = ("bf16", "int8", "int4")
 
@@ -59,14 +60,18 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS
 
 
-def _build_model(precision: str, layers: int, group_size: int | None, seed: int = 0, preset: str = "chatglm-6b"):
+def _build_model(precision: str, layers: int, group_size: int | None, seed: int = 0, preset: str = "chatglm-6b",
+                 head: str | None = None):
     config = GLMConfig.from_name(preset, num_layers=layers, torch_dtype="bfloat16")
+    config.tie_word_embeddings = config.family == "chatglm"  # ChatGLM-6B's output layer is its embedding
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         model = GLMForCausalLM(config)
     if precision != "bf16":
         bits = 8 if precision == "int8" else 4
-        prepare_model(model, default_spec(bits, group_size if bits == 4 else None))
+        spec = default_spec(bits, group_size if bits == 4 else None)
+        spec["head"] = head_spec(head)
+        prepare_model(model, spec)
 
     def rand_float(shape, std):
         t = torch.empty(shape, dtype=torch.bfloat16)
@@ -98,36 +103,43 @@ def _build_model(precision: str, layers: int, group_size: int | None, seed: int 
             else:
                 value = torch.zeros(p.shape, dtype=torch.bfloat16)
             setattr(module, pname, torch.nn.Parameter(value, requires_grad=False))
+    if config.tie_word_embeddings and isinstance(model.lm_head, torch.nn.Linear):
+        model.lm_head.weight = model.wte.weight  # the loop above gave each module its own copy
     model.eval()
     return model
 
 
 def weight_bytes_per_token(model) -> int:
-    """Bytes of weights one decode step reads: every parameter and quantized buffer except the embedding table
-    (one row of it is read)."""
+    """Bytes of weights one decode step reads: every parameter and quantized buffer once, except that an embedding
+    table not shared with the output layer contributes one row (the lookup reads one row per token)."""
+    def own(module):
+        return [(n, t) for n, t in list(module.named_parameters(recurse=False))
+                + list(module.named_buffers(recurse=False)) if t is not None and not t.is_meta]
+
+    head = {id(t) for _, t in own(model.lm_head)}
+    rows = model.config.vocab_size
     total = 0
     seen = set()
     for name, module in model.named_modules():
-        tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
-        for tname, t in tensors:
-            if t is None or t.is_meta or id(t) in seen:
+        for tname, t in own(module):
+            if id(t) in seen:
                 continue
             seen.add(id(t))
             if isinstance(module, QuantizedLinear) and tname in ("weight_scale",) and module.layout == "int4pack":
                 continue  # kept for the exact fp32 path; the bf16 kernels read scale_zero
-            if name == "wte":
-                total += t.shape[-1] * t.element_size()
+            if name == "wte" and id(t) not in head:
+                total += t.numel() * t.element_size() // rows
                 continue
             total += t.numel() * t.element_size()
     return total
 
 
 def run_one(precision: str, layers: int, prompt_tokens: int, decode_tokens: int, group_size: int | None,
-            threads: int | None, preset: str = "chatglm-6b") -> dict:
+            threads: int | None, preset: str = "chatglm-6b", head: str | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    model = _build_model(precision, layers, group_size, preset=preset)
+    model = _build_model(precision, layers, group_size, preset=preset, head=head)
     build_s = time.perf_counter() - t0
     cfg = model.config
     gen = torch.Generator().manual_seed(1)
@@ -182,9 +194,11 @@ def _best_round(rounds: list[dict]) -> dict:
 
 def run_benchmark(precisions: Sequence[str] = PRECISIONS, *, layers: int = 28, prompt_tokens: int = 128,
                   decode_tokens: int = 16, group_size: int | None = None, threads: int | None = None,
-                  model: str = "chatglm-6b", repeats: int = 1) -> tuple[float, list[dict]]:
+                  model: str = "chatglm-6b", repeats: int = 1, head: str | None = None) -> tuple[float, list[dict]]:
     """`glmkit bench`: (read bandwidth in bytes/s, one result per precision). Each precision runs in a fresh
-    process (so peak RSS is its own), rounds interleaved over the precisions, each figure its best round."""
+    process (so peak RSS is its own), rounds interleaved over the precisions, each figure its best round.
+    head: how the quantized precisions store the output layer and embedding ("int8" default, "int4", "none")."""
+    head_spec(head)  # a bad value fails here, not in every child
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad:
         raise ValueError(f"unknown precisions {bad}; choose from {PRECISIONS}")
@@ -196,7 +210,7 @@ def run_benchmark(precisions: Sequence[str] = PRECISIONS, *, layers: int = 28, p
     rounds: dict[str, list[dict]] = {p: [] for p in precisions}
     for p in [p for _ in range(repeats) for p in precisions]:
         job = dict(precision=p, layers=layers, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
-                   group_size=group_size, threads=threads, preset=model)
+                   group_size=group_size, threads=threads, preset=model, head=head)
         proc = subprocess.run([sys.executable, "-m", "glmkit.evaluation.bench", json.dumps(job)],
                               capture_output=True, text=True, env=os.environ.copy())
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)

@@ -91,7 +91,7 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, 
 
         bar = tqdm(total=len(items), desc="eval ppl", unit="doc", file=sys.stderr, dynamic_ncols=True)
     result = PplResult(0, 0, 0, 0.0)
-    device = model.wte.weight.device
+    device = model.device
     for start in range(0, len(order), batch_size):
         chunk = [items[i] for i in order[start:start + batch_size]]
         T = len(prefix) + max(len(ids) for ids, _ in chunk)

@@ -34,19 +34,31 @@ from glmkit.core.checkpoint import (
 from glmkit.core.config import CHATGLM_V1_ALPHA_LAYERS, ConfigError, GLMConfig
 from glmkit.core.convert import converter_for, to_hf_config, to_thudm_state_dict
 from glmkit.core.hub import resolve_model_dir
-from glmkit.quant.quantize import QuantizedLinear, default_spec, prepare_model, quantization_spec, save_quantized
+from glmkit.quant.quantize import (
+    QUANT_KEY,
+    QuantizedLinear,
+    default_spec,
+    head_spec,
+    prepare_model,
+    quantization_spec,
+    save_quantized,
+    saved_layout_is_native,
+    tie_quantized_head,
+)
 
 
 # ------------------------------------------------------------------------------------------------ loading
 def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device: str = "cpu",
                adapter: str | os.PathLike | None = None, quantize: str | None = None, group_size: int | None = None,
-               scheme: str | None = None):
+               scheme: str | None = None, quantize_head: str | None = None):
     """Loads a GLM-family checkpoint folder (or bundled name, or Hugging Face id) as a GLMForCausalLM.
 
     dtype: torch dtype or name; default = config.json's torch_dtype, as transformers does with
     torch_dtype="auto", except that a float16 checkpoint loaded onto the CPU runs in bfloat16 (see
     `default_dtype`); an explicit dtype= always wins. adapter: a P-tuning or LoRA folder applied on top.
-    quantize: "int8" | "int4" quantizes the four linears of every layer while loading, shard by shard.
+    quantize: "int8" | "int4" quantizes the four linears of every layer while loading, shard by shard, and the
+    output layer and embedding as quantize_head says: "int8" (the default), "int4", or "none" (kept in floating
+    point). A checkpoint saved quantized (`glmkit quantize`, save_model) loads as it was saved, memory-mapped.
     """
     folder = resolve_model_dir(path_or_id)
     hf = read_hf_config(folder)
@@ -63,16 +75,20 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None
         if config.pre_seq_len:  # P-tuning weights merged into the checkpoint
             attach_prefix(model, config.pre_seq_len, config.prefix_projection, config.prefix_hidden_size)
 
-    quant_spec = _quantization_spec(hf, files, quantize, group_size, scheme)
+    quant_spec = _quantization_spec(hf, files, quantize, group_size, scheme, quantize_head)
     if quant_spec is not None:
         prepare_model(model, quant_spec)
         config.extra["quantization"] = quant_spec
 
     converter = converter_for(config, hf)
     defer = _quantized_weight_names(model, converter) if quant_spec is not None else None
-    stream_into(model, converter, iter_tensors(files, defer), target_dtype, source=folder)
+    # glmkit's saved quantized models hold the runtime layout: map the file and take its tensors without a copy
+    mapped = (quant_spec is not None and quantize is None and torch.device(device).type == "cpu"
+              and saved_layout_is_native(quant_spec) and bool(hf.get(QUANT_KEY) or _glmkit_metadata(files)))
+    stream_into(model, converter, iter_tensors(files, defer, mapped=mapped), target_dtype, source=folder)
     if config.rope == "2d":
         config.rope_fp16 = chatglm_rope_mode(target_dtype)
+    tie_quantized_head(model)
     finish(model, converter, folder)
 
     if adapter is not None:
@@ -98,7 +114,7 @@ def load_adapter(model: nn.Module, adapter: str | os.PathLike, dtype: torch.dtyp
     with torch.device("meta"):
         encoder = attach_prefix(model, int(pre_seq_len), bool(hf.get("prefix_projection", False)))
     files = weight_files(folder)
-    dtype = dtype or model.wte.weight.dtype
+    dtype = dtype or model.dtype
     loaded = set()
     for name, tensor in iter_tensors(files):
         if not name.startswith(PREFIX_KEY):
@@ -112,16 +128,25 @@ def load_adapter(model: nn.Module, adapter: str | os.PathLike, dtype: torch.dtyp
     return model
 
 
-def _quantization_spec(hf, files, quantize, group_size, scheme):
+def _glmkit_metadata(files) -> bool:
+    return QUANT_KEY in (safetensors_metadata(files) or {})
+
+
+def _quantization_spec(hf, files, quantize, group_size, scheme, quantize_head=None):
     pre = quantization_spec(hf, safetensors_metadata(files))  # THUDM quantization_bit or glmkit metadata
     if quantize is None:
+        if quantize_head is not None:
+            raise ValueError("quantize_head= applies when quantizing while loading (quantize='int8' or 'int4'); a "
+                             "checkpoint saved quantized keeps its own")
         return pre
     if pre is not None:
         raise ValueError("this checkpoint is already quantized; load it without quantize=")
     bits = {"int8": 8, "int4": 4, "8": 8, "4": 4, 8: 8, 4: 4}.get(quantize)
     if bits is None:
         raise ValueError(f"quantize must be 'int8' or 'int4', got {quantize!r}")
-    return default_spec(bits, group_size=group_size, scheme=scheme)
+    spec = default_spec(bits, group_size=group_size, scheme=scheme)
+    spec["head"] = head_spec(quantize_head)
+    return spec
 
 
 def _quantized_weight_names(model: nn.Module, converter) -> Callable[[str], bool]:

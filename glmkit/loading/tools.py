@@ -15,7 +15,7 @@ from glmkit.core.hub import resolve_model_dir
 from glmkit.core.tokenizer import load_tokenizer
 from glmkit.loading.loader import load_model, save_model
 from glmkit.quant.calibrate import calibrate_and_quantize
-from glmkit.quant.quantize import default_spec, save_quantized
+from glmkit.quant.quantize import default_spec, head_spec, quantize_head, save_quantized
 
 DEFAULT_MODEL = "glm-tiny"  # the bundled model: every command works with no download
 
@@ -59,19 +59,22 @@ def merge_lora_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, o
 def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, bits: int, *, group_size: int | None = None,
                         scheme: str | None = None, symmetric: bool = False, dtype: str | None = None,
                         calibrate: bool = False, calibration_text: str | None = None, calibration_samples: int = 16,
-                        calibration_length: int = 256) -> Path:
+                        calibration_length: int = 256, head: str | None = None) -> Path:
     """`glmkit quantize`: writes an INT8/INT4 copy of `src` (config.json + model.safetensors with the scheme in
-    its metadata, plus the tokenizer files) that load_model reads without quantizing again. With `calibrate`, the
-    float model is loaded whole and rounded with GPTQ on `calibration_text` (default: the bundled sample)."""
+    its metadata, plus the tokenizer files) that load_model maps without quantizing again. `head`: the output layer
+    and embedding, "int8" (default), "int4" or "none". With `calibrate`, the float model is loaded whole and its
+    layers rounded with GPTQ on `calibration_text` (default: the bundled sample); the head is rounded to nearest."""
     spec = default_spec(bits, group_size, scheme, symmetric or None)
+    head_spec(head)  # a bad value fails before any loading
     src_dir = resolve_model_dir(src)
     if calibrate:
         # fp16 checkpoints load in bf16 on CPU by default (fast GEMMs; the unquantized parts are saved in bf16)
         model = load_model(src_dir, dtype=dtype)
         calibrate_and_quantize(model, load_tokenizer(src_dir), spec["bits"], spec["group_size"], spec["scheme"],
                                spec["symmetric"], calibration_text, calibration_samples, calibration_length)
+        quantize_head(model, head)
     else:
         name = "group-symmetric" if spec["scheme"] == "group" and spec["symmetric"] else spec["scheme"]
         model = load_model(src_dir, dtype=dtype, quantize=f"int{spec['bits']}", group_size=spec["group_size"],
-                           scheme=name)
+                           scheme=name, quantize_head=head or "int8")
     return save_quantized(model, dst, src_dir=src_dir)

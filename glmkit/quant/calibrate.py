@@ -169,7 +169,7 @@ def quantize_calibrated(model: nn.Module, ids: torch.Tensor, bits: int, group_si
         raise ValueError("calibrate the base model, then load the P-tuning prefix on the quantized model "
                          "(load_model(dst, adapter=...))")
     model.eval()
-    dtype = model.wte.weight.dtype
+    dtype = model.dtype
     chunks = [_first_block_inputs(model, ids[a:a + batch_size]) for a in range(0, ids.shape[0], batch_size)]
     xs = [args[0] for args, _ in chunks]
 
@@ -214,5 +214,5 @@ def calibrate_and_quantize(model: nn.Module, tokenizer, bits: int, group_size: i
                            num_sequences: int = 16, seq_len: int = 256, progress: bool = True) -> nn.Module:
     """quantize_calibrated on calibration_batch(tokenizer, text, ...): the one call `glmkit quantize
     --calibrate` makes."""
-    ids = calibration_batch(tokenizer, text, num_sequences, seq_len).to(model.wte.weight.device)
+    ids = calibration_batch(tokenizer, text, num_sequences, seq_len).to(model.device)
     return quantize_calibrated(model, ids, bits, group_size, scheme, symmetric, progress=progress)

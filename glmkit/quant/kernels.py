@@ -11,11 +11,17 @@ machine (torch 2.13, bf16 activations, a 16384x4096 layer) and why each path exi
   with a few vectorised torch ops (cache-sized chunks) and run the bf16 GEMM.
 * float32 activations (reference mode, and what the original ChatGLM-6B CPU kernels compute): dequantize exactly
   to fp32 (``q * scale`` with the stored scale, no rounding of the weight) and use an fp32 GEMM.
-* CUDA: dequantize to the activation dtype and matmul (as THUDM's W8A16Linear does).
+* CUDA: INT4 group weights take torch's own INT4 kernel (``aten._weight_int4pack_mm``, the tinygemm layout built
+  by ``aten._convert_weight_to_int4pack``; bf16, compute capability 8.0+); INT8 and what that kernel does not
+  take dequantize to the activation dtype and matmul (as THUDM's W8A16Linear does). Not run here: no GPU.
 
 The CPU int4 kernel wants its own weight layout, produced by ``aten._convert_weight_to_int4pack_for_cpu``, which
 depends on the CPU's vector width. It is built at load time (never saved) and read back by ``int4pack_to_int``
-after a probe of the layout (``int4pack_block_n``). Checkpoints always hold the portable THUDM packing below.
+after a probe of the layout (``int4pack_block_n``). Its rows come in blocks of 64 (AVX-512) or 32 (AVX2): a
+weight whose row count is not a multiple is padded with zero rows (ChatGLM-6B's 130528-row output layer: 32 rows).
+`glmkit quantize` saves this layout as it is, with its block size in the metadata, so that a saved model maps
+straight into memory; a machine with another block size, and CUDA, convert it. The portable THUDM packing below
+is what `export()` and THUDM ``quantization_bit`` checkpoints use.
 """
 
 from __future__ import annotations
@@ -81,31 +87,66 @@ def _int4pack_unpack(packed: torch.Tensor, n: int, k: int, block: int) -> torch.
 
 
 def int4pack_supported(n: int, k: int, group_size: int) -> bool:
+    """Whether an [N, K] weight with this group size can take the CPU int4pack layout (any N: the layout is
+    padded to whole blocks of rows, e.g. ChatGLM-6B's 130528-row output layer to 130560)."""
     block = int4pack_block_n()
-    return block is not None and n % block == 0 and group_size in (32, 64, 128, 256) and k % group_size == 0
+    return block is not None and n > 0 and group_size in (32, 64, 128, 256) and k % group_size == 0
+
+
+def int4pack_rows(n: int, block: int | None = None) -> int:
+    """Rows of the int4pack layout for N rows: N rounded up to whole blocks (padding rows are zero weights)."""
+    block = block or int4pack_block_n()
+    return -(-n // block) * block
 
 
 def int_to_int4pack(q: torch.Tensor, rows_per_chunk: int | None = None) -> torch.Tensor:
-    """Signed [N, K] int8 in [-8, 7] -> the CPU kernel's packed uint8 [N, K/2]. Chunked over rows (default ~1M
-    weights) so the int32 temporary the converter needs stays small (blocks of rows are independent)."""
+    """Signed [N, K] int8 in [-8, 7] -> the CPU kernel's packed uint8 [N_pad, K/2] (N_pad = int4pack_rows(N); the
+    padding rows hold q = 0). Chunked over rows (default ~1M weights) so the int32 temporary the converter needs
+    stays small (blocks of rows are independent)."""
     block = int4pack_block_n()
+    if block is None:
+        raise ValueError("this CPU has no int4pack layout glmkit knows")
     n, k = q.shape
-    if block is None or n % block:
-        raise ValueError(f"int4pack layout needs N divisible by {block}, got N={n}")
-    out = torch.empty(n, k // 2, dtype=torch.uint8)
+    n_pad = int4pack_rows(n, block)
+    out = torch.empty(n_pad, k // 2, dtype=torch.uint8)
     if rows_per_chunk is None:
         rows_per_chunk = 2**20 // max(k, 1)
     step = max(block, rows_per_chunk // block * block)
-    for a in range(0, n, step):
-        u = q[a:a + step].to(torch.int32) + 8
+    for a in range(0, n_pad, step):
+        u = torch.full((min(step, n_pad - a), k), 8, dtype=torch.int32)
+        part = q[a:a + step]
+        u[:part.shape[0]] += part
         out[a:a + step] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 8).view(-1, k // 2)
     return out
 
 
-def int4pack_to_int(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Inverse of :func:`int_to_int4pack`: the signed [N, K] int8 values."""
+def int4pack_to_int(packed: torch.Tensor, n: int, k: int, block: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`int_to_int4pack`: the signed [N, K] int8 values (padding rows dropped). `block`: the
+    layout's rows per block when it came from another machine (default: this CPU's)."""
+    block = block or int4pack_block_n()
+    return (_int4pack_unpack(packed, packed.shape[0], k, block)[:n].to(torch.int8) - 8)
+
+
+def int4pack_lookup(packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int, k: int, ids: torch.Tensor,
+                    dtype: torch.dtype, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows `ids` (any shape) of the weight in the int4pack layout -> [*ids.shape, K] in `dtype`: what an
+    embedding lookup into a quantized table reads. (u - 8) * s + z in fp32 (the value the matmul kernels use),
+    or (u - 8) * row_scale with exact per-row scales, then cast."""
     block = int4pack_block_n()
-    return (_int4pack_unpack(packed, n, k, block).to(torch.int8) - 8)
+    half = block // 2
+    flat = ids.reshape(-1)
+    r = flat % block
+    v = packed.view(-1, k, half)  # [NB, K, B/2]
+    raw = v[flat // block, :, r % half]  # [T, K] bytes holding the rows
+    u = torch.where((r >= half)[:, None], raw >> 4, raw & 0xF)
+    w = u.float().sub_(8)
+    if row_scale is not None:
+        w.mul_(row_scale[flat].float()[:, None])
+    else:
+        sz = scale_zero[:, flat].float()  # [K/group, T, 2]
+        wv = w.view(-1, k // group_size, group_size)
+        wv.mul_(sz[..., 0].t().unsqueeze(-1)).add_(sz[..., 1].t().unsqueeze(-1))
+    return w.to(dtype).view(*ids.shape, k)
 
 
 _WORKSPACE: dict[tuple, torch.Tensor] = {}
@@ -187,22 +228,32 @@ def _chunks(units: int, weights_per_unit: int) -> list[tuple[int, int]]:
     return [(a, min(units, a + step)) for a in range(0, units, step)]
 
 
+def _padded(row_scale: torch.Tensor | None, n_pad: int) -> torch.Tensor | None:
+    """Per-row scales extended with zeros to the padded rows of the int4pack layout."""
+    if row_scale is None or row_scale.shape[0] == n_pad:
+        return row_scale
+    return torch.cat((row_scale, row_scale.new_zeros(n_pad - row_scale.shape[0])))
+
+
 def int4pack_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int,
                     n: int, row_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ W^T for a weight in the CPU int4pack layout; scale_zero [K/group, N, 2] bf16 (s, z) with
-    W = (u - 8) * s + z. `row_scale`: exact per-row scales used instead on the fp32 path (THUDM's fp16 scales
-    are not all bf16 values)."""
+    """x [M, K] @ W^T -> [M, N] for a weight in the CPU int4pack layout (packed [N_pad, K/2], padded to whole
+    blocks); scale_zero [K/group, N_pad, 2] bf16 (s, z) with W = (u - 8) * s + z. `row_scale`: exact per-row
+    scales used instead on the fp32 path (THUDM's fp16 scales are not all bf16 values)."""
     m, k = x.shape
+    n_pad = packed.shape[0]
     if x.dtype == torch.bfloat16 and m <= INT4_FUSED_MAX_ROWS:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group_size, scale_zero)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group_size, scale_zero)
+        return out if n_pad == n else out[:, :n]
     block = int4pack_block_n()
-    chunks = _chunks(n // block, k * block)
+    chunks = _chunks(n_pad // block, k * block)
     if x.dtype == torch.float32:
-        out = torch.empty(m, n, dtype=torch.float32)
+        row_scale = _padded(row_scale, n_pad)
+        out = torch.empty(m, n_pad, dtype=torch.float32)
         for b0, b1 in chunks:
             out[:, b0 * block:b1 * block] = x @ _int4pack_dequant_t(packed, scale_zero, group_size, k, b0, b1,
                                                                     row_scale)
-        return out
+        return out[:, :n]
     # bf16 prefill: W^T = u * s + (z - 8 s) per group. Only u * s is materialised (in bf16); the zero term is a
     # small GEMM of per-group input sums: x @ (1 (z - 8 s)) = xsum_groups @ (z - 8 s).
     xc = x.to(torch.bfloat16)
@@ -213,7 +264,7 @@ def int4pack_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Ten
     for b0, b1 in chunks:
         cols = slice(b0 * block, b1 * block)
         out[:, cols] += xc @ _int4pack_scaled_bf16_t(packed, s, group_size, k, b0, b1)
-    return out.to(x.dtype)
+    return out[:, :n].to(x.dtype)
 
 
 def _int4pack_scaled_bf16_t(packed: torch.Tensor, s: torch.Tensor, group_size: int, k: int, b0: int, b1: int
@@ -237,19 +288,25 @@ def int4pack_dequantize(packed: torch.Tensor, scale_zero: torch.Tensor, group_si
                         dtype: torch.dtype = torch.float32, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The whole [N, K] weight (for inspection and tests), chunk by chunk so the workspace stays small."""
     block = int4pack_block_n()
-    out = torch.empty(n, k, dtype=dtype)
-    for b0, b1 in _chunks(n // block, k * block):
+    n_pad = packed.shape[0]
+    row_scale = _padded(row_scale, n_pad)
+    out = torch.empty(n_pad, k, dtype=dtype)
+    for b0, b1 in _chunks(n_pad // block, k * block):
         out[b0 * block:b1 * block] = _int4pack_dequant_t(packed, scale_zero, group_size, k, b0, b1, row_scale).t()
-    return out
+    return out[:n]
 
 
 def int4pack_linear_transposed(g: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int,
                                n: int, k: int, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """g [M, N] @ W -> [M, K] in fp32 (the input gradient), one chunk of W's rows at a time."""
     block = int4pack_block_n()
+    n_pad = packed.shape[0]
+    row_scale = _padded(row_scale, n_pad)
     out = torch.zeros(g.shape[0], k, dtype=torch.float32)
     g = g.float()
-    for b0, b1 in _chunks(n // block, k * block):
+    if n_pad != n:
+        g = torch.cat((g, g.new_zeros(g.shape[0], n_pad - n)), dim=1)
+    for b0, b1 in _chunks(n_pad // block, k * block):
         wt = _int4pack_dequant_t(packed, scale_zero, group_size, k, b0, b1, row_scale)
         out.addmm_(g[:, b0 * block:b1 * block], wt.t())
     return out
@@ -332,3 +389,57 @@ def int4_linear_portable(x: torch.Tensor, packed: torch.Tensor, scale: torch.Ten
         w = int4_dequantize(unpack_int4(packed[a:a + rows]), scale[a:a + rows], zr, group_size, dtype)
         out[:, a:a + rows] = xc @ w.t()
     return out.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ CUDA INT4
+
+
+def tinygemm_inner_k_tiles(k: int) -> int | None:
+    """Inner K tiles of torch's CUDA int4 layout for in_features K (the kernel needs K % (tiles * 16) == 0)."""
+    for tiles in (8, 4, 2):
+        if k % (tiles * 16) == 0:
+            return tiles
+    return None
+
+
+def tinygemm_supported(n: int, k: int, group_size: int, device: torch.device) -> bool:
+    """Whether torch's CUDA INT4 kernel (`_weight_int4pack_mm`, the tinygemm layout; bf16 tensor cores, so
+    compute capability 8.0+) takes an [N, K] weight with this group size on `device`."""
+    device = torch.device(device)
+    if device.type != "cuda" or not hasattr(torch.ops.aten, "_weight_int4pack_mm"):
+        return False
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return False
+    return (n % 8 == 0 and group_size in (32, 64, 128, 256) and k % group_size == 0
+            and tinygemm_inner_k_tiles(k) is not None)
+
+
+def int_to_tinygemm(q: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Signed [N, K] int8 in [-8, 7] -> the CUDA kernel's int32 layout on `device`. Its converter takes the
+    unsigned values u = q + 8 two per byte, the even column in the high nibble (THUDM's order, unsigned)."""
+    u = (q.to(device=device, dtype=torch.int16) + 8).to(torch.uint8)
+    packed = ((u[:, 0::2] << 4) | u[:, 1::2]).contiguous()
+    return torch.ops.aten._convert_weight_to_int4pack(packed, tinygemm_inner_k_tiles(q.shape[1]))
+
+
+def tinygemm_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int
+                    ) -> torch.Tensor:
+    """x [M, K] @ W^T on CUDA with W = (u - 8) * s + z in the tinygemm layout (scale_zero [K/group, N, 2] bf16,
+    the same table as the CPU layout's). The kernel computes in bf16; other activation dtypes are cast."""
+    out = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), packed, group_size, scale_zero)
+    return out.to(x.dtype)
+
+
+def tinygemm_to_int(packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int, n: int, k: int
+                    ) -> torch.Tensor:
+    """Inverse of :func:`int_to_tinygemm` through the kernel itself: with s = 1 and z = 0 it returns u - 8, and
+    multiplying the identity gives W^T a block of rows at a time (integers, exact in bf16)."""
+    unit = torch.zeros_like(scale_zero)
+    unit[..., 0] = 1
+    out = torch.empty(n, k, dtype=torch.int8, device=packed.device)
+    step = 1024
+    for a in range(0, k, step):
+        eye = torch.zeros(min(step, k - a), k, dtype=torch.bfloat16, device=packed.device)
+        eye[:, a:a + step].fill_diagonal_(1)
+        out[:, a:a + step] = torch.ops.aten._weight_int4pack_mm(eye, packed, group_size, unit).t().to(torch.int8)
+    return out

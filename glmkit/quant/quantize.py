@@ -1,10 +1,14 @@
 """INT8/INT4 weight-only quantization: QuantizedLinear, quantize-on-load, pre-quantized checkpoints, `glmkit quantize`.
 
 What is quantized: the four linears of every layer (`attn.qkv`, `attn.proj`, `mlp.fc`, `mlp.proj`; THUDM's
-query_key_value, dense, dense_h_to_4h, dense_4h_to_h), as in GLM-130B and ChatGLM-6B. The embedding (`wte`),
-`lm_head`, the norms and all biases stay in floating point: the embedding is a lookup (never read whole per
-token), the output head decides the next token directly and is the layer most sensitive to error, and norms and
-biases are tiny.
+query_key_value, dense, dense_h_to_4h, dense_4h_to_h), as in GLM-130B and ChatGLM-6B, and by default also the
+output layer and the embedding (the "head", INT8 by default whatever the layers' bits; ``head="int4"`` or
+``"none"`` to choose). The output layer is read whole for every token: ChatGLM-6B's 130528x4096 one is 1.07 GB
+in bf16, more than a quarter of an INT4 model's bytes per token. A tied model (ChatGLM-6B) keeps one quantized
+table (`QuantizedEmbedding`) that serves the lookup (rows dequantized) and the logits matmul (the INT8/INT4
+kernels). INT8 is the default because the output layer sets the next token directly: on glm-tiny an INT4 head
+doubled the logits error of an INT4 model, an INT8 one added 1% (README, "Quantization"). Norms and biases stay
+in floating point (tiny).
 
 Schemes (every value is ``w = q * scale (+ zero)``, q a signed integer):
 
@@ -12,18 +16,19 @@ Schemes (every value is ``w = q * scale (+ zero)``, q a signed integer):
   ``scale = (max|w_row| / (2^(bits-1) - 1)).half()``, q in [-127, 127] or [-7, 7]. The only INT8 scheme (so INT8
   has exactly the original's error); THUDM ``quantization_bit`` checkpoints use it.
 * ``group`` (INT4 default): one bf16 (scale, zero) pair per ``group_size`` (32..256, default 32) consecutive
-  inputs of a row, q in [-8, 7], asymmetric by default (the full min..max range of the group, then the best of a
-  few clipping ratios by squared error, then a least-squares refit of (scale, zero) to the rounded integers), or
-  symmetric (zero = 0). Finer groups follow the local range of the weights: on Gaussian rows of 4096 the weight
-  error is 0.48x (group 32), 0.55x (64), 0.60x (128) the per-row scheme's, and on the trained glm-tiny the
-  logits error is 0.47x (32) and 0.69x (64). 32 is the default: its scales and zeros cost 0.35 GB more than 64's
-  at the 6B shape (a ChatGLM-6B INT4 load peaks at 4.88 GB instead of 4.66 GB) and decode reads 8% more bytes.
+  inputs of a row, q in [-8, 7], asymmetric by default (the group's min..max range in 15 steps, so its extreme
+  weights stay exact: see CLIP_RATIOS for why nothing is clipped), or symmetric (zero = 0). Finer groups follow
+  the local range of the weights. 32 is the default: its scales and zeros cost 0.35 GB more than 64's at the 6B
+  shape and decode reads 8% more bytes; benchmarks/accuracy.py has the errors of each choice.
 
 Compute dtype follows the activations: bf16 takes the fast CPU kernels; fp32 dequantizes exactly (``q * scale``
 with the stored scale, as ChatGLM-6B's CPU kernels do) for reference results; fp16 on CPU is computed in fp32.
 
-INT4 values are stored two per byte in THUDM's order (even column in the high nibble). On CPU the weights are
-repacked at load time for the fused kernel (glmkit.quant.kernels); checkpoints always hold the portable layout.
+INT4 values are exported two per byte in THUDM's order (even column in the high nibble). On CPU the weights are
+repacked for the fused kernel (glmkit.quant.kernels) and `glmkit quantize` saves that layout as it is (with its
+block size in the metadata), 64-byte aligned, so that loading maps the file and takes the tensors without a copy;
+a CPU with another block size, and CUDA, repack it. THUDM ``quantization_bit`` checkpoints and glmkit's earlier
+saved files (portable layout) load too.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -47,9 +53,15 @@ QUANTIZED_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 SCHEMES = ("rowwise", "group")
 DEFAULT_GROUP_SIZE = 32
 GROUP_SIZES = (32, 64, 128, 256)
-# clipping ratios tried per group (asymmetric group scheme); 1.0 = plain min/max
-CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85)
-REFIT_ROUNDS = 2  # least-squares refits of a group's (scale, zero) to its rounded integers: ~5% less error
+# Clipping ratios tried per group (asymmetric group scheme; 1.0 = plain min/max) and least-squares refits of a
+# group's (scale, zero) to its rounded integers. Both lower the weights' squared error (Gaussian weights: 0.57x
+# of the per-row scheme's logits error with (1, .95, .9, .85) and 2 refits, 0.63x plain) but on trained weights
+# they cost the largest weights their exact values, which matter most: glm-tiny's INT4 logits error was 1.17x the
+# original per-row scheme's with them and 0.88x without (benchmarks/README.md). So plain min/max is the default.
+CLIP_RATIOS: tuple[float, ...] = (1.0,)
+REFIT_ROUNDS = 0
+HEADS = ("int8", "int4", "none")  # how the output layer and the embedding are stored
+DEFAULT_HEAD = "int8"
 
 
 # ================================================================================================ specs
@@ -79,16 +91,39 @@ def default_spec(bits: int, group_size: int | None = None, scheme: str | None = 
     return {"bits": bits, "scheme": "rowwise", "group_size": None, "symmetric": True, "layout": "glmkit"}
 
 
+def head_spec(head: str | dict | None = None) -> dict[str, Any] | None:
+    """The spec of the output layer and embedding: "int8" (default; ChatGLM-6B's per-row scheme), "int4" (group
+    32, as the layers' default) or "none" (kept in floating point, None returned)."""
+    if head is None:
+        head = DEFAULT_HEAD
+    if isinstance(head, dict):
+        spec = default_spec(int(head["bits"]), head.get("group_size"), head.get("scheme"), head.get("symmetric"))
+        return {k: spec[k] for k in ("bits", "scheme", "group_size", "symmetric")}
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    if head == "none":
+        return None
+    spec = default_spec(8 if head == "int8" else 4)
+    return {k: spec[k] for k in ("bits", "scheme", "group_size", "symmetric")}
+
+
 def _validate_spec(spec: Any, where: str) -> dict[str, Any]:
     if not isinstance(spec, dict):
         raise ValueError(f"{where}: quantization spec must be a JSON object, got {spec!r}")
     try:
         out = default_spec(int(spec["bits"]), spec.get("group_size"), spec.get("scheme"), spec.get("symmetric"))
+        # a spec without "head" (checkpoints before the head was quantized) has it in floating point
+        out["head"] = head_spec(spec["head"]) if spec.get("head") is not None else None
     except KeyError:
         raise ValueError(f"{where}: quantization spec lacks 'bits': {spec!r}") from None
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     out["layout"] = spec.get("layout", "glmkit")
+    block = spec.get("int4pack_block")
+    if block is not None:
+        if block not in (32, 64):
+            raise ValueError(f"{where}: int4pack_block must be 32 or 64, got {block!r}")
+        out["int4pack_block"] = int(block)
     return out
 
 
@@ -137,8 +172,9 @@ def quantize_group(w: torch.Tensor, group_size: int, symmetric: bool = False
     """[N, K] float -> q int8 [N, K] in [-8, 7], scale bf16 [N, K/group], zero bf16 [N, K/group] (None if
     symmetric). Scale and zero are rounded to bf16 (what the kernels read) before q is computed.
 
-    Asymmetric: the group's [min, max] range shrunk by each of CLIP_RATIOS; per group the ratio with the least
-    squared error wins (clipping a rare extreme value buys finer steps for all the others)."""
+    Asymmetric: the group's [min, max] range in 15 steps (q = -8 at the min, 7 at the max). With more CLIP_RATIOS
+    the range is also shrunk by each and per group the ratio with the least squared error wins, then REFIT_ROUNDS
+    least-squares refits (lower weight error, higher logits error on trained weights: see CLIP_RATIOS)."""
     n, k = w.shape
     if k % group_size:
         raise ValueError(f"in_features {k} is not a multiple of group_size {group_size}")
@@ -162,9 +198,9 @@ def quantize_group(w: torch.Tensor, group_size: int, symmetric: bool = False
         s = ((mx - mn) * (ratio / 15)).bfloat16().float()
         s = torch.where(s == 0, torch.ones_like(s), s)  # a constant group: q = -8 and z carries the value
         z = (mn * ratio + 8 * s).bfloat16().float()
-        if len(CLIP_RATIOS) == 1:
-            best = (s, z)
-            break
+        if len(CLIP_RATIOS) == 1 and not REFIT_ROUNDS:
+            _, q = rounded(s, z)
+            return q.to(torch.int8).view(n, k), s.bfloat16(), z.bfloat16()
         t, q = rounded(s, z)
         err = q.sub_(t).square_().sum(dim=-1) * s.square()  # (q - t)^2 s^2 = (q s + z - w)^2
         if best is None:
@@ -207,7 +243,7 @@ class _QuantizedMatmul(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, module: QuantizedLinear) -> torch.Tensor:
         ctx.module = module
         x2 = x.reshape(-1, x.shape[-1])
-        return module._matmul(x2).view(*x.shape[:-1], module.out_features)
+        return module._matmul(x2).reshape(*x.shape[:-1], module.out_features)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -225,11 +261,18 @@ class QuantizedLinear(nn.Module):
     """
 
     _STORAGE = ("qweight", "weight_scale", "weight_zero", "scale_zero", "scale_bf16")
+    # checkpoint tensors: the portable form, and the CPU kernel's layout as `glmkit quantize` saves it
+    PORTABLE_TENSORS = ("weight", "weight_scale", "weight_zero")
+    INT4PACK_TENSORS = ("weight_int4pack", "weight_scale_zero")
+    _CUDA_INT4_KERNEL = True  # QuantizedEmbedding keeps the portable layout on CUDA (it also looks rows up)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: int = 4,
                  scheme: str = "group", group_size: int | None = DEFAULT_GROUP_SIZE, symmetric: bool = False,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 int4pack_block: int | None = None) -> None:
         super().__init__()
+        # rows per block of `weight_int4pack` checkpoint tensors (the saving machine's; None = this CPU's)
+        self.int4pack_block = int4pack_block
         spec = default_spec(bits, group_size if scheme == "group" else None, scheme, symmetric)
         self.requested_group_size = spec["group_size"]  # what the spec says; group_size = what this layer uses
         if spec["scheme"] == "group":
@@ -241,7 +284,8 @@ class QuantizedLinear(nn.Module):
         self.group_size = spec["group_size"]
         self.symmetric = spec["symmetric"]
         self.compute_dtype = dtype
-        self.layout = "empty"  # "int8" | "int4pack" (CPU fused kernel) | "packed" (portable THUDM packing)
+        # "int8" | "int4pack" (CPU fused kernel) | "tinygemm" (CUDA int4 kernel) | "packed" (portable THUDM packing)
+        self.layout = "empty"
         meta = torch.empty(0, device="meta")
         # placeholder until loaded, so the loader's missing-weights check sees an unloaded module
         self.register_buffer("qweight", meta, persistent=False)
@@ -283,9 +327,9 @@ class QuantizedLinear(nn.Module):
             # a copy: a view would keep the checkpoint file mapped (and its touched pages resident)
             self.bias = nn.Parameter(tensor.to(self.compute_dtype, copy=True).contiguous(), requires_grad=False)
             return
-        if attr_name not in ("weight", "weight_scale", "weight_zero"):
+        if attr_name not in self.PORTABLE_TENSORS + self.INT4PACK_TENSORS:
             raise ValueError(f"QuantizedLinear has no checkpoint tensor {attr_name!r} "
-                             "(expected weight, weight_scale, weight_zero or bias)")
+                             "(expected weight, weight_scale, weight_zero, weight_int4pack, weight_scale_zero or bias)")
         if self.is_loaded:
             raise ValueError(f"{attr_name} arrived for a QuantizedLinear that is already loaded (duplicate tensor?)")
         if attr_name == "weight" and tensor.is_floating_point():
@@ -295,11 +339,50 @@ class QuantizedLinear(nn.Module):
             self._quantize_and_store(tensor)
             return
         self._pending[attr_name] = tensor
+        if set(self.INT4PACK_TENSORS) & set(self._pending):  # the CPU kernel's layout, saved by glmkit quantize
+            needed = set(self.INT4PACK_TENSORS) | ({"weight_scale"} if self.scheme == "rowwise" else set())
+            if needed <= set(self._pending):
+                p, self._pending = self._pending, {}
+                self._adopt_int4pack(p["weight_int4pack"], p["weight_scale_zero"], p.get("weight_scale"))
+            return
         needed = {"weight", "weight_scale"} | ({"weight_zero"} if self.scheme == "group" and not self.symmetric
                                                else set())
         if needed <= set(self._pending):
             p, self._pending = self._pending, {}
             self._store(p["weight"], p["weight_scale"], p.get("weight_zero"))
+
+    def _adopt_int4pack(self, packed: torch.Tensor, scale_zero: torch.Tensor, row_scale: torch.Tensor | None) -> None:
+        """Takes the CPU kernel's layout as saved: as it is (no copy: the tensors may be views of a memory-mapped
+        file) when the block size is this CPU's, else through the portable form."""
+        n, k = self.out_features, self.in_features
+        if self.bits != 4:
+            raise ValueError("weight_int4pack tensors hold INT4 weights, but this layer is INT8")
+        block = self.int4pack_block or kernels.int4pack_block_n() or 64
+        n_pad = kernels.int4pack_rows(n, block)
+        group = self.group_size if self.scheme == "group" else _pack_group_for(k)
+        if packed.dtype != torch.uint8 or tuple(packed.shape) != (n_pad, k // 2):
+            raise ValueError(f"weight_int4pack must be uint8 [{n_pad}, {k // 2}] (rows padded to blocks of {block}), "
+                             f"got {packed.dtype} {tuple(packed.shape)}")
+        if scale_zero.dtype != torch.bfloat16 or group is None or tuple(scale_zero.shape) != (k // group, n_pad, 2):
+            raise ValueError(f"weight_scale_zero must be bf16 [{k // (group or k)}, {n_pad}, 2], got "
+                             f"{scale_zero.dtype} {tuple(scale_zero.shape)}")
+        if row_scale is not None and tuple(row_scale.shape) != (n,):
+            raise ValueError(f"rowwise weight_scale must have shape [{n}], got {tuple(row_scale.shape)}")
+        if block == kernels.int4pack_block_n() and packed.device.type == "cpu":
+            for name in self._STORAGE:
+                self._buffers[name] = None
+            self.layout = "int4pack"
+            self._buffers["qweight"] = packed
+            self._buffers["scale_zero"] = scale_zero
+            self._buffers["weight_scale"] = row_scale
+            return
+        q = kernels.int4pack_to_int(packed, n, k, block)
+        if self.scheme == "rowwise":
+            scale, zero = row_scale, None
+        else:
+            scale = scale_zero[:, :n, 0].t().contiguous()
+            zero = None if self.symmetric else scale_zero[:, :n, 1].t().contiguous()
+        self._store(kernels.pack_int4(q), scale, zero)
 
     def _quantize_and_store(self, w: torch.Tensor) -> None:
         """Row chunks keep the temporaries small: peak = the float weight + the quantized layer + one chunk.
@@ -363,13 +446,24 @@ class QuantizedLinear(nn.Module):
             self._buffers["qweight"] = _thudm_to_int4pack(weight, n, k)
             del weight
             release_freed_memory()  # the repacking temporaries
+            n_pad = self._buffers["qweight"].shape[0]
             if self.scheme == "group":
                 s, z = scale, zero if zero is not None else torch.zeros_like(scale)
-                self._buffers["scale_zero"] = torch.stack((s.t(), z.t()), dim=-1).contiguous()
             else:
                 self._buffers["weight_scale"] = scale  # exact (fp16) values for the fp32 path
-                s = scale.to(torch.bfloat16)[None, :].expand(k // pack_group, n)
-                self._buffers["scale_zero"] = torch.stack((s, torch.zeros_like(s)), dim=-1).contiguous()
+                s = scale.to(torch.bfloat16)[:, None].expand(n, k // pack_group)
+                z = torch.zeros_like(s)
+            table = torch.zeros(k // pack_group, n_pad, 2, dtype=torch.bfloat16)  # padding rows: s = z = 0
+            table[:, :n, 0], table[:, :n, 1] = s.t(), z.t()
+            self._buffers["scale_zero"] = table
+            return
+        # CUDA: torch's INT4 kernel computes in bf16; an fp32 model keeps the exact dequantize + matmul path
+        if (self._CUDA_INT4_KERNEL and self.scheme == "group" and self.compute_dtype != torch.float32
+                and kernels.tinygemm_supported(n, k, self.group_size, device)):
+            self.layout = "tinygemm"
+            self._buffers["qweight"] = kernels.int_to_tinygemm(kernels.unpack_int4(weight), device)
+            z = zero if zero is not None else torch.zeros_like(scale)
+            self._buffers["scale_zero"] = torch.stack((scale.t(), z.t()), dim=-1).to(device).contiguous()
             return
         self.layout = "packed"
         self._buffers["qweight"] = weight.to(device).contiguous()
@@ -383,13 +477,16 @@ class QuantizedLinear(nn.Module):
             raise ValueError("this QuantizedLinear has not been loaded yet")
         n, k = self.out_features, self.in_features
         out: dict[str, torch.Tensor] = {}
-        if self.layout == "int4pack":
-            q = kernels.int4pack_to_int(self.qweight, n, k)
-            out["weight"] = kernels.pack_int4(q)
+        if self.layout in ("int4pack", "tinygemm"):
+            if self.layout == "int4pack":
+                q = kernels.int4pack_to_int(self.qweight, n, k)
+            else:
+                q = kernels.tinygemm_to_int(self.qweight, self.scale_zero, self.group_size, n, k)
+            out["weight"] = kernels.pack_int4(q.cpu())
             if self.scheme == "group":
-                out["weight_scale"] = self.scale_zero[..., 0].t().contiguous()
+                out["weight_scale"] = self.scale_zero[:, :n, 0].t().contiguous()
                 if not self.symmetric:
-                    out["weight_zero"] = self.scale_zero[..., 1].t().contiguous()
+                    out["weight_zero"] = self.scale_zero[:, :n, 1].t().contiguous()
             else:
                 out["weight_scale"] = self.weight_scale
         else:
@@ -401,6 +498,19 @@ class QuantizedLinear(nn.Module):
             out["bias"] = self.bias.detach()
         return {name: t.detach().cpu().contiguous() for name, t in out.items()}
 
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """What `glmkit quantize` writes for this layer: the CPU kernel's layout as it is (`weight_int4pack`,
+        `weight_scale_zero`, plus the exact `weight_scale` of the rowwise scheme), so that loading maps it without
+        a copy; INT8 (already the kernel's layout) and the other layouts in the portable form."""
+        if self.layout != "int4pack":
+            return self.export()
+        out = {"weight_int4pack": self.qweight, "weight_scale_zero": self.scale_zero}
+        if self.scheme == "rowwise":
+            out["weight_scale"] = self.weight_scale
+        if self.bias is not None:
+            out["bias"] = self.bias.detach()
+        return {name: t.detach().contiguous() for name, t in out.items()}
+
     # state_dict()/load_state_dict() carry the portable tensors, so generic save/load code sees real weights
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if not self.is_loaded:
@@ -411,7 +521,8 @@ class QuantizedLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        names = [n for n in ("weight_zero", "weight_scale", "weight", "bias") if prefix + n in state_dict]
+        names = [n for n in ("weight_zero", "weight_scale", "weight", "weight_int4pack", "weight_scale_zero", "bias")
+                 if prefix + n in state_dict]
         if self.is_loaded and names:
             # reload in place: forget the current storage first
             self.layout = "empty"
@@ -423,8 +534,11 @@ class QuantizedLinear(nn.Module):
         if strict:
             needed = {"weight", "weight_scale"} | ({"bias"} if self.bias is not None else set())
             needed |= {"weight_zero"} if self.scheme == "group" and not self.symmetric else set()
+            if set(self.INT4PACK_TENSORS) & set(names):
+                needed = set(self.INT4PACK_TENSORS) | ({"bias"} if self.bias is not None else set())
+                needed |= {"weight_scale"} if self.scheme == "rowwise" else set()
             missing_keys.extend(prefix + n for n in sorted(needed - set(names)))
-            known = {prefix + n for n in ("weight", "weight_scale", "weight_zero", "bias")}
+            known = {prefix + n for n in self.PORTABLE_TENSORS + self.INT4PACK_TENSORS + ("bias",)}
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known
                                    and "." not in k[len(prefix):])
 
@@ -440,6 +554,10 @@ class QuantizedLinear(nn.Module):
         if self.layout == "packed":
             return kernels.int4_dequantize(kernels.unpack_int4(self.qweight), self.weight_scale, self.weight_zero,
                                            self.group_size or k, dtype)
+        if self.layout == "tinygemm":
+            q = kernels.tinygemm_to_int(self.qweight, self.scale_zero, self.group_size, n, k)
+            s, z = self.scale_zero[..., 0].t(), self.scale_zero[..., 1].t()
+            return kernels.int4_dequantize(q, s, z, self.group_size, dtype)
         raise ValueError("this QuantizedLinear has not been loaded yet")
 
     # -------------------------------------------------------------------------------------------- compute
@@ -448,7 +566,10 @@ class QuantizedLinear(nn.Module):
             raise RuntimeError("QuantizedLinear used before its weights were loaded")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, this layer expects {self.in_features}")
-        out = _QuantizedMatmul.apply(x, self)
+        if x.requires_grad and torch.is_grad_enabled():
+            out = _QuantizedMatmul.apply(x, self)
+        else:  # inference: no autograd node (its per-call cost adds up over 4 layers x 28 per token)
+            out = self._matmul(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out
@@ -465,6 +586,10 @@ class QuantizedLinear(nn.Module):
             row_scale = self.weight_scale if self.scheme == "rowwise" else None
             return kernels.int4pack_linear(x, self.qweight, self.scale_zero, self.scale_zero_group, self.out_features,
                                            row_scale)
+        if self.layout == "tinygemm":
+            if dtype == torch.float32:  # exact: fp32 inputs to a model moved to fp32 after loading (rare)
+                return x @ self.dequantized_weight(torch.float32).t()
+            return kernels.tinygemm_linear(x, self.qweight, self.scale_zero, self.group_size)
         return kernels.int4_linear_portable(x, self.qweight, self.weight_scale, self.weight_zero,
                                             self.group_size or self.in_features)
 
@@ -491,10 +616,10 @@ class QuantizedLinear(nn.Module):
         for name in storage:
             self._buffers[name] = None
         super()._apply(fn, recurse)
-        probe = fn(torch.empty(0))
+        probe, probe16 = fn(torch.empty(0)), fn(torch.empty(0, dtype=torch.float16))
         for name, t in storage.items():
             self._buffers[name] = t
-        if probe.is_floating_point():
+        if probe.dtype == probe16.dtype and probe.is_floating_point():  # a dtype conversion (not just a move)
             self.compute_dtype = probe.dtype
         target = probe.device
         current = self.qweight.device
@@ -507,6 +632,72 @@ class QuantizedLinear(nn.Module):
         group = f", group_size={self.group_size}, symmetric={self.symmetric}" if self.scheme == "group" else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"bits={self.bits}, scheme={self.scheme}{group}, layout={self.layout}")
+
+
+class QuantizedEmbedding(QuantizedLinear):
+    """A quantized [vocab, hidden] table: the embedding and, tied or not, the output layer.
+
+    Called with token ids (an integer tensor) it is the embedding lookup: those rows, dequantized, in the model's
+    dtype. Called with hidden states (a float tensor) it is the output layer: logits = x @ table^T through the
+    INT8/INT4 matmul kernels. A tied model sets the one table as both ``model.wte`` and ``model.lm_head``, so
+    glmkit.core.model calls it in both roles without knowing it is quantized. The table is frozen.
+    """
+
+    _CUDA_INT4_KERNEL = False  # on CUDA the rows must stay readable: the portable layout serves both roles
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, bits: int = 8, scheme: str = "rowwise",
+                 group_size: int | None = None, symmetric: bool = True, dtype: torch.dtype = torch.float32,
+                 int4pack_block: int | None = None) -> None:
+        super().__init__(embedding_dim, num_embeddings, bias=False, bits=bits, scheme=scheme, group_size=group_size,
+                         symmetric=symmetric, dtype=dtype, int4pack_block=int4pack_block)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, spec: dict[str, Any]) -> QuantizedEmbedding:
+        """Quantizes a float [vocab, hidden] table (an nn.Embedding's or an output layer's weight)."""
+        w = weight.detach()
+        m = cls(w.shape[0], w.shape[1], bits=spec["bits"], scheme=spec["scheme"], group_size=spec["group_size"],
+                symmetric=spec["symmetric"], dtype=w.dtype)
+        m.load_weight_tensor("weight", w.cpu() if w.device.type != "cpu" else w)
+        return m.to(w.device)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.out_features
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point():
+            return super().forward(x)  # the output layer
+        return self.lookup(x)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (any shape, integer) -> [*ids.shape, hidden] in the model's dtype: q * scale (+ zero) of those rows,
+        computed in fp32 as the matmul kernels dequantize, then cast."""
+        if not self.is_loaded:
+            raise RuntimeError("QuantizedEmbedding used before its weights were loaded")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+            raise IndexError(f"token ids must lie in [0, {self.num_embeddings}), got range "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        dtype, k = self.compute_dtype, self.in_features
+        if self.layout == "int4pack":
+            row_scale = self.weight_scale if self.scheme == "rowwise" else None
+            return kernels.int4pack_lookup(self.qweight, self.scale_zero, self.scale_zero_group, k, ids, dtype,
+                                           row_scale)
+        flat = ids.reshape(-1)
+        if self.layout == "int8":
+            rows = self.qweight[flat].float().mul_(self.weight_scale[flat].float()[:, None])
+            return rows.to(dtype).view(*ids.shape, k)
+        zero = self.weight_zero[flat] if self.weight_zero is not None else None
+        rows = kernels.int4_dequantize(kernels.unpack_int4(self.qweight[flat]), self.weight_scale[flat], zero,
+                                       self.group_size or k, dtype)
+        return rows.view(*ids.shape, k)
+
+    def extra_repr(self) -> str:
+        return "num_embeddings={}, embedding_dim={}, ".format(self.num_embeddings, self.embedding_dim) + \
+            super().extra_repr().split("bias=False, ", 1)[1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -554,7 +745,7 @@ def _row_chunks(n: int, k: int) -> list[slice]:
 
 
 def _thudm_to_int4pack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    out = torch.empty(n, k // 2, dtype=torch.uint8)
+    out = torch.empty(kernels.int4pack_rows(n), k // 2, dtype=torch.uint8)
     for rows in _row_chunks(n, k):
         out[rows] = kernels.int_to_int4pack(kernels.unpack_int4(packed[rows]))
     return out
@@ -587,9 +778,12 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 def prepare_model(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
     """Swaps the four linears of every layer for empty QuantizedLinear modules (no allocation), ready for
-    ``load_weight_tensor``. Call on a model built on the meta device (the loader does)."""
+    ``load_weight_tensor``, and with a ``head`` in the spec the embedding and output layer for QuantizedEmbedding /
+    QuantizedLinear (one QuantizedEmbedding for both when they are tied). Call on a model built on the meta device
+    (the loader does)."""
     spec = _validate_spec(spec, "prepare_model")
     dtype = _model_dtype(model)
+    block = spec.get("int4pack_block")
     for name, parent, attr, linear in _layer_linears(model):
         if isinstance(linear, QuantizedLinear):
             raise ValueError(f"{name} is already quantized")
@@ -597,16 +791,82 @@ def prepare_model(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
             raise ValueError(f"{name} is a {type(linear).__name__}, expected nn.Linear")
         q = QuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None, bits=spec["bits"],
                             scheme=spec["scheme"], group_size=spec["group_size"], symmetric=spec["symmetric"],
-                            dtype=dtype)
+                            dtype=dtype, int4pack_block=block)
         setattr(parent, attr, q)
+    head = spec.get("head")
+    if head is not None:
+        wte, lm_head = model.wte, model.lm_head
+        if isinstance(wte, QuantizedLinear) or isinstance(lm_head, QuantizedLinear):
+            raise ValueError("the embedding / output layer is already quantized")
+        kw = dict(bits=head["bits"], scheme=head["scheme"], group_size=head["group_size"],
+                  symmetric=head["symmetric"], dtype=dtype, int4pack_block=block)
+        table = QuantizedEmbedding(wte.num_embeddings, wte.embedding_dim, **kw)
+        model.wte = table
+        if lm_head.weight is wte.weight:  # tied: one table in both roles
+            model.lm_head = table
+        else:
+            model.lm_head = QuantizedLinear(lm_head.in_features, lm_head.out_features, lm_head.bias is not None,
+                                            **kw)
     _record_spec(model, spec)
     return model
 
 
+def saved_layout_is_native(spec: dict[str, Any]) -> bool:
+    """Whether a saved quantized checkpoint holds this machine's runtime layout (INT8 weights, or INT4 in the CPU
+    kernel's layout with this CPU's block size), so that loading can map it and take its tensors as they are."""
+    int4 = spec["bits"] == 4 or (spec.get("head") or {}).get("bits") == 4
+    return spec.get("layout") == "glmkit" and (not int4 or spec.get("int4pack_block") == kernels.int4pack_block_n())
+
+
+def tie_quantized_head(model: nn.Module) -> bool:
+    """After loading: a quantized output layer that the checkpoint did not fill takes the quantized embedding
+    table (ChatGLM-6B checkpoints may leave `lm_head` out; glmkit.core.checkpoint.finish ties float ones). True
+    when it tied."""
+    head, wte = getattr(model, "lm_head", None), getattr(model, "wte", None)
+    if not (isinstance(head, QuantizedLinear) and isinstance(wte, QuantizedEmbedding)) or head is wte:
+        return False
+    config = model.config
+    if head.is_loaded or not wte.is_loaded or not (config.tie_word_embeddings or config.family == "chatglm"):
+        return False
+    model.lm_head = wte
+    config.tie_word_embeddings = True
+    return True
+
+
+def quantize_head(model: nn.Module, head: str | dict | None = None) -> nn.Module:
+    """Quantizes the embedding and output layer of a materialised model in place (`head` as in head_spec:
+    "int8" default, "int4", "none"); tied ones become one QuantizedEmbedding."""
+    spec = head_spec(head)
+    if spec is None:
+        return model
+    wte, lm_head = model.wte, model.lm_head
+    if isinstance(wte, QuantizedLinear) or isinstance(lm_head, QuantizedLinear):
+        raise ValueError("the embedding / output layer is already quantized")
+    if wte.weight.is_meta:
+        raise ValueError("the embedding is on the meta device; use prepare_model and load the weights instead")
+    tied = lm_head.weight is wte.weight
+    with torch.no_grad():
+        table = QuantizedEmbedding.from_weight(wte.weight, spec)
+        model.wte = table
+        if tied:
+            model.lm_head = table
+        else:
+            q = QuantizedLinear.from_linear(lm_head.cpu() if lm_head.weight.device.type != "cpu" else lm_head,
+                                            spec["bits"], spec["scheme"], spec["group_size"], spec["symmetric"])
+            model.lm_head = q.to(table.qweight.device)
+    del wte, lm_head
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "extra") and config.extra.get("quantization"):
+        config.extra["quantization"]["head"] = spec
+    release_freed_memory()
+    return model
+
+
 def quantize_model(model: nn.Module, bits: int, group_size: int | None = None, scheme: str | None = None,
-                   symmetric: bool = False) -> nn.Module:
+                   symmetric: bool = False, head: str | dict | None = None) -> nn.Module:
     """Quantizes the four linears of every layer of a materialised float model in place (one layer at a time,
-    each float weight freed as soon as its quantized form exists)."""
+    each float weight freed as soon as its quantized form exists), and the embedding / output layer as `head`
+    says (default INT8, as load_model's quantize= does; "none" keeps them in floating point)."""
     spec = default_spec(bits, group_size, scheme, symmetric)
     for name, parent, attr, linear in _layer_linears(model):
         if isinstance(linear, QuantizedLinear):
@@ -619,7 +879,9 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = None, s
                                             spec["scheme"], spec["group_size"], spec["symmetric"])
         setattr(parent, attr, q.to(device))
         del linear
+    spec["head"] = None
     _record_spec(model, spec)
+    quantize_head(model, head)
     return model
 
 
@@ -630,10 +892,18 @@ def _record_spec(model: nn.Module, spec: dict[str, Any]) -> None:
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:
+    """The quantization spec of a quantized model, read from its modules (the head included)."""
     for _, _, _, m in _layer_linears(model):
         if isinstance(m, QuantizedLinear):
-            return {"bits": m.bits, "scheme": m.scheme, "group_size": m.requested_group_size, "symmetric": m.symmetric,
-                    "layout": "glmkit"}
+            spec = {"bits": m.bits, "scheme": m.scheme, "group_size": m.requested_group_size,
+                    "symmetric": m.symmetric, "layout": "glmkit", "head": None}
+            head = getattr(model, "lm_head", None)
+            if isinstance(head, QuantizedLinear):
+                spec["head"] = {"bits": head.bits, "scheme": head.scheme, "group_size": head.requested_group_size,
+                                "symmetric": head.symmetric}
+            if any(getattr(x, "layout", None) == "int4pack" for x in model.modules()):
+                spec["int4pack_block"] = kernels.int4pack_block_n()
+            return spec
         break
     raise ValueError("the model is not quantized (no QuantizedLinear in its layers); run quantize_model first")
 
@@ -642,22 +912,38 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
 
 
 def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """glmkit names -> tensors, each QuantizedLinear in its portable form (weight, weight_scale, weight_zero)."""
-    return {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    """glmkit names -> tensors as `glmkit quantize` saves them: each quantized module in its saved form
+    (QuantizedLinear.saved_tensors: the CPU kernel's layout as it is, else the portable one), the rest as in
+    state_dict(). A module or tensor shared by two names (a tied embedding / output layer) is written once, under
+    its first name (`wte`)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for prefix, module in model.named_modules():  # shared modules come once (remove_duplicate)
+        prefix = prefix + "." if prefix else ""
+        if isinstance(module, QuantizedLinear):
+            out.update({prefix + k: t.detach().cpu().contiguous() for k, t in module.saved_tensors().items()})
+            continue
+        tensors = list(module._parameters.items()) + [
+            (k, b) for k, b in module._buffers.items() if k not in module._non_persistent_buffers_set]
+        for k, t in tensors:
+            if t is None or id(t) in seen:
+                continue
+            seen.add(id(t))
+            out[prefix + k] = t.detach().cpu().contiguous()
+    return out
 
 
 def save_quantized(model: nn.Module, out_dir: str | Path, src_dir: str | Path | None = None) -> Path:
     """Writes config.json (SRC's, or the model's own in THUDM layout, with the quantization key added) and
     model.safetensors in THUDM tensor names with the scheme in its metadata, plus SRC's tokenizer files."""
-    from safetensors.torch import save_file
-
     spec = model_spec(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = model.config
     sd = quantized_state_dict(model)
     if getattr(config, "tie_word_embeddings", False):
-        sd.pop("lm_head.weight", None)
+        for name in [k for k in sd if k.startswith("lm_head.")]:
+            del sd[name]
     sd = to_thudm_state_dict(sd, config)
     src = Path(src_dir) if src_dir is not None else None
     if src is not None and (src / "config.json").is_file():
@@ -667,13 +953,53 @@ def save_quantized(model: nn.Module, out_dir: str | Path, src_dir: str | Path | 
     hf.pop("quantization_bit", None)  # the glmkit key describes these tensors, not THUDM's
     hf[QUANT_KEY] = spec
     hf["torch_dtype"] = getattr(config, "torch_dtype", hf.get("torch_dtype", "float32"))
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt", QUANT_KEY: json.dumps(spec)})
+    # written next to the target and renamed over it: a model loaded from the old file keeps its memory map of the
+    # old inode (rewriting the file in place would pull the pages from under it)
+    tmp = out / "model.safetensors.tmp"
+    write_aligned_safetensors(sd, tmp, metadata={"format": "pt", QUANT_KEY: json.dumps(spec)})
+    os.replace(tmp, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(hf, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if src is not None and src.is_dir():
         for f in src.iterdir():
             if f.is_file() and _is_tokenizer_file(f.name):
                 shutil.copy2(f, out / f.name)
     return out
+
+
+SAFETENSORS_ALIGNMENT = 64
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_aligned_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                              metadata: dict[str, str] | None = None) -> Path:
+    """A standard safetensors file in which every tensor starts on a 64-byte boundary of the file, so that a memory
+    map of it can be used as it is (aten's INT8 kernel reads 32-byte aligned weights). The format allows no gaps
+    between tensors, so the alignment comes from the order: tensors whose size is a multiple of 64 bytes first (all
+    of a real model's large ones), the others after, and the header padded with spaces (which the format allows)."""
+    entries = []
+    for name, t in tensors.items():
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"cannot write {name!r}: dtype {t.dtype} has no safetensors code")
+        entries.append((name, t.detach().cpu().contiguous()))
+    entries.sort(key=lambda e: (e[1].numel() * e[1].element_size() % SAFETENSORS_ALIGNMENT != 0, e[0]))
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {})}
+    offset = 0
+    for name, t in entries:
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-(8 + len(raw)) % SAFETENSORS_ALIGNMENT)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for _, t in entries:
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return Path(path)
 
 
 def _is_tokenizer_file(name: str) -> bool:

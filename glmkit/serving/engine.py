@@ -5,7 +5,11 @@ takes the oldest request plus every waiting request it can decode together (gree
 same settings and no seed), left-pads them into one batch and runs it through
 `glmkit.core.generate.generate_stream`, which gives each row what it would get alone. A seeded sampled request runs
 alone so its seed means the same thing whatever else is queued. Per-request state (tokens, stop strings, limits,
-cancellation) lives in its own Job; a client that goes away cancels its row.
+cancellation, a forced tool-call line, log-probabilities) lives in its own Job; a client that goes away cancels its
+row. Every setting of a request comes from its protocol.SamplingParams.
+
+Log-probabilities are those of the scores the sampler sees before temperature / top-k / top-p: the model's, after
+the penalties, ChatGLM's NaN/inf guard and a forced tool-call line (the tokens it excludes get -9999.0).
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from glmkit.core import chat
-from glmkit.core.chat import INVALID_SCORE_TOKEN_ID
+from glmkit.core.chat import INVALID_SCORE_TOKEN_ID, find_stop, partial_stop
 from glmkit.core.generate import generate_stream, invalid_score_guard
+from glmkit.core.tools import ForcedCall
 from glmkit.serving.protocol import APIError, ChatFormat, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -39,6 +44,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    constraint: ForcedCall | None = None  # tool_choice "required" / named: the answer's first line
 
     def send(self, kind: str, value: Any = None) -> None:
         # Called from the decoding thread; the queue belongs to the request's event loop.
@@ -177,16 +183,35 @@ class Engine:
             mask[row, width - n:] = 1
         params = live[0].params
         device = next(self.model.parameters()).device
+        running = set(range(len(live)))
+        produced = [0] * len(live)
+        observed: dict[str, Any] = {}
+
+        def constrain(seen, scores):  # each row's forced tool-call line, on the tokens it generated
+            scores = scores.clone()
+            for row, job in enumerate(live):
+                if job.constraint is not None and row in running:
+                    scores[row] = job.constraint(seen[row, width:].tolist(), scores[row])
+            return scores
+
+        def observe(seen, scores):  # the scores the sampler picks from, for logprobs
+            observed["logprobs"] = scores.float().log_softmax(dim=-1)
+            return scores
+
+        # chat()'s NaN/inf guard, so a request gets what model.chat would give it
+        processors = [lambda seen, scores: invalid_score_guard(seen, scores, INVALID_SCORE_TOKEN_ID)]
+        if any(job.constraint is not None for job in live):
+            processors.append(constrain)
+        if any(job.params.logprobs is not None for job in live):
+            processors.append(observe)
         stream = generate_stream(
             self.model, ids.to(device), mask.to(device),
             max_new_tokens=max(job.params.max_new_tokens for job in live),
             do_sample=params.do_sample, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+            presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
             eos_token_id=sorted(self.eos_ids) or None, pad_token_id=self.pad_id, seed=params.seed,
-            # chat()'s NaN/inf guard, so a request gets what model.chat would give it
-            logits_processors=[lambda seen, scores: invalid_score_guard(seen, scores, INVALID_SCORE_TOKEN_ID)],
+            logits_processors=processors,
         )
-        running = set(range(len(live)))
-        produced = [0] * len(live)
         try:
             with torch.inference_mode():
                 for tokens in stream:
@@ -202,7 +227,10 @@ class Engine:
                             job.send("end", "stop")
                             running.discard(row)
                             continue
-                        job.send("token", token)
+                        entry = None
+                        if job.params.logprobs is not None:
+                            entry = self._logprob_entry(observed["logprobs"][row], token, job.params.logprobs)
+                        job.send("token", (token, entry))
                         produced[row] += 1
                         if produced[row] >= job.params.max_new_tokens:
                             job.send("end", "length")
@@ -213,6 +241,20 @@ class Engine:
             stream.close()
         for row in running:  # the stream ran out (context or max_new_tokens reached)
             live[row].send("end", "length")
+
+    def _token_info(self, token: int, logprob: float) -> dict:
+        raw = self.tokenizer.token_bytes(token)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": max(float(logprob), -9999.0),
+                "bytes": list(raw)}
+
+    def _logprob_entry(self, logprobs, token: int, top: int) -> dict:
+        """OpenAI's logprobs entry of one chosen token: its log-probability and the `top` most likely tokens."""
+        entry = self._token_info(token, logprobs[token])
+        entry["top_logprobs"] = []
+        if top:
+            values, index = logprobs.topk(top)
+            entry["top_logprobs"] = [self._token_info(int(i), float(v)) for v, i in zip(values, index)]
+        return entry
 
 
 def _stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -232,16 +274,18 @@ class ChatService:
         self.format = ChatFormat(tokenizer, self.context)
 
     async def generate(self, ids: list[int], params: SamplingParams, stop: list[str] = (), *,
-                       incremental: bool = True) -> AsyncIterator[tuple[str, str | None, int]]:
-        """Yields (text so far, finish reason or None, tokens so far); the last item carries the finish reason.
+                       incremental: bool = True) -> AsyncIterator[Update]:
+        """Yields Updates (text so far, finish reason or None, tokens, logprobs); the last carries the finish reason.
 
         Text that might still turn into a stop string is held back, so the texts only ever grow and the last one
         (cut before the first stop string) extends them all. With incremental=False (and no stop strings) only the
         final item is produced, saving a decode per token.
         """
-        job = Job(ids, params, asyncio.get_running_loop())
+        constraint = ForcedCall(self.engine.tokenizer, params.forced_tools) if params.forced_tools else None
+        job = Job(ids, params, asyncio.get_running_loop(), constraint=constraint)
         self.engine.submit(job)
         tokens: list[int] = []
+        logprobs: list[dict] = []
         try:
             while True:
                 kind, value = await job.events.get()
@@ -249,37 +293,39 @@ class ChatService:
                     raise value
                 if kind == "end":
                     text = self.format.text(tokens)
-                    cut = _find_stop(text, stop) if stop else None
+                    cut = find_stop(text, stop) if stop else None
                     reason = "stop" if value == "cancelled" or cut is not None else value
-                    yield (text if cut is None else text[:cut]), reason, len(tokens)
+                    yield Update(text if cut is None else text[:cut], reason, list(tokens), list(logprobs))
                     return
-                tokens.append(value)
+                token, entry = value
+                tokens.append(token)
+                if entry is not None:
+                    logprobs.append(entry)
                 if not (incremental or stop):
                     continue
                 text = self.format.text(tokens)
                 if stop:
-                    cut = _find_stop(text, stop)
+                    cut = find_stop(text, stop)
                     if cut is not None:
                         job.cancel()
-                        yield text[:cut], "stop", len(tokens)
+                        yield Update(text[:cut], "stop", list(tokens), list(logprobs))
                         return
-                    text = text[:len(text) - _partial_stop(text, stop)]
-                yield text, None, len(tokens)
+                    text = text[:len(text) - partial_stop(text, stop)]
+                yield Update(text, None, list(tokens), list(logprobs))
         finally:
             job.cancel()  # a client that went away (or a stop string) frees its batch row
 
 
-def _find_stop(text: str, stop: list[str]) -> int | None:
-    hits = [text.find(s) for s in stop if s and s in text]
-    return min(hits) if hits else None
+@dataclass
+class Update:
+    """One step of an answer: its text so far (post-processed as chat() does, cut before a stop string), the finish
+    reason on the last update, the answer's tokens (stop token excluded) and their logprobs entries (if asked)."""
 
+    text: str
+    reason: str | None
+    tokens: list[int]
+    logprobs: list[dict]
 
-def _partial_stop(text: str, stop: list[str]) -> int:
-    """Length of the longest end of `text` that begins some stop string (it may still become one)."""
-    best = 0
-    for s in stop:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)

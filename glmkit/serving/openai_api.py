@@ -3,7 +3,13 @@ loaded model, `serve` runs it (`glmkit serve` is glmkit.commands.serve).
 
 Routes
   POST /v1/chat/completions  OpenAI chat completions: system/user/assistant messages, `stream` (server-sent events
-                             ending in `data: [DONE]`), max_tokens, temperature (0 = greedy), top_p, stop, seed, usage.
+                             ending in `data: [DONE]`), max_tokens, temperature (0 = greedy), top_p, stop, seed,
+                             presence/frequency_penalty, n, logprobs/top_logprobs, usage; for ChatGLM3 and GLM-4
+                             also tools/tool_choice (and the legacy functions/function_call), assistant tool_calls
+                             and role "tool" results (glmkit.serving.protocol). A tool call comes back as
+                             message.tool_calls with finish_reason "tool_calls"; streamed, as tool_calls deltas
+                             (name first, then the arguments) once the call is complete; a plain answer streams as
+                             text as soon as its first line shows it is not a call.
   GET  /v1/models            the one model served (GET /v1/models/{id} too).
   POST /                     ChatGLM-6B's api.py: {prompt, history, max_length, top_p, temperature} ->
                              {response, history, status: 200, time: "YYYY-MM-DD HH:MM:SS"}; missing or null fields
@@ -21,6 +27,7 @@ max_body_bytes, 503 when the queue is full. None of them affects other requests.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import hmac
 import json
@@ -38,8 +45,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glmkit.core.chat import TextDelta
-from glmkit.serving.engine import MAX_BATCH_SIZE, MAX_QUEUE, ChatService
-from glmkit.serving.protocol import APIError, ChatRequest, parse_chat_request, parse_legacy_request, usage
+from glmkit.serving.engine import MAX_BATCH_SIZE, MAX_QUEUE, ChatService, Update
+from glmkit.serving.protocol import (APIError, ChatRequest, SamplingParams, parse_chat_request, parse_legacy_request,
+                                     usage)
 
 log = logging.getLogger(__name__)
 
@@ -152,15 +160,24 @@ def create_app(model: Any, tokenizer: Any, name: str, *, api_key: str | None = N
                 _sse(service, req, completion_id, created), media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        text, reason, n_tokens = "", "length", 0
-        async for text, reason, n_tokens in service.generate(req.ids, req.params, req.stop, incremental=False):
-            pass
+        async def one(i: int) -> Update:
+            last = None
+            async for last in service.generate(req.ids, choice_params(req.params, i), req.stop, incremental=False):
+                pass
+            assert last is not None
+            return last
+
+        tasks = [asyncio.ensure_future(one(i)) for i in range(req.n)]
+        try:
+            updates = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+        choices = [choice_body(service, req, i, u) for i, u in enumerate(updates)]
         return {
             "id": completion_id, "object": "chat.completion", "created": created, "model": service.name,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": reason}],
-            "usage": usage(len(req.ids), n_tokens),
+            "system_fingerprint": None, "choices": choices,
+            "usage": usage(len(req.ids), sum(u.n_tokens for u in updates)),
         }
 
     @app.post("/", dependencies=[Depends(authorize)])
@@ -169,8 +186,8 @@ def create_app(model: Any, tokenizer: Any, name: str, *, api_key: str | None = N
         ids, params, query, history = parse_legacy_request(body, service.format)
         require_engine()
         text = ""
-        async for text, _, _ in service.generate(ids, params, incremental=False):
-            pass
+        async for update in service.generate(ids, params, incremental=False):
+            text = update.text
         now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
         log.info("[%s] prompt: %r, response: %r", now, query, text)
         return {"response": text, "history": [list(turn) for turn in history] + [[query, text]], "status": 200,
@@ -179,31 +196,119 @@ def create_app(model: Any, tokenizer: Any, name: str, *, api_key: str | None = N
     return app
 
 
-async def _sse(service: ChatService, req: ChatRequest, completion_id: str, created: int) -> AsyncIterator[str]:
-    def chunk(delta: dict, reason: str | None = None, usage: dict | None = None, choices: bool = True) -> str:
-        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": service.name,
-                "system_fingerprint": None,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}] if choices else []}
-        if usage is not None:
-            body["usage"] = usage
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+def choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice `index` of n: a seeded request's choices use seed, seed + 1, ... (so they differ yet repeat)."""
+    if index == 0 or params.seed is None:
+        return params
+    return dataclasses.replace(params, seed=(params.seed + index) % 2**63)
 
-    yield chunk({"role": "assistant", "content": ""})
-    delta = TextDelta()
-    text, reason, n_tokens = "", "length", 0
+
+def _message(req: ChatRequest, answer) -> dict:
+    if not answer.tool_calls:
+        return {"role": "assistant", "content": answer.content}
+    if req.legacy_functions:
+        return {"role": "assistant", "content": None, "function_call": answer.tool_calls[0]["function"]}
+    return {"role": "assistant", "content": None, "tool_calls": answer.tool_calls}
+
+
+def _finish_reason(req: ChatRequest, answer, reason: str) -> str:
+    if answer.tool_calls and reason != "length":
+        return "function_call" if req.legacy_functions else "tool_calls"
+    return reason
+
+
+def choice_body(service: ChatService, req: ChatRequest, index: int, update: Update) -> dict:
+    answer = service.format.answer(update.tokens, update.text, req.tools, req.forced)
+    return {"index": index, "message": _message(req, answer),
+            "logprobs": {"content": update.logprobs} if req.params.logprobs is not None else None,
+            "finish_reason": _finish_reason(req, answer, update.reason or "stop")}
+
+
+@dataclasses.dataclass
+class _ChoiceStream:
+    """What one streamed choice has sent so far."""
+
+    delta: TextDelta = dataclasses.field(default_factory=TextDelta)
+    mode: str | None = None  # "text": streaming text; "hold": a possible tool call, kept until the answer ends
+    logprobs_sent: int = 0
+
+
+async def _sse(service: ChatService, req: ChatRequest, completion_id: str, created: int) -> AsyncIterator[str]:
+    def chunk(index: int, delta: dict, reason: str | None = None, logprobs: list | None = None) -> str:
+        choice = {"index": index, "delta": delta, "logprobs": None if logprobs is None else {"content": logprobs},
+                  "finish_reason": reason}
+        return _event(completion_id, created, service.name, [choice])
+
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def produce(i: int) -> None:
+        try:
+            async for update in service.generate(req.ids, choice_params(req.params, i), req.stop):
+                await queue.put((i, update))
+        except APIError as err:
+            await queue.put((i, err))
+        except Exception as err:  # never leave the stream waiting for a choice that died
+            log.exception("streaming a choice failed")
+            await queue.put((i, APIError(500, f"generation failed: {type(err).__name__}: {err}",
+                                         type="server_error", code="generation_failed")))
+
+    for i in range(req.n):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    states = [_ChoiceStream() for _ in range(req.n)]
+    tasks = [asyncio.ensure_future(produce(i)) for i in range(req.n)]
+    finished, total_tokens = 0, 0
     try:
-        async for text, reason, n_tokens in service.generate(req.ids, req.params, req.stop):
-            piece = delta.update(text) if reason is None else delta.finish(text)
-            if piece:
-                yield chunk({"content": piece})
-    except APIError as err:  # headers are already sent: report in-band, as OpenAI does
-        yield f"data: {json.dumps(err.body())}\n\n"
-        yield "data: [DONE]\n\n"
-        return
-    yield chunk({}, reason)
+        while finished < req.n:
+            i, update = await queue.get()
+            if isinstance(update, APIError):  # headers are already sent: report in-band, as OpenAI does
+                yield f"data: {json.dumps(update.body())}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            state = states[i]
+            new_logprobs = None
+            if req.params.logprobs is not None:
+                new_logprobs = update.logprobs[state.logprobs_sent:]
+            if state.mode is None:
+                line = service.format.tool_line(update.tokens) if req.tools else ""
+                state.mode = None if line is None else ("text" if line == "" else "hold")
+            if update.reason is None:
+                if state.mode == "text":
+                    piece = state.delta.update(update.text)
+                    if piece:
+                        state.logprobs_sent = len(update.logprobs)
+                        yield chunk(i, {"content": piece}, logprobs=new_logprobs)
+                continue
+            finished += 1
+            total_tokens += update.n_tokens
+            answer = service.format.answer(update.tokens, update.text, req.tools, req.forced)
+            if answer.tool_calls:
+                for k, call in enumerate(answer.tool_calls):
+                    fn = call["function"]
+                    if req.legacy_functions:
+                        if k == 0:
+                            yield chunk(i, {"function_call": {"name": fn["name"], "arguments": ""}})
+                            yield chunk(i, {"function_call": {"arguments": fn["arguments"]}})
+                        continue
+                    yield chunk(i, {"tool_calls": [{"index": k, "id": call["id"], "type": "function",
+                                                    "function": {"name": fn["name"], "arguments": ""}}]})
+                    yield chunk(i, {"tool_calls": [{"index": k, "function": {"arguments": fn["arguments"]}}]})
+            else:
+                piece = state.delta.finish(update.text)
+                if piece:
+                    yield chunk(i, {"content": piece})
+            yield chunk(i, {}, _finish_reason(req, answer, update.reason), logprobs=new_logprobs)
+    finally:
+        for task in tasks:
+            task.cancel()
     if req.include_usage:
-        yield chunk({}, usage=usage(len(req.ids), n_tokens), choices=False)
+        yield _event(completion_id, created, service.name, [], usage=usage(len(req.ids), total_tokens))
     yield "data: [DONE]\n\n"
+
+
+def _event(completion_id: str, created: int, model: str, choices: list, **extra: Any) -> str:
+    body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": None, "choices": choices, **extra}
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
 def serve(model: Any, tokenizer: Any, name: str, host: str = "127.0.0.1", port: int = 8000, *,

@@ -1,20 +1,33 @@
 """The HTTP API's shapes: OpenAI-shaped errors, request bodies validated into prompt token ids and sampling settings,
-and the model family's chat template both ways (messages -> prompt ids, answer tokens -> text).
+and the model family's chat template both ways (messages -> prompt ids, answer tokens -> text or tool calls).
 
 Validation is explicit, so every error names the field and what was wrong.
+
+Tool calling (ChatGLM3, GLM-4): `tools` + `tool_choice` ("none" | "auto" | "required" | a named function) or the
+legacy `functions` + `function_call`; messages may hold assistant `tool_calls` and `tool` results. The conversation
+becomes the family's native prompt through the tokenizer's `apply_chat_template` (glmkit.core.chat_template / tools);
+the answer is parsed with glmkit.core.tools.parse_tool_calls. With "auto" a call whose arguments do not parse is
+answered as text (as THUDM's servers do); with "required" or a named function the answer is forced to begin with a
+tool's name line (glmkit.core.tools.ForcedCall) and the call is returned even when its arguments are not valid JSON
+(they come back as the model wrote them: validate them, as OpenAI advises).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+import secrets
+import string
+from dataclasses import dataclass, field
 from typing import Any
 
 from glmkit.core import chat
 from glmkit.core.chat import DEFAULTS, HF_DEFAULT_TOP_K, build_chat_input, family_of, fit_history
+from glmkit.core.tools import TOOL_FAMILIES, ToolError, parse_tool_calls, select_tools, tool_names, validate_tools
 
 MAX_STOP_SEQUENCES = 4
+MAX_N = 16  # most choices per request
+MAX_TOP_LOGPROBS = 20
 # ChatGLM-6B's api.py defaults for POST /
 LEGACY_DEFAULTS = {"max_length": 2048, "top_p": 0.7, "temperature": 0.95}
 
@@ -33,30 +46,53 @@ class APIError(Exception):
 
 @dataclass
 class SamplingParams:
+    """Everything that decides how one answer is decoded; the engine reads a request's settings only from here."""
+
     max_new_tokens: int
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's, over the answer's own tokens (glmkit.core.generate)
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: off; k >= 0: each token's log-probability and the k most likely ones
+    forced_tools: tuple[str, ...] | None = None  # the answer must begin with one of these tool names' call line
 
     def batch_key(self) -> tuple | None:
-        """Requests with equal keys can share a batch; None runs alone."""
+        """Requests with equal keys can share a batch; None runs alone. (logprobs and forced tool calls are per row
+        and do not split batches.)"""
+        penalties = (self.presence_penalty, self.frequency_penalty)
         if not self.do_sample:
-            return ("greedy",)
+            return ("greedy", *penalties)
         if self.seed is not None:
             return None
-        return ("sample", self.temperature, self.top_p, self.top_k)
+        return ("sample", self.temperature, self.top_p, self.top_k, *penalties)
 
 
-def sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | None = None) -> SamplingParams:
+def sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | None = None,
+             **extra: Any) -> SamplingParams:
     """Request settings -> SamplingParams as model.chat() would sample: temperature (or top_p) 0 is greedy, and
-    sampling keeps the 50 most likely tokens first (transformers' top_k default, which ChatGLM's chat inherits)."""
+    sampling keeps the 50 most likely tokens first (transformers' top_k default, which ChatGLM's chat inherits).
+    `extra`: the other SamplingParams fields (penalties, logprobs, forced_tools)."""
     if temperature == 0 or top_p == 0:
-        return SamplingParams(max_new_tokens=max_new_tokens, do_sample=False, seed=seed)
+        return SamplingParams(max_new_tokens=max_new_tokens, do_sample=False, seed=seed, **extra)
 
     return SamplingParams(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p,
-                          top_k=HF_DEFAULT_TOP_K, seed=seed)
+                          top_k=HF_DEFAULT_TOP_K, seed=seed, **extra)
+
+
+def call_id() -> str:
+    """An OpenAI-style tool call id: "call_" and 24 letters or digits."""
+    return "call_" + "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(24))
+
+
+@dataclass
+class Answer:
+    """One finished choice: text, or tool calls ({"id", "type", "function": {"name", "arguments"}})."""
+
+    content: str | None
+    tool_calls: list[dict] = field(default_factory=list)
 
 
 class ChatFormat:
@@ -68,6 +104,10 @@ class ChatFormat:
         self.family = family_of(tokenizer)
         self.defaults = DEFAULTS[self.family]  # the family's chat temperature / top_p
 
+    @property
+    def has_tools(self) -> bool:
+        return self.family in TOOL_FAMILIES
+
     def prompt_ids(self, query: str, history: list, system: str | None) -> list[int]:
         if system is not None and self.family in ("chatglm", "chatglm2"):
             # no system role in these families: fold it into the query, as ChatGLM2-6B's openai_api.py did
@@ -76,12 +116,56 @@ class ChatFormat:
             ids = build_chat_input(self.tokenizer, query, history, system=system)
         except ValueError as err:
             raise APIError(400, str(err), code="invalid_prompt") from None
-        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        return self._fits([int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)])
+
+    def messages_ids(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
+        """ChatGLM3 / GLM-4: the prompt of OpenAI-shaped messages (and tools), through apply_chat_template."""
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, tools=tools or None)
+        except ToolError as err:
+            raise APIError(400, str(err), param="messages", code="invalid_value") from None
+        except ValueError as err:
+            raise APIError(400, str(err), param="messages", code="invalid_prompt") from None
+        return self._fits([int(i) for i in ids])
+
+    def _fits(self, ids: list[int]) -> list[int]:
         if len(ids) >= self.context:
             raise APIError(400, f"the prompt is {len(ids)} tokens; this model's context is {self.context} tokens "
                                 "(prompt and answer together). Shorten the messages.",
                            param="messages", code="context_length_exceeded")
         return ids
+
+    def raw(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
+    def tool_line(self, token_ids: list[int]) -> str | None:
+        """ChatGLM3 / GLM-4: the answer's metadata line once it is complete ("" for a plain answer), else None."""
+        text = self.tokenizer.decode(token_ids)
+        return text.partition("\n")[0].strip() if "\n" in text else None
+
+    def answer(self, token_ids: list[int], text: str, tools: list[dict] | None, forced: bool) -> Answer:
+        """A finished choice: tool calls when `tools` were offered and the answer calls them (see the module
+        docstring for "auto" vs forced), else `text` (the post-processed, stop-cut answer)."""
+        if not tools or not self.has_tools:
+            return Answer(text)
+        raw = self.tokenizer.decode(token_ids)
+        calls = []
+        offered = tool_names(tools)
+        for call in parse_tool_calls(self.family, raw, tools):
+            if call["name"] not in offered:  # (ChatGLM3's parser does not look at names; a client can only run these)
+                continue
+            if "arguments" in call:
+                calls.append((call["name"], json.dumps(call["arguments"], ensure_ascii=False)))
+            elif forced:
+                calls.append((call["name"], call["text"].strip()))
+        if forced and not calls:  # the forced name line was cut short (a length limit): report what there is
+            name, _, rest = raw.partition("\n")
+            if name.strip() in offered:
+                calls.append((name.strip(), rest.strip()))
+        if not calls:
+            return Answer(text)
+        return Answer(None, [{"id": call_id(), "type": "function", "function": {"name": n, "arguments": a}}
+                             for n, a in calls])
 
     def text(self, token_ids: list[int]) -> str:
         """The answer text of the generated tokens (stop token excluded), post-processed as the family's chat()
@@ -181,6 +265,73 @@ def parse_messages(messages: Any) -> tuple[str | None, list[tuple[str, str]], st
     return ("\n".join(systems) if systems else None), history, query
 
 
+def check_tool_messages(messages: Any) -> list[dict]:
+    """ChatGLM3 / GLM-4 messages: roles system, developer, user, assistant, tool, function with text content (an
+    assistant's may be null next to its tool_calls); the conversation ends with a user message or a tool result."""
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages",
+                       code="invalid_type" if not isinstance(messages, list) else "invalid_value")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise APIError(400, f"messages[{i}] must be an object with 'role' and 'content'",
+                           param=f"messages.{i}", code="invalid_type")
+        role = message.get("role")
+        if role not in ("system", "developer", "user", "assistant", "tool", "function"):
+            raise APIError(400, f"messages[{i}].role {json.dumps(role)} is not supported; use 'system', 'user', "
+                                "'assistant' or 'tool'", param=f"messages.{i}.role", code="invalid_role")
+        if role == "tool" and not isinstance(message.get("tool_call_id", ""), str):
+            raise APIError(400, f"messages[{i}].tool_call_id must be a string", param=f"messages.{i}.tool_call_id",
+                           code="invalid_type")
+        out.append({**message, "content": _content(message, i)})
+    if out[-1]["role"] not in ("user", "tool", "function"):
+        raise APIError(400, "the last message must have role 'user' (or 'tool', a tool's result)", param="messages",
+                       code="invalid_value")
+    return out
+
+
+def _tools_of(body: dict, fmt: ChatFormat) -> tuple[list[dict] | None, list[dict] | None, tuple[str, ...] | None,
+                                                    bool]:
+    """(tools for the prompt, tools the answer may call, forced names, legacy functions) of `tools` / `tool_choice`
+    or the legacy `functions` / `function_call`."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    functions, function_call = body.get("functions"), body.get("function_call")
+    legacy = tools is None and functions is not None
+    if tools is not None and functions is not None:
+        raise APIError(400, "give 'tools' or the legacy 'functions', not both", param="functions",
+                       code="invalid_value")
+    if legacy:
+        tools, param = functions, "functions"
+        if isinstance(function_call, dict):
+            choice = {"type": "function", "function": function_call}
+        else:
+            choice = function_call
+        choice_param = "function_call"
+    else:
+        param, choice_param = "tools", "tool_choice"
+        if tools is None and function_call is not None:
+            raise APIError(400, "'function_call' needs 'functions'", param="function_call", code="invalid_value")
+    if tools is None:
+        if choice not in (None, "none", "auto"):
+            raise APIError(400, f"'{choice_param}' needs '{param}'", param=choice_param, code="invalid_value")
+        return None, None, None, False
+    if not fmt.has_tools:
+        raise APIError(400, f"'{param}': this model ({fmt.family}) has no tool calling; only ChatGLM3 and GLM-4 "
+                            "models do", param=param, code="tools_not_supported")
+    try:
+        if legacy and isinstance(tools, list):
+            tools = [t if not isinstance(t, dict) or "function" in t or "type" in t else
+                     {"type": "function", "function": t} for t in tools]
+        tools = validate_tools(tools, param)
+        prompt_tools, forced = select_tools(tools, choice, choice_param)
+    except ToolError as err:
+        bad = choice_param if str(err).startswith(f"'{choice_param}'") else param
+        raise APIError(400, str(err), param=bad, code="invalid_value") from None
+    if choice == "none":
+        return None, None, None, legacy
+    return prompt_tools, prompt_tools, tuple(forced) if forced else None, legacy
+
+
 @dataclass
 class ChatRequest:
     ids: list[int]
@@ -188,6 +339,13 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     stop: list[str]
+    n: int = 1
+    tools: list[dict] | None = None  # what the answer may call (None: answer with text only)
+    legacy_functions: bool = False  # the request used `functions`: answer with `function_call`
+
+    @property
+    def forced(self) -> bool:
+        return self.params.forced_tools is not None
 
 
 def parse_chat_request(body: Any, fmt: ChatFormat) -> ChatRequest:
@@ -206,17 +364,29 @@ def parse_chat_request(body: Any, fmt: ChatFormat) -> ChatRequest:
     if not isinstance(options, dict):
         raise APIError(400, "'stream_options' must be an object", param="stream_options", code="invalid_type")
     n = _integer(body, "n")
-    if n is not None and n != 1:
-        raise APIError(400, f"'n' must be 1 (one answer per request), got {n}", param="n", code="invalid_value")
-    for unsupported in ("tools", "functions"):
-        if body.get(unsupported):
-            raise APIError(400, f"'{unsupported}' is not supported by this server", param=unsupported,
-                           code="unsupported_parameter")
-    if body.get("logprobs"):
-        raise APIError(400, "'logprobs' is not supported by this server", param="logprobs",
-                       code="unsupported_parameter")
+    if n is None:
+        n = 1
+    if not 1 <= n <= MAX_N:
+        raise APIError(400, f"'n' must be between 1 and {MAX_N}, got {n}", param="n", code="invalid_value")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise APIError(400, f"'logprobs' must be true or false, got {json.dumps(logprobs)}", param="logprobs",
+                       code="invalid_type")
+    top_logprobs = _integer(body, "top_logprobs")
+    if top_logprobs is not None:
+        if not logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+        if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            raise APIError(400, f"'top_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}, got {top_logprobs}",
+                           param="top_logprobs", code="invalid_value")
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise APIError(400, "'parallel_tool_calls' must be true or false", param="parallel_tool_calls",
+                       code="invalid_type")
     temperature = _number(body, "temperature", 0.0, 2.0, fmt.defaults["temperature"])
     top_p = _number(body, "top_p", 0.0, 1.0, fmt.defaults["top_p"])
+    presence = _number(body, "presence_penalty", -2.0, 2.0, 0.0)
+    frequency = _number(body, "frequency_penalty", -2.0, 2.0, 0.0)
     seed = _integer(body, "seed")
     if seed is not None and not 0 <= seed < 2**63:
         raise APIError(400, f"'seed' must be between 0 and 2**63 - 1, got {seed}", param="seed", code="invalid_value")
@@ -231,8 +401,12 @@ def parse_chat_request(body: Any, fmt: ChatFormat) -> ChatRequest:
         raise APIError(400, f"'stop' takes up to {MAX_STOP_SEQUENCES} non-empty strings", param="stop",
                        code="invalid_value")
 
-    system, history, query = parse_messages(body.get("messages"))
-    ids = fmt.prompt_ids(query, history, system)
+    prompt_tools, callable_tools, forced, legacy = _tools_of(body, fmt)
+    if fmt.has_tools:
+        ids = fmt.messages_ids(check_tool_messages(body.get("messages")), prompt_tools)
+    else:
+        system, history, query = parse_messages(body.get("messages"))
+        ids = fmt.prompt_ids(query, history, system)
     room = fmt.context - len(ids)
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _integer(body, name)
@@ -244,9 +418,10 @@ def parse_chat_request(body: Any, fmt: ChatFormat) -> ChatRequest:
         raise APIError(400, f"'{name}' is {max_tokens}, but the prompt takes {len(ids)} of the model's "
                             f"{fmt.context} tokens, leaving {room}. Lower '{name}' or shorten the messages.",
                        param=name, code="context_length_exceeded")
-    params = sampling(max_tokens, temperature, top_p, seed)
+    params = sampling(max_tokens, temperature, top_p, seed, presence_penalty=presence, frequency_penalty=frequency,
+                      logprobs=(top_logprobs or 0) if logprobs else None, forced_tools=forced)
     include_usage = bool(options.get("include_usage", False))
-    return ChatRequest(ids, params, stream, include_usage, stop)
+    return ChatRequest(ids, params, stream, include_usage, stop, n, callable_tools, legacy)
 
 
 def usage(prompt: int, completion: int) -> dict:

@@ -6,6 +6,10 @@ Through a pipe (stdin is not a terminal): each input line gets its answer on std
 itself is not altered, so a multi-line answer stays multi-line), with no prompts or decoration; the welcome line goes
 to stderr. `clear` and `stop` work there too.
 
+With tools (`glmkit chat --tools FILE.py`, glmkit.serving.toolbox; ChatGLM3 and GLM-4): each call the model makes
+is shown as `[tool call] name({...})`, run, and its result shown as `[tool result] ...` and fed back to the model,
+until it answers in text (at most 5 calls in a row). Through a pipe those lines go to stderr.
+
 From Python: `TerminalChat(model, tokenizer, "name").run_pipe(sys.stdin)` (or `.run_interactive()`, `.answer(q)`).
 """
 
@@ -15,6 +19,7 @@ import sys
 from typing import Any, TextIO
 
 from glmkit.core.chat import TextDelta, build_chat_input, response_text
+from glmkit.serving.toolbox import Toolbox, chat_with_tools, check_family, describe_call
 
 COMMANDS_HELP = "'clear' empties the history, 'stop' or Ctrl-D quits, Ctrl-C interrupts an answer"
 
@@ -25,10 +30,16 @@ class TerminalChat:
 
     def __init__(self, model: Any, tokenizer: Any, name: str, *, system: str | None = None,
                  max_length: int | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
-                 top_p: float | None = None, seed: int | None = None, out: TextIO = sys.stdout) -> None:
+                 top_p: float | None = None, seed: int | None = None, out: TextIO = sys.stdout,
+                 tools: Toolbox | None = None, stop: list[str] | None = None, presence_penalty: float | None = None,
+                 frequency_penalty: float | None = None) -> None:
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.history: list = []
         self.out = out
+        self.tools = tools
+        self.tool_out: TextIO = out  # where tool calls and results are shown (stderr through a pipe)
+        if tools is not None:
+            check_family(tokenizer)
         # unset options keep the family's chat defaults (max_length is capped at the model's context by chat())
         self.gen_kwargs: dict[str, Any] = {}
         if max_length is not None:
@@ -47,26 +58,45 @@ class TerminalChat:
             self.gen_kwargs["top_p"] = top_p
         if seed is not None:
             self.gen_kwargs["seed"] = seed
+        if stop:
+            self.gen_kwargs["stop"] = list(stop)
+        for key, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+            if value is not None:
+                self.gen_kwargs[key] = value
 
     def welcome(self) -> str:
         return f"glmkit chat with {self.name}: type a message and press Enter; {COMMANDS_HELP}."
 
     def answer(self, query: str) -> bool:
-        """Streams one answer to `out`; False when Ctrl-C interrupted it (the partial answer stays in history)."""
+        """Streams one answer to `out` (running tool calls, if any); False when Ctrl-C interrupted it (the partial
+        answer stays in history)."""
         delta = TextDelta()
         response, history = "", self.history
         kwargs = dict(self.gen_kwargs)
         if self.history:
             kwargs.pop("system", None)  # the first turn put it into the history (ChatGLM3/GLM-4 role messages)
-        stream = self.model.stream_chat(self.tokenizer, query, history=self.history, **kwargs)
+        events = chat_with_tools(self.model, self.tokenizer, query, self.history, self.tools, **kwargs)
         try:
-            for response, history in stream:
-                self._write(delta.update(response_text(response)))
-            self._write(delta.finish(response_text(response)))
+            for kind, value, history in events:
+                if kind == "answer":
+                    response = value
+                    if isinstance(value, str):  # a call (a dict) is shown once it is complete
+                        self._write(delta.update(value))
+                    continue
+                self._write(delta.finish(response) if isinstance(response, str) else "")
+                delta = TextDelta()
+                if kind == "call":
+                    self._tool_line(f"[tool call] {describe_call(value)}")
+                elif kind == "result":
+                    self._tool_line(f"[tool result] {value[1]}")
+                else:
+                    self._tool_line(f"[stopped after {value} tool calls in a row]")
+                response = ""
+            self._write(delta.finish(response) if isinstance(response, str) else response_text(response))
             self.history = history
             return True
         except KeyboardInterrupt:
-            stream.close()
+            events.close()
             self._write(delta.finish(response_text(response)))
             self._write(" [interrupted]")
             if response:
@@ -75,6 +105,12 @@ class TerminalChat:
         except ValueError as err:  # e.g. a query too long for max_length: say so and keep chatting
             self._write(f"[error: {err}]")
             return True
+
+    def _tool_line(self, line: str) -> None:
+        if self.tool_out is self.out:
+            self._write("\n" + line + "\n")
+        else:
+            print(line, file=self.tool_out, flush=True)
 
     def _write(self, text: str) -> None:
         if text:
@@ -109,8 +145,9 @@ class TerminalChat:
             self._write("\n")
 
     def run_pipe(self, stdin: TextIO = sys.stdin) -> int:
-        """One answer per input line, nothing else on stdout."""
+        """One answer per input line, nothing else on stdout (tool calls and results go to stderr)."""
         print(self.welcome(), file=sys.stderr, flush=True)
+        self.tool_out = sys.stderr
         try:
             for line in stdin:
                 query = line.strip()

@@ -4,6 +4,10 @@ model, `launch` serves it (`glmkit web` is glmkit.commands.web).
 The page names the model and has max_length / top_p / temperature sliders (ChatGLM-6B's web demo defaults:
 2048, 0.7, 0.95; temperature 0 = greedy) and a Clear button. All chat events share one concurrency slot, so only
 one answer is generated at a time (the model's KV cache is per model); other visitors wait in Gradio's queue.
+
+Tool calls (ChatGLM3, GLM-4): with `tools` (`glmkit web --tools FILE.py`, glmkit.serving.toolbox) each call the model
+makes is run and shown as its own message titled "🛠️ name({...})" holding the result, and the answer continues
+below it. Without tools, a call the model writes anyway is shown as it wrote it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import sys
 from typing import Any, Iterator
 
 from glmkit.core.chat import response_text
+from glmkit.serving.toolbox import Toolbox, chat_with_tools, check_family, describe_call
 
 # Gradio phones home for analytics unless told not to; this tool runs offline.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -30,11 +35,34 @@ def chat_kwargs(max_length: float, top_p: float, temperature: float, context: in
     return kwargs
 
 
-def build_demo(model: Any, tokenizer: Any, name: str):
-    """The Gradio Blocks page for one loaded model."""
+def turn_messages(model: Any, tokenizer: Any, query: str, messages: list, history: list, kwargs: dict,
+                  tools: Toolbox | None = None) -> Iterator[tuple[list, list]]:
+    """One chat turn as the page shows it: (chat messages, model history) after every step; a tool call becomes a
+    message titled with the call, holding its result (gradio's message metadata)."""
+    messages = list(messages or []) + [{"role": "user", "content": query}, {"role": "assistant", "content": ""}]
+    yield messages, history
+    for kind, value, history in chat_with_tools(model, tokenizer, query, history, tools, **kwargs):
+        if kind == "answer":
+            if isinstance(value, str) or tools is None:
+                messages[-1] = {"role": "assistant", "content": response_text(value)}
+        elif kind == "call":
+            messages[-1] = {"role": "assistant", "content": "…",
+                            "metadata": {"title": f"🛠️ {describe_call(value)}"}}
+        elif kind == "result":
+            messages[-1] = {**messages[-1], "content": value[1]}
+            messages.append({"role": "assistant", "content": ""})
+        else:
+            messages[-1] = {"role": "assistant", "content": f"(stopped after {value} tool calls in a row)"}
+        yield messages, history
+
+
+def build_demo(model: Any, tokenizer: Any, name: str, tools: Toolbox | None = None):
+    """The Gradio Blocks page for one loaded model (with `tools`, the model's tool calls are run and shown)."""
     import gradio as gr
 
     context = int(model.config.max_seq_len)
+    if tools is not None:
+        check_family(tokenizer)
 
     def respond(query: str, messages: list, history: list, max_length: float, top_p: float,
                 temperature: float) -> Iterator[tuple[list, list, str]]:
@@ -42,13 +70,9 @@ def build_demo(model: Any, tokenizer: Any, name: str):
         if not query:
             yield messages, history, ""
             return
-        messages = list(messages or []) + [{"role": "user", "content": query}, {"role": "assistant", "content": ""}]
-        yield messages, history, ""
         kwargs = chat_kwargs(max_length, top_p, temperature, context)
-        for response, new_history in model.stream_chat(tokenizer, query, history=history, **kwargs):
-            messages[-1] = {"role": "assistant", "content": response_text(response)}
-            history = new_history
-            yield messages, history, ""
+        for shown, history in turn_messages(model, tokenizer, query, messages, history, kwargs, tools):
+            yield shown, history, ""
 
     with gr.Blocks(title=f"glmkit chat: {name}") as demo:
         gr.Markdown(f"## glmkit chat\nModel: **{name}** (context {context} tokens)", elem_id="model-name")
@@ -85,10 +109,10 @@ def _theme():
 
 
 def launch(model: Any, tokenizer: Any, name: str, host: str = "127.0.0.1", port: int = 7860,
-           share: bool = False) -> None:
-    """Serves `build_demo(model, tokenizer, name)` on host:port until interrupted; share=True also opens a public
-    gradio.live link (needs internet)."""
-    demo = build_demo(model, tokenizer, name)
+           share: bool = False, tools: Toolbox | None = None) -> None:
+    """Serves `build_demo(model, tokenizer, name, tools)` on host:port until interrupted; share=True also opens a
+    public gradio.live link (needs internet)."""
+    demo = build_demo(model, tokenizer, name, tools)
     print(f"glmkit web: {name} on http://{host}:{port} (Ctrl-C stops)", file=sys.stderr, flush=True)
     demo.queue(max_size=64).launch(server_name=host, server_port=port, share=share,
                                    inbrowser=False, show_error=True, ssr_mode=False, theme=_theme(), quiet=True)

@@ -46,21 +46,22 @@ def _hidden_states_only(model: nn.Module):
 
 
 def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-            select_positions: bool = True) -> tuple[torch.Tensor, int]:
+            select_positions: bool = True, **model_kwargs) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over labels != -100 (logits[t] predicts labels[t+1]) and the token count.
 
     select_positions: run the output layer only on the positions that have a label (same result, less work).
+    model_kwargs: position_ids / attention_mask when the batch lays them out (the original GLM's blank layout).
     """
     target = labels[:, 1:]
     keep = target != IGNORE_INDEX
     n = int(keep.sum())
     if select_positions:
         with _hidden_states_only(model) as head:
-            hidden = model(input_ids)  # (B, T, hidden)
+            hidden = model(input_ids, **model_kwargs)  # (B, T, hidden)
         logits = head(hidden[:, :-1][keep]).float()  # (N, vocab)
         loss = F.cross_entropy(logits, target[keep], reduction="sum")
     else:
-        logits = model(input_ids)[:, :-1].float()  # (B, T-1, vocab)
+        logits = model(input_ids, **model_kwargs)[:, :-1].float()  # (B, T-1, vocab)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, n
@@ -169,10 +170,11 @@ def train(model: nn.Module, tokenizer, examples: list[dict[str, list[int]]], arg
             m = state.global_step * accum + micro
             batch = collate_train([examples[i] for i in batches.indices(m)], pad_id)
             ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+            layout = {k: batch[k].to(device) for k in ("position_ids", "attention_mask") if k in batch}
             with autocast(device, args.bf16):
                 # DDP/FSDP must see the whole forward, so they take the plain full-logits path
-                loss_sum, n = lm_loss(model, ids, labels) if world == 1 else \
-                    lm_loss(wrapped, ids, labels, select_positions=False)
+                loss_sum, n = lm_loss(model, ids, labels, **layout) if world == 1 else \
+                    lm_loss(wrapped, ids, labels, select_positions=False, **layout)
             loss = loss_sum / max(n, 1)
             (loss / accum).backward()
             step_loss += float(loss.detach()) / accum

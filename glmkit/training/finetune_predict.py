@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from glmkit.core.blank import BlankInfillingView, blank_rows
+from glmkit.core.generate import generate
 from glmkit.evaluation.metrics import compute_metrics
 from glmkit.training.data.finetune import (
     Columns,
@@ -54,15 +56,21 @@ def generate_predictions(model: nn.Module, tokenizer, examples: list[dict[str, A
     model.eval()
     for b in range(0, len(order), bs):
         idx = order[b:b + bs]
-        batch = collate_prompts([examples[i]["input_ids"] for i in idx], special.pad)
+        rows = [examples[i] for i in idx]
+        if "position_ids" in rows[0]:  # the original GLM: its blank layout, left-padded (core.blank)
+            batch = blank_rows([(e["input_ids"], e["position_ids"], e["context"]) for e in rows], special.pad, device)
+            gen_model = BlankInfillingView(model, batch["position_ids"], batch["context_end"], batch["pad"])
+        else:
+            batch = collate_prompts([e["input_ids"] for e in rows], special.pad)
+            gen_model = model
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         if max_length - ids.shape[1] <= 0:
             raise ValueError(f"--generation_max_length {max_length} leaves no room after prompts of "
                              f"{ids.shape[1]} tokens; raise it or lower --max_source_length")
         with autocast(device, args.bf16):
-            new = model.generate(ids, attention_mask=mask, max_length=max_length, do_sample=args.do_sample,
-                                 top_p=args.top_p, temperature=args.temperature, eos_token_id=eos,
-                                 pad_token_id=special.pad, seed=args.seed + b)
+            new = generate(gen_model, ids, attention_mask=mask, max_length=max_length, do_sample=args.do_sample,
+                           top_p=args.top_p, temperature=args.temperature, eos_token_id=eos,
+                           pad_token_id=special.pad, seed=args.seed + b)
         for row, i in zip(new.tolist(), idx):
             if special.eos in row:
                 row = row[: row.index(special.eos)]
@@ -83,8 +91,9 @@ def evaluate_loss(model: nn.Module, tokenizer, examples: list[dict[str, list[int
     total, count = 0.0, 0
     for b in range(0, len(examples), args.per_device_eval_batch_size):
         batch = collate_train(examples[b:b + args.per_device_eval_batch_size], pad_id)
+        layout = {k: batch[k].to(device) for k in ("position_ids", "attention_mask") if k in batch}
         with autocast(device, args.bf16):
-            loss_sum, n = lm_loss(model, batch["input_ids"].to(device), batch["labels"].to(device))
+            loss_sum, n = lm_loss(model, batch["input_ids"].to(device), batch["labels"].to(device), **layout)
         total, count = total + float(loss_sum), count + n
     return total / max(count, 1)
 

@@ -122,7 +122,7 @@ def test_glm4_template_to_the_character(toks):
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
                 {"role": "assistant", "content": ""}, {"role": "assistant", "metadata": "m", "content": "b"},
                 {"role": "user", "content": "你好"}]
-    assert C.glm4_prompt(messages) == "[gMASK]<sop><|system|>\nS<|user|>\na<|assistant|>m\nb<|user|>\n你好<|assistant|>"
+    assert C.glm4_prompt(tok, messages) == "[gMASK]<sop><|system|>\nS<|user|>\na<|assistant|>m\nb<|user|>\n你好<|assistant|>"
     ids = C.build_chat_input(tok, "你好", [("a", "b")], system="S")
     g = tok.get_command
     assert ids == ([g("[gMASK]"), g("<sop>"), g("<|system|>")] + tok.sp_encode("\nS") + [g("<|user|>")]

@@ -109,3 +109,38 @@ def test_beam_search_with_one_beam_is_greedy(chatglm_v1_dir):
     ids = torch.tensor([[5, 6, 7, 151, 154]])
     assert beam_search(model, ids, num_beams=1, max_new_tokens=6, eos_token_id=[]).tolist() == \
         model.generate(ids, max_new_tokens=6, eos_token_id=[]).tolist()
+
+
+def test_presence_and_frequency_penalties_are_openais():
+    from glmkit.core.generate import apply_presence_frequency_penalty
+
+    generated = torch.tensor([[2, 2, 4], [0, 1, 1]])
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0], [0.0, -1.0, 2.0, 3.0, 4.0]])
+    out = apply_presence_frequency_penalty(generated, scores, presence=0.5, frequency=0.25)
+    want = scores.clone()
+    for b, row in enumerate(generated.tolist()):  # OpenAI's formula, token by token
+        for t in set(row):
+            want[b, t] -= 0.25 * row.count(t) + 0.5
+    torch.testing.assert_close(out, want)
+    assert apply_presence_frequency_penalty(generated, scores, 0.0, 0.0) is scores
+
+
+def test_penalties_count_the_answer_not_the_prompt(chatglm_v2_dir):
+    """generate_stream with penalties equals a plain loop that subtracts them over the generated tokens only."""
+    from glmkit.core.generate import generate
+    from glmkit.loading.loader import load_model
+
+    model = load_model(chatglm_v2_dir, dtype="float32").eval()
+    prompt = [5, 9, 9, 9, 11]
+    out = generate(model, torch.tensor([prompt]), max_new_tokens=12, frequency_penalty=1.5, presence_penalty=0.7,
+                   eos_token_id=[])[0].tolist()
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            logits = model(torch.tensor([ids]))[0, -1].float()
+            for t in set(ids[len(prompt):]):
+                logits[t] -= 1.5 * ids[len(prompt):].count(t) + 0.7
+            ids.append(int(logits.argmax()))
+    assert out == ids[len(prompt):]
+    plain = generate(model, torch.tensor([prompt]), max_new_tokens=12, eos_token_id=[])[0].tolist()
+    assert plain != out  # the penalties changed the greedy answer of this model

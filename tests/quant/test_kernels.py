@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from glmkit.quant import kernels
+from tests.conftest import int4pack_with_block
 
 
 def test_pack_int4_hand_made_high_nibble_is_even_column():
@@ -136,3 +137,68 @@ def test_prefill_scaled_chunk_is_exactly_u_times_s():
     expected = (u.to(torch.bfloat16).view(k // gs, gs, n) * s[:, None, :]).view(k, n)
     got = kernels._int4pack_scaled_bf16_t(packed, s, gs, k, 0, n // block)
     assert got.dtype == torch.bfloat16 and got.equal(expected)
+
+
+@needs_int4pack
+@pytest.mark.parametrize("rows", [1, 70])  # fused kernel, and dequantize + GEMM
+def test_int4pack_pads_rows_to_whole_blocks(rows):
+    """N not a multiple of the block (ChatGLM-6B's 130528-row output layer is 32 rows short of one): the layout
+    gets zero rows up to the block and every path returns exactly N outputs."""
+    block = kernels.int4pack_block_n()
+    n, k, gs = block + 36, 128, 32
+    g = torch.Generator().manual_seed(8)
+    q = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
+    packed = kernels.int_to_int4pack(q)
+    n_pad = kernels.int4pack_rows(n)
+    assert n_pad == 2 * block and packed.shape == (n_pad, k // 2)
+    assert torch.equal(kernels.int4pack_to_int(packed, n, k), q)
+    assert torch.equal(kernels.int4pack_to_int(packed, n_pad, k)[n:], torch.zeros(n_pad - n, k, dtype=torch.int8))
+    s, z = _group_params(n, k, gs)
+    sz = torch.zeros(k // gs, n_pad, 2, dtype=torch.bfloat16)
+    sz[:, :n, 0], sz[:, :n, 1] = s, z
+    w = (q.float().view(n, k // gs, gs) * s.t().float()[..., None] + z.t().float()[..., None]).view(n, k)
+    assert torch.equal(kernels.int4pack_dequantize(packed, sz, gs, n, k), w)
+    x = torch.randn(rows, k, generator=g)
+    y = kernels.int4pack_linear(x, packed, sz, gs, n)
+    assert y.shape == (rows, n)
+    torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
+    yb = kernels.int4pack_linear(x.bfloat16(), packed, sz, gs, n)
+    assert yb.shape == (rows, n) and ((yb.float() - x @ w.t()).norm() / (x @ w.t()).norm()) < 1e-2
+    g_out = torch.randn(rows, n, generator=g)
+    torch.testing.assert_close(kernels.int4pack_linear_transposed(g_out, packed, sz, gs, n, k), g_out @ w,
+                               rtol=1e-5, atol=1e-5)
+    # rows looked up from the layout (an embedding table) are the dequantized rows, in any index shape
+    ids = torch.tensor([[0, n - 1, block - 1], [block, block // 2, 3]])
+    torch.testing.assert_close(kernels.int4pack_lookup(packed, sz, gs, k, ids, torch.float32), w[ids], rtol=0, atol=0)
+    assert kernels.int4pack_lookup(packed, sz, gs, k, ids, torch.bfloat16).dtype == torch.bfloat16
+
+
+@needs_int4pack
+def test_int4pack_layout_of_another_block_size_converts_back():
+    """A layout saved on a CPU with the other block size (64 on AVX-512, 32 on AVX2) reads back with `block=`."""
+    block = kernels.int4pack_block_n()
+    other = 32 if block == 64 else 64
+    q = torch.randint(-8, 8, (2 * other + 64, 64), dtype=torch.int8, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(int4pack_with_block(q, block), kernels.int_to_int4pack(q))  # the helper writes aten's layout
+    packed = int4pack_with_block(q, other)
+    assert torch.equal(kernels.int4pack_to_int(packed, q.shape[0], 64, block=other), q)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                    reason="needs a CUDA GPU with compute capability 8.0+ (torch's INT4 kernel); not run here")
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_tinygemm_linear_matches_reference(rows):
+    n, k, gs = 256, 512, 32
+    g = torch.Generator().manual_seed(10)
+    q = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
+    s, z = _group_params(n, k, gs)
+    sz = torch.stack((s, z), dim=-1).contiguous().cuda()
+    assert kernels.tinygemm_supported(n, k, gs, torch.device("cuda"))
+    packed = kernels.int_to_tinygemm(q, torch.device("cuda"))
+    assert torch.equal(kernels.tinygemm_to_int(packed, sz, gs, n, k).cpu(), q)
+    w = (q.float().view(n, k // gs, gs) * s.t().float()[..., None] + z.t().float()[..., None]).view(n, k)
+    x = torch.randn(rows, k, generator=g)
+    y = kernels.tinygemm_linear(x.bfloat16().cuda(), packed, sz, gs)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+    assert ((y.float().cpu() - x @ w.t()).norm() / (x @ w.t()).norm()) < 1e-2

@@ -193,7 +193,7 @@ def test_cuda_path_matches_cpu(bits, scheme, gs):
     x = torch.randn(5, 256, requires_grad=True)
     ref = m(x)
     m.cuda()
-    assert m.layout in ("int8", "packed") and m.qweight.is_cuda
+    assert m.layout in ("int8", "packed") and m.qweight.is_cuda  # an fp32 layer: the exact path
     xc = x.detach().cuda().requires_grad_()
     y = m(xc)
     torch.testing.assert_close(y.cpu(), ref.detach(), rtol=1e-4, atol=1e-4)
@@ -241,7 +241,7 @@ def test_logits_error_bounds_on_a_tiny_model():
         errs = {}
         for name, kw in {"int8": dict(bits=8), "int4-rowwise": dict(bits=4, scheme="rowwise"),
                          "int4-g64": dict(bits=4, group_size=64), "int4-g32": dict(bits=4)}.items():
-            q = Q.quantize_model(copy.deepcopy(model), **kw)
+            q = Q.quantize_model(copy.deepcopy(model), head="none", **kw)  # the layers' schemes alone
             errs[name] = rel_err(q(ids), ref)
     assert errs["int8"] < 0.01, errs
     assert errs["int4-rowwise"] < 0.3, errs
@@ -296,7 +296,12 @@ def test_save_then_load_without_requantizing(tmp_path, monkeypatch):
             meta = f.metadata()
             keys = set(f.keys())
         assert json.loads(meta[Q.QUANT_KEY])["group_size"] == 32
-        assert "transformer.layers.0.attention.query_key_value.weight_zero" in keys  # THUDM names, our extras
+        # THUDM names; INT4 layers in the CPU kernel's layout as it is (else the portable form), the INT8 head
+        expected = ("weight_int4pack", "weight_scale_zero") if kernels.int4pack_block_n() else ("weight_zero",)
+        for attr in expected:
+            assert f"transformer.layers.0.attention.query_key_value.{attr}" in keys
+        assert {"transformer.word_embeddings.weight", "transformer.word_embeddings.weight_scale"} <= keys
+        assert json.loads(meta[Q.QUANT_KEY])["head"]["bits"] == 8
         config = json.loads((out / "config.json").read_text())
         assert config[Q.QUANT_KEY]["bits"] == 4 and "quantization_bit" not in config
 
@@ -506,16 +511,22 @@ def test_bench_builds_each_precision_and_prints_one_table(capsys):
 
     sizes = {}
     for precision in bench.PRECISIONS:
-        model = bench._build_model(precision, 2, None, preset="glm-tiny")
-        kinds = {type(m.attn.qkv).__name__ for m in model.h}
-        assert kinds == ({"Linear"} if precision == "bf16" else {"QuantizedLinear"})
-        sizes[precision] = bench.weight_bytes_per_token(model)
+        for head in ("none", None):  # the output layer in bf16, or quantized as load_model does by default (INT8)
+            model = bench._build_model(precision, 2, None, preset="glm-tiny", head=head)
+            kinds = {type(m.attn.qkv).__name__ for m in model.h}
+            assert kinds == ({"Linear"} if precision == "bf16" else {"QuantizedLinear"})
+            assert model.lm_head is model.wte or model.lm_head.weight is model.wte.weight  # tied, as ChatGLM-6B
+            sizes[precision, head] = bench.weight_bytes_per_token(model)
     cfg = GLMConfig.from_name("glm-tiny")
-    head = cfg.vocab_size * cfg.hidden_size * 2
+    head = cfg.vocab_size * cfg.hidden_size * 2  # the tied table, read whole by the output layer
     layer_weights = 2 * (cfg.qkv_out_features * cfg.hidden_size + cfg.hidden_size ** 2
                          + 2 * cfg.hidden_size * cfg.ffn_hidden_size)
-    assert sizes["bf16"] - sizes["int8"] == pytest.approx(layer_weights, rel=0.02)  # 2 bytes -> 1 byte (+scales)
-    assert head < sizes["int4"] < sizes["int8"] < sizes["bf16"]
+    # 2 bytes -> 1 byte (+ scales) per layer weight; the INT8 head: 2 bytes -> 1 per table entry (+ scales)
+    assert sizes["bf16", "none"] - sizes["int8", "none"] == pytest.approx(layer_weights, rel=0.02)
+    assert sizes["int8", "none"] - sizes["int8", None] == head // 2 - 4 * cfg.vocab_size  # fp16 + bf16 row scales
+    assert sizes["bf16", None] == sizes["bf16", "none"]
+    assert head < sizes["int4", "none"] < sizes["int8", "none"] < sizes["bf16", "none"]
+    assert sizes["int4", None] < sizes["int8", None] < sizes["bf16", None]
     assert bench_command(["--model", "glm-tiny", "--layers", "1", "--prompt-tokens", "8", "--decode-tokens", "2",
                            "--precisions", "int4", "--repeats", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -527,15 +538,18 @@ def test_bench_builds_each_precision_and_prints_one_table(capsys):
     assert bench.measure_bandwidth(gib=0.125, repeats=2) > 1e8
 
 
-@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+@pytest.mark.parametrize("quantize,head", [(None, None), ("int8", None), ("int4", None), ("int4", "int4"),
+                                           ("int4", "none")])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_grad_modes_mix_in_any_order_after_generate(quantize, dtype):
+def test_grad_modes_mix_in_any_order_after_generate(quantize, head, dtype):
     """inference_mode (generate), no_grad, plain calls and a training step, in several orders, prefill-sized (128
-    rows) and decode-sized (1 row) inputs: scratch buffers first made under inference_mode must not break the rest."""
+    rows) and decode-sized (1 row) inputs: scratch buffers first made under inference_mode must not break the rest.
+    The quantized output layer / embedding (INT8 by default, INT4, or kept in floating point) included."""
     from glmkit.quant import kernels
 
     kernels._WORKSPACE.clear()  # the first dequantization below runs under inference_mode (generate's prefill)
-    model = glmkit.load_model("glm-tiny", quantize=quantize, dtype=dtype)
+    model = glmkit.load_model("glm-tiny", quantize=quantize, dtype=dtype, quantize_head=head)
+    assert isinstance(model.lm_head, QuantizedLinear) == (quantize is not None and head != "none")
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(5, 9000, (1, 128), generator=g)
     one = prompt[:, :1]
@@ -548,10 +562,13 @@ def test_grad_modes_mix_in_any_order_after_generate(quantize, dtype):
         inference_logits = model(prompt)
     torch.testing.assert_close(plain.detach(), no_grad_logits)
     torch.testing.assert_close(inference_logits, no_grad_logits)
-    # a training step: gradients reach the float parameters through the quantized layers
+    # a training step: gradients reach the float parameters through the quantized layers (and output layer)
     model.train()
     model(prompt).float().logsumexp(-1).mean().backward()
-    assert model.wte.weight.grad is not None and torch.isfinite(model.wte.weight.grad).all()
+    first_norm = model.h[0].ln_1.weight.grad
+    assert first_norm is not None and torch.isfinite(first_norm).all() and first_norm.abs().sum() > 0
+    if quantize is None or head == "none":
+        assert model.wte.weight.grad is not None and torch.isfinite(model.wte.weight.grad).all()
     model.zero_grad(set_to_none=True)
     model.eval()
     with torch.no_grad():

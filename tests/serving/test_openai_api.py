@@ -247,7 +247,7 @@ BAD_REQUESTS = [
      b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2.5}', 400, "invalid_type"),
     ("stop type", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "stop": 3}', 400,
      "invalid_type"),
-    ("n > 1", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "n": 3}', 400,
+    ("n too large", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "n": 300}', 400,
      "invalid_value"),
     ("over-long prompt", "/v1/chat/completions",
      json.dumps({"messages": [{"role": "user", "content": "hello world " * 2000}]}).encode(), 400,

@@ -1,6 +1,6 @@
 """Tokenizers of the GLM family, read from the files each checkpoint publishes, (the trainer is glmkit.training.tokenizer).
 
-Three layouts, one small surface (`encode`, `decode`, `__call__`, `convert_tokens_to_ids`, special-token ids):
+Four layouts, one small surface (`encode`, `decode`, `__call__`, `convert_tokens_to_ids`, special-token ids):
 
 - ChatGLM-6B (`ice_text.model`): SentencePiece over text whose newlines became `<n>`, tabs `<|tab|>` and runs of
   2..80 spaces `<|blank_k|>`. `[MASK] [gMASK] [sMASK] <unused_0> <sop> <eop> <ENC> <dBLOCK>` are pieces of the model,
@@ -12,6 +12,9 @@ Three layouts, one small surface (`encode`, `decode`, `__call__`, `convert_token
   text are text for SentencePiece (a piece spelled like one maps to the command id).
 - GLM-4 (`tokenizer.model` holding base64 ranks): tiktoken byte-level BPE with GLM-4's split regex; special tokens and
   their ids come from `tokenizer_config.json` (`added_tokens_decoder`); in text they are cut out, whitespace kept.
+- The original GLM (`tokenization_glm.py`: glm-large-chinese / glm-10b-chinese `cog-pretrain.model`, glm-2b / glm-10b
+  GPT-2 `vocab.json` + `merges.txt`): the base vocabulary plus added_tokens.json and the special tokens of the files,
+  as transformers' slow tokenizer loads them; `encode` gives `[CLS] ... <|endoftext|>` (glmkit.core.tokenizer.glm).
 
 Each class reproduces what the family's original `tokenization_chatglm.py` does through `PreTrainedTokenizer` of the
 transformers version it ran with (tokenize -> pieces -> ids, then the family's special tokens; see `split_on` for the
@@ -32,12 +35,31 @@ from glmkit.core.hub import read_json_object, resolve_model_dir
 from glmkit.core.tokenizer.base import TOKENIZER_FILES, GLMTokenizerBase, TokenizerError
 from glmkit.core.tokenizer.chatglm import ChatGLMTokenizer
 from glmkit.core.tokenizer.chatglm2 import ChatGLM2Tokenizer
+from glmkit.core.tokenizer.glm import (
+    GLMChineseTokenizer,
+    GLMGPT2Tokenizer,
+    GLMHubTokenizer,
+    is_glm_tokenizer_folder,
+    load_glm_tokenizer,
+)
 from glmkit.core.tokenizer.glm4 import GLM4Tokenizer, read_tiktoken_ranks, write_tiktoken_ranks
 
-__all__ = ["ChatGLMTokenizer", "ChatGLM2Tokenizer", "GLM4Tokenizer", "GLMTokenizerBase", "Tokenizer", "TokenizerError",
-           "load_tokenizer", "read_tiktoken_ranks", "write_tiktoken_ranks"]
+__all__ = [
+    "ChatGLM2Tokenizer",
+    "ChatGLMTokenizer",
+    "GLM4Tokenizer",
+    "GLMChineseTokenizer",
+    "GLMGPT2Tokenizer",
+    "GLMHubTokenizer",
+    "GLMTokenizerBase",
+    "Tokenizer",
+    "TokenizerError",
+    "load_tokenizer",
+    "read_tiktoken_ranks",
+    "write_tiktoken_ranks",
+]
 
-Tokenizer = ChatGLMTokenizer | ChatGLM2Tokenizer | GLM4Tokenizer
+Tokenizer = ChatGLMTokenizer | ChatGLM2Tokenizer | GLM4Tokenizer | GLMChineseTokenizer | GLMGPT2Tokenizer
 
 
 def _looks_like_tiktoken(path: Path) -> bool:
@@ -64,7 +86,8 @@ def _chatglm2_or_3(folder: Path, cfg: dict[str, Any]) -> str:
     model_cfg = _read_json(folder / "config.json")
     names = " ".join(str(x) for x in (cfg.get("name_or_path"), cfg.get("_name_or_path"), model_cfg.get("_name_or_path"),
                                       model_cfg.get("name"), model_cfg.get("family")) if x)
-    if "<|user|>" in text or "chatglm3" in names.lower():
+    # ChatGLM3's tokenizer class (not ChatGLM2's) passes `encode_special_tokens` to transformers, which saves it
+    if "<|user|>" in text or "chatglm3" in names.lower() or "encode_special_tokens" in cfg:
         return "chatglm3"
     return "chatglm2"
 
@@ -72,7 +95,9 @@ def _chatglm2_or_3(folder: Path, cfg: dict[str, Any]) -> str:
 def load_tokenizer(path_or_id: str | os.PathLike, family: str | None = None) -> Tokenizer:
     """Loads the tokenizer of a local folder, the bundled model ("glm-tiny") or a Hugging Face id.
 
-    The family is detected from the files: `ice_text.model` -> ChatGLM-6B; a SentencePiece `tokenizer.model` ->
+    The family is detected from the files: `cog-pretrain.model`, or `vocab.json` + `merges.txt`, or a
+    `tokenizer_class` GLMChineseTokenizer / GLMGPT2Tokenizer -> the original GLM (glmkit.core.tokenizer.glm);
+    `ice_text.model` -> ChatGLM-6B; a SentencePiece `tokenizer.model` ->
     ChatGLM2 (ChatGLM3 when the config names its role tokens); a base64-ranks `tokenizer.model` -> GLM-4.
     `family` ("chatglm2" / "chatglm3") overrides the ChatGLM2-vs-3 guess."""
     if Path(path_or_id).expanduser().is_file():
@@ -80,6 +105,10 @@ def load_tokenizer(path_or_id: str | os.PathLike, family: str | None = None) -> 
                              "tokenizer.model plus tokenizer_config.json)")
     folder = resolve_model_dir(path_or_id, allow_patterns=TOKENIZER_FILES)
     cfg = _read_json(folder / "tokenizer_config.json")
+    if is_glm_tokenizer_folder(folder, cfg):
+        if family not in (None, "glm"):
+            raise ValueError(f"{folder} holds an original GLM tokenizer (tokenization_glm.py), not family {family!r}")
+        return load_glm_tokenizer(folder, cfg)
     if (folder / "ice_text.model").is_file():
         if family not in (None, "chatglm"):
             raise ValueError(f"{folder} holds a ChatGLM-6B tokenizer (ice_text.model), not family {family!r}")
@@ -94,5 +123,6 @@ def load_tokenizer(path_or_id: str | os.PathLike, family: str | None = None) -> 
             return GLM4Tokenizer(model, cfg)
         fam = family or _chatglm2_or_3(folder, cfg)
         return ChatGLM2Tokenizer(model, cfg, family=fam)
-    raise FileNotFoundError(f"no tokenizer in {folder}: expected ice_text.model (ChatGLM-6B) or tokenizer.model "
-                            "(ChatGLM2/3 SentencePiece, GLM-4 tiktoken ranks)")
+    raise FileNotFoundError(f"no tokenizer in {folder}: expected ice_text.model (ChatGLM-6B), tokenizer.model "
+                            "(ChatGLM2/3 SentencePiece, GLM-4 tiktoken ranks), cog-pretrain.model or vocab.json + "
+                            "merges.txt (the original GLM)")

@@ -12,6 +12,8 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 import sentencepiece as spm
 
+from glmkit.core.chat_template import apply_chat_template as _apply_chat_template
+
 # ---------------------------------------------------------------------------------------------------------- constants
 
 CHATGLM_SPECIAL_PIECES = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
@@ -25,7 +27,7 @@ GLM4_SPECIAL_TOKENS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>",
 GLM4_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 TOKENIZER_FILES = ["ice_text.model", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "config.json"]
+                   "config.json", "cog-pretrain.model", "vocab.json", "merges.txt", "added_tokens.json"]
 
 
 class TokenizerError(ValueError):
@@ -192,7 +194,8 @@ class GLMTokenizerBase(abc.ABC):
     # -- batching
     def __call__(self, text_or_texts: str | Sequence[str], padding: bool | str = True, return_tensors: str | None = None,
                  add_special_tokens: bool = True, max_length: int | None = None) -> dict[str, Any]:
-        """Encodes one text or a batch. Batches are LEFT padded with `pad_token_id` (attention_mask 0 = pad).
+        """Encodes one text or a batch. Batches are padded on `padding_side` (left; the original GLM's: right) with
+        `pad_token_id` (attention_mask 0 = pad).
 
         `padding`: True / "longest" pads to the longest row, "max_length" pads to `max_length`, False pads nothing.
         A single string gives flat lists (or [1, T] tensors with return_tensors="pt"), as transformers does."""
@@ -215,8 +218,12 @@ class GLMTokenizerBase(abc.ABC):
             n_pad = max(0, target - len(r)) if target is not None else 0
             if n_pad and self.pad_token_id is None:
                 raise ValueError("this tokenizer has no pad token, so a batch of unequal lengths cannot be padded")
-            input_ids.append([self.pad_token_id] * n_pad + r)
-            attention_mask.append([0] * n_pad + [1] * len(r))
+            if self.padding_side == "left":
+                input_ids.append([self.pad_token_id] * n_pad + r)
+                attention_mask.append([0] * n_pad + [1] * len(r))
+            else:  # the original GLM's tokenizers pad on the right (transformers' default)
+                input_ids.append(r + [self.pad_token_id] * n_pad)
+                attention_mask.append([1] * len(r) + [0] * n_pad)
         if return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
         if return_tensors == "pt":
@@ -232,6 +239,38 @@ class GLMTokenizerBase(abc.ABC):
 
     def batch_decode(self, sequences: Iterable[Iterable[int]], skip_special_tokens: bool = False) -> list[str]:
         return [self.decode(s, skip_special_tokens=skip_special_tokens) for s in sequences]
+
+    # -- chat
+    @property
+    def chat_template(self) -> Any:
+        """tokenizer_config.json's `chat_template` (None when the folder has none)."""
+        return self.init_kwargs.get("chat_template")
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], tools: list[Any] | None = None,
+                            add_generation_prompt: bool = True, tokenize: bool = True,
+                            return_tensors: str | None = None, return_dict: bool = False) -> Any:
+        """The family's chat prompt for `messages` (role dicts, native or OpenAI-shaped) and `tools`, exactly as the
+        original tokenizer builds it: ids, or the prompt text with tokenize=False (glmkit.core.chat_template).
+        As in transformers, return_tensors="pt" gives a [1, T] tensor and return_dict=True
+        {"input_ids", "attention_mask"}."""
+        out = _apply_chat_template(self, messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                   tokenize=tokenize)
+        if not tokenize:
+            return out
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
+        if return_tensors == "pt":
+            import torch
+
+            out = torch.tensor([out], dtype=torch.long)
+        if return_dict:
+            mask = [1] * len(out) if return_tensors is None else torch.ones_like(out)
+            return {"input_ids": out, "attention_mask": mask}
+        return out
+
+    def token_bytes(self, index: int) -> bytes:
+        """The bytes token `index` stands for in decoded text (b"" for tokens that decode to nothing)."""
+        return self.decode([index]).encode("utf-8")
 
     # -- saving
     def _config_to_save(self) -> dict[str, Any]:

@@ -172,6 +172,16 @@ class ChatGLMTokenizer(GLMTokenizerBase):
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
         return clean_up_tokenization(text) if clean_up_tokenization_spaces else text
 
+    def token_bytes(self, index: int) -> bytes:
+        if index < self.num_image_tokens:
+            return f"<image_{index}>".encode()
+        if index >= self.vocab_size:
+            raise IndexError(f"token id {index} is outside the vocabulary (size {self.vocab_size})")
+        sp_id = index - self.num_image_tokens
+        if self.sp.IsControl(sp_id) or self.sp.IsUnknown(sp_id) or index == self.pad_token_id:
+            return b""
+        return self._postprocess(self.sp.IdToPiece(sp_id).replace("\u2581", " ")).encode("utf-8")
+
     def _token_to_id(self, token: str) -> int:
         if token.startswith("<image_") and token.endswith(">") and token[7:-1].isdigit():
             return int(token[7:-1])

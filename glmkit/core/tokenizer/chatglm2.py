@@ -110,6 +110,20 @@ class ChatGLM2Tokenizer(GLMTokenizerBase):
         text = "".join(out)
         return clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text
 
+    def token_bytes(self, index: int) -> bytes:
+        if index in self.index_special_tokens:
+            return self.index_special_tokens[index].encode() if self.family == "chatglm3" else b""
+        if index in (self.eos_token_id, self.bos_token_id, self.pad_token_id) or index < 0:
+            return b""
+        if index >= self.sp.vocab_size():
+            raise IndexError(f"token id {index} is outside the vocabulary (size {self.vocab_size})")
+        piece = self.sp.IdToPiece(index)
+        if self.sp.IsByte(index):
+            return bytes([int(piece[1:-1], 16)])  # <0x0A>
+        if self.sp.IsControl(index) or self.sp.IsUnknown(index):
+            return b""
+        return piece.replace("\u2581", " ").encode("utf-8")
+
     def _token_to_id(self, token: str) -> int:
         if token in self.special_tokens:
             return self.special_tokens[token]

@@ -134,6 +134,13 @@ class GLM4Tokenizer(GLMTokenizerBase):
         text = "".join(parts)
         return clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text
 
+    def token_bytes(self, index: int) -> bytes:
+        if index in self.index_special_tokens:
+            return self.index_special_tokens[index].encode("utf-8")
+        if index not in self.decoder:
+            raise IndexError(f"token id {index} is outside the vocabulary (size {self.vocab_size})")
+        return self.decoder[index]
+
     def _token_to_id(self, token: str | bytes) -> int:
         if isinstance(token, str) and token in self.special_tokens:
             return self.special_tokens[token]

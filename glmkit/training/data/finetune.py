@@ -19,6 +19,15 @@ ChatGLM2-6B (`family == "chatglm2"`, THUDM/ChatGLM2-6B ptuning/main.py, tokenize
   eval     input_ids = [gMASK, sop] + encode(prompt)[: max_source_length - 2]; label = decode(answer[: max_tgt - 2])
 Other families (ChatGLM3, GLM-4: role tokens) use glmkit.core.chat.build_chat_input for the prompt ids, keep its
 last max_source_length tokens (after the [gMASK]<sop> prefix), and learn answer[: max_target_length] + [eos].
+The original GLM (`family == "glm"`: glm-large-chinese, glm-2b, glm-10b, glm-10b-chinese), as its hub code's
+build_inputs_for_generation(targets=...) lays out seq2seq fine-tuning (THUDM/GLM's tasks/seq2seq):
+  source   = source_prefix + prompt, with "[gMASK]" appended when it holds no [MASK]/[sMASK]/[gMASK] blank
+  train    a = [CLS] + encode(source)[-(max_source_length - 2):] + [<|endoftext|>]  (cut on the left, as the hub
+           tokenizer's truncation_side); b = encode(answer)[: max_target_length - 1] + [<|endofpiece|>]
+           input_ids = a + [<|startofpiece|>] + b; labels = [-100] * (len(a) + 1) + b (the blank part only)
+           position_ids = [0 .. len(a)-1, then the first blank's index for all of Part B], block positions
+           [0] * len(a) + [1, 2, ...]; context = len(a): Part A is bidirectional, Part B causal (core.blank)
+  eval     input_ids = a + [<|startofpiece|>] with those positions; generation stops at <|endofpiece|>.
 
 With ignore_pad_token_for_loss (main.py's default) every label equal to the pad id becomes -100. Training rows
 are padded on the right by the collator to the longest row of the batch (main.py pads every row to
@@ -36,7 +45,9 @@ from typing import Any
 
 import torch
 
+from glmkit.core.blank import blank_positions, sep_mask
 from glmkit.core.chat import build_chat_input
+from glmkit.core.fill import BLANK_RE
 
 IGNORE_INDEX = -100
 
@@ -79,7 +90,8 @@ class SpecialTokens:
                     return int(v)
             return None
 
-        eos = first("eop_token_id", "eos_token_id") if tokenizer_family(tok) == "chatglm" else first("eos_token_id")
+        eos = (first("eop_token_id", "eos_token_id") if tokenizer_family(tok) in ("chatglm", "glm")
+               else first("eos_token_id"))
         pad = first("pad_token_id")
         if eos is None or pad is None:
             raise ValueError("the tokenizer lacks an eos or pad token id; fine-tuning needs both")
@@ -173,12 +185,38 @@ def _row_fields(tok, row: dict[str, Any], columns: Columns, lengths: Lengths):
             _history(row, columns), lengths.max_source_length, lengths.max_target_length)
 
 
+def _original_glm_source(tok, query: str, history: list, lengths: Lengths, src: int) -> tuple[list[int], int]:
+    """The original GLM's Part A ([CLS] source <|endoftext|>) and the index of its first blank."""
+    if history:
+        raise ValueError("the original GLM has no chat format: fine-tune it without --history_column")
+    source = lengths.source_prefix + query
+    if not BLANK_RE.search(source):
+        source += "[gMASK]"
+    ids = tok.encode(source, add_special_tokens=False)[-(src - 2):]
+    a = [tok.cls_token_id] + ids + [tok.eos_token_id]
+    blanks = [i for i, t in enumerate(a) if t in set(tok.mask_token_ids)]
+    if not blanks:
+        raise ValueError(f"the source {source[:60]!r}... lost its blank when cut to --max_source_length {src}: "
+                         "raise it, or put the blank nearer the end")
+    return a, blanks[0]
+
+
 def train_example(tok, row: dict[str, Any], columns: Columns, lengths: Lengths) -> dict[str, list[int]] | None:
-    """One training example {input_ids, labels} (unpadded), or None for a row main.py skips."""
+    """One training example {input_ids, labels} (unpadded; the original GLM's also carry position_ids and
+    context, its Part A length), or None for a row main.py skips."""
     fields = _row_fields(tok, row, columns, lengths)
     if fields is None:
         return None
     special, family, query, answer, history, src, tgt = fields
+    if family == "glm":
+        a, mask_pos = _original_glm_source(tok, query, history, lengths, src)
+        b = tok.encode(answer, add_special_tokens=False)[: tgt - 1] + [tok.eop_token_id]
+        input_ids = a + [tok.sop_token_id] + b
+        labels = [IGNORE_INDEX] * (len(a) + 1) + b
+        if lengths.ignore_pad_token_for_loss:
+            labels = labels[:len(a) + 1] + [IGNORE_INDEX if t == special.pad else t for t in labels[len(a) + 1:]]
+        return {"input_ids": input_ids, "labels": labels, "context": len(a),
+                "position_ids": blank_positions(len(a), mask_pos, len(b) + 1)}
     if family == "chatglm":
         prompt = lengths.source_prefix + chatglm_prompt(query, history, use_template=columns.history is not None)
         a = tok.encode(prompt, add_special_tokens=False)[: src - 1]
@@ -208,6 +246,11 @@ def eval_example(tok, row: dict[str, Any], columns: Columns, lengths: Lengths) -
     if fields is None:
         return None
     special, family, query, answer, history, src, tgt = fields
+    if family == "glm":
+        a, mask_pos = _original_glm_source(tok, query, history, lengths, src)
+        label_ids = tok.encode(answer, add_special_tokens=False)[: tgt - 1]
+        return {"input_ids": a + [tok.sop_token_id], "label_ids": label_ids, "label": decode_text(tok, label_ids),
+                "context": len(a), "position_ids": blank_positions(len(a), mask_pos, 1)}
     if family == "chatglm":
         prompt = lengths.source_prefix + chatglm_prompt(query, history, use_template=bool(history))
         input_ids = tok.encode(prompt, add_special_tokens=False)[: src - 2] + [special.gmask, special.sop]
@@ -247,7 +290,9 @@ def _special_ids(tok) -> list[int]:
 
 # ------------------------------------------------------------------------------------------------------ batching
 def collate_train(examples: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pads to the longest row: input_ids with pad_id, labels with -100."""
+    """Right-pads to the longest row: input_ids with pad_id, labels with -100. Examples with position_ids and
+    context (the original GLM) also give position_ids [B, 2, T] and their Part A / Part B mask as attention_mask
+    (bool [B, 1, T, T]); the model takes both (`model(input_ids, **the rest)`)."""
     T = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
@@ -255,7 +300,14 @@ def collate_train(examples: Sequence[dict[str, list[int]]], pad_id: int) -> dict
         n = len(e["input_ids"])
         ids[i, :n] = torch.tensor(e["input_ids"])
         labels[i, :n] = torch.tensor(e["labels"])
-    return {"input_ids": ids, "labels": labels}
+    out = {"input_ids": ids, "labels": labels}
+    if "position_ids" in examples[0]:
+        positions = torch.zeros(len(examples), 2, T, dtype=torch.long)
+        for i, e in enumerate(examples):
+            positions[i, :, : len(e["input_ids"])] = torch.tensor(e["position_ids"])
+        out["position_ids"] = positions
+        out["attention_mask"] = sep_mask(torch.tensor([e["context"] for e in examples]), T)
+    return out
 
 
 def collate_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,110 @@
+"""The original GLM's blank-infilling layout: Part A (the text with its blanks, bidirectional) then Part B (each blank's
+tokens, `<|startofpiece|>` first, causal), with 2-D positions (position, block position).
+
+    Part A   [CLS] x1 x2 [MASK] x4 <|endoftext|>        positions 0 1 2 3 4 5      block 0 0 0 0 0 0
+    Part B   <|startofpiece|> y1 y2                      positions 3 3 3 (the mask's) block 1 2 3
+
+Every Part A token sees all of Part A and nothing of Part B; every Part B token sees Part A and the Part B tokens up
+to itself. That is THUDM's `sep` mask (tril + every row sees the first `sep` columns) and what the hub code's
+`build_inputs_for_generation` builds for generation and for seq2seq training (with the target as Part B).
+
+`blank_rows` turns token rows into that layout, left-padded into a batch; `BlankInfillingView` is the model as
+glmkit.core.generate sees it while it fills blanks (the generation loop asks the model for its positions and mask).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def sep_mask(context_end: torch.Tensor, T: int, pad: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool [B, 1, T, T], True = may attend: row i sees columns <= i and every column < context_end[b] (Part A),
+    never a left-padding column (< pad[b])."""
+    cols = torch.arange(T, device=context_end.device)
+    allowed = (cols[None, None, :] <= cols[None, :, None]) | (cols[None, None, :] < context_end[:, None, None])
+    if pad is not None:
+        allowed &= cols[None, None, :] >= pad[:, None, None]
+    return allowed[:, None]
+
+
+def blank_positions(context_len: int, mask_position: int, part_b_len: int) -> list[list[int]]:
+    """[positions, block positions] of Part A (0..context_len-1, block 0) and one blank's Part B of part_b_len tokens
+    (all at mask_position, blocks 1..part_b_len)."""
+    return [list(range(context_len)) + [mask_position] * part_b_len,
+            [0] * context_len + list(range(1, part_b_len + 1))]
+
+
+def first_blank(ids: Sequence[int], mask_ids: Sequence[int]) -> int:
+    """Index of the first blank token of a Part A (the hub code fills the first of [MASK]/[sMASK]/[gMASK])."""
+    found = [i for i, t in enumerate(ids) if t in set(mask_ids)]
+    if not found:
+        raise ValueError("the text has no [MASK] / [sMASK] / [gMASK] blank to fill")
+    return found[0]
+
+
+def blank_rows(rows: Sequence[tuple[Sequence[int], Sequence[Sequence[int]], int]], pad_id: int,
+               device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Left-pads rows of (ids, [positions, block positions], context length) into a batch:
+    input_ids [B, T], attention_mask [B, T] (1 = token), position_ids [B, 2, T] (0 under the padding),
+    context_end [B] (the column where each row's Part B starts) and pad [B] (each row's padding length)."""
+    T = max(len(ids) for ids, _, _ in rows)
+    B = len(rows)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)
+    position_ids = torch.zeros(B, 2, T, dtype=torch.long)
+    context_end = torch.zeros(B, dtype=torch.long)
+    pad = torch.zeros(B, dtype=torch.long)
+    for b, (ids, positions, ctx) in enumerate(rows):
+        n = len(ids)
+        if len(positions) != 2 or len(positions[0]) != n or len(positions[1]) != n:
+            raise ValueError(f"row {b}: positions must be [2, {n}] for {n} tokens")
+        p = T - n
+        input_ids[b, p:] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[b, p:] = 1
+        position_ids[b, :, p:] = torch.tensor([list(positions[0]), list(positions[1])], dtype=torch.long)
+        context_end[b] = p + ctx
+        pad[b] = p
+    return {k: v.to(device) for k, v in (("input_ids", input_ids), ("attention_mask", attention_mask),
+                                         ("position_ids", position_ids), ("context_end", context_end),
+                                         ("pad", pad))}
+
+
+class BlankInfillingView:
+    """The model as glmkit.core.generate sees it while the original GLM fills blanks: for the prompt (Part A + the
+    Part B so far) the positions and `sep` mask given here; longer sequences continue the last blank (same
+    position, block position + 1), causally, which is also what generate.py's decode steps do."""
+
+    def __init__(self, model, position_ids: torch.Tensor, context_end: torch.Tensor,
+                 pad: torch.Tensor | None = None) -> None:
+        self._model = model
+        self._positions = position_ids  # [B, 2, T0]
+        self._context_end = context_end  # [B]
+        self._pad = pad if pad is not None else torch.zeros_like(context_end)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._model(*args, **kwargs)
+
+    def default_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        T0 = self._positions.shape[-1]
+        B, T = input_ids.shape
+        pos = self._positions.to(input_ids.device)
+        if pos.shape[0] != B:  # one layout for every row (beams of one prompt)
+            pos = pos.expand(B, -1, -1)
+        if T <= T0:
+            return pos[..., :T]
+        extra = torch.arange(1, T - T0 + 1, device=input_ids.device)
+        last = pos[..., -1:]  # (B, 2, 1)
+        more = torch.stack((last[:, 0].expand(-1, T - T0), last[:, 1] + extra), dim=1)
+        return torch.cat((pos, more), dim=-1)
+
+    def default_attention_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        B, T = input_ids.shape
+        context_end, pad = self._context_end.to(input_ids.device), self._pad.to(input_ids.device)
+        if context_end.shape[0] != B:
+            context_end, pad = context_end.expand(B), pad.expand(B)
+        return sep_mask(context_end, T, pad)
