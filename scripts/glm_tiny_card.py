@@ -48,6 +48,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--runs", type=Path, nargs=2, required=True, help="stage 1 and stage 2 pretraining out_dirs")
+    p.add_argument("--stage1-note", default=None,
+                   help="describes stage 1 when its out_dir (log.csv) is not on this machine")
     p.add_argument("--eval-bodies", type=Path, required=True)
     p.add_argument("--eval-full", type=Path, required=True)
     p.add_argument("--eval-poem-gen", type=Path, required=True)
@@ -61,7 +63,14 @@ def main() -> None:
     with safe_open(str(a.output / "model.safetensors"), "pt") as f:
         n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     size_mb = sum(f.stat().st_size for f in a.output.iterdir() if f.is_file() and f.name != "README.md") / 1e6
-    s1, s2 = run_summary(a.runs[0]), run_summary(a.runs[1])
+    s2 = run_summary(a.runs[1])
+    if (a.runs[0] / "log.csv").exists():
+        s1 = run_summary(a.runs[0])
+        stage1 = f"{s1['steps']} steps, {s1['tokens'] / 1e6:.1f} M tokens, {s1['minutes']:.0f} min"
+    elif a.stage1_note:
+        stage1 = a.stage1_note
+    else:
+        raise SystemExit(f"no {a.runs[0] / 'log.csv'}; pass --stage1-note")
     bodies, full, poem_gen = (json.loads(x.read_text(encoding="utf-8"))
                               for x in (a.eval_bodies, a.eval_full, a.eval_poem_gen))
     card = f"""# glm-tiny
@@ -70,7 +79,7 @@ glmkit's bundled model: a small **ChatGLM-6B-architecture** model (2D rotary pos
 α = √56, prefix-LM attention, non-gated tanh-GELU MLP) with its own ChatGLM-6B-layout SentencePiece tokenizer
 (`ice_text.model`, {cfg['vocab_size']} ids, byte fallback), pretrained from scratch by GLM blank infilling with
 `glmkit pretrain`. The folder is a THUDM ChatGLM-6B checkpoint (`config.json` model_type `chatglm`, THUDM tensor
-names) that THUDM's own `modeling_chatglm.py` runs identically, so `glmkit.load_model("glm-tiny")`,
+names) whose α is the one THUDM's own `modeling_chatglm.py` computes (√56 at every depth), so `glmkit.load_model("glm-tiny")`,
 `glmkit chat`, `glmkit fill` and `glmkit generate` use it like the published models. It is a toy: it writes
 poem-like text, not sense.
 
@@ -80,7 +89,7 @@ poem-like text, not sense.
 | files | {cfg['torch_dtype']} safetensors + tokenizer, {size_mb:.1f} MB |
 | training data | `shared/data/corpus`: Tang poems 0-38999 (whole, and their bodies on one line), Song ci, Analects/Book of Songs, Moby-Dick, State of the Union |
 | held out | Tang poems 39000-39999 (`tang-poems.jsonl` lines 39001-40000): never seen by the tokenizer or the model |
-| stage 1 | `configs/glm-tiny.yaml` with `model.alpha_num_layers=4` (α = √8): {s1['steps']} steps, {s1['tokens'] / 1e6:.1f} M tokens, {s1['minutes']:.0f} min |
+| stage 1 | `configs/glm-tiny.yaml` with `model.alpha_num_layers=4` (α = √8): {stage1} |
 | α = √56 | stage 1's weights rewritten exactly for ChatGLM-6B's α = √56 (`rescale_deepnorm`: each output projection × √56/√8; every LayerNorm input is scaled by the same factor, so the logits are unchanged) |
 | stage 2 | `configs/glm-tiny-bodies.yaml` from there with α = √56: {s2['steps']} steps, {s2['tokens'] / 1e6:.1f} M tokens, {s2['minutes']:.0f} min on 2 shared CPU threads |
 | final losses | training {s2['loss']:.3f}, held-out blank infilling {s2['eval_loss']:.3f} nats/token (Part B targets) |
