@@ -58,18 +58,15 @@ HEADS = {"int4, head float": dict(quantize="int4", quantize_head="none"),
          "int4, head int4": dict(quantize="int4", quantize_head="int4"),
          "int8, head float": dict(quantize="int8", quantize_head="none"),
          "int8, head int8 (default)": dict(quantize="int8")}
-MSE_FIT = ((1.0, 0.95, 0.9, 0.85), 2)  # CLIP_RATIOS, REFIT_ROUNDS of the earlier INT4 default
-
-
 def load(folder: Path, dtype: torch.dtype = torch.float32, mse_fit: bool = False, **kw) -> GLM:
-    """glmkit.load_model, with mse_fit=True under the earlier INT4 rounding (clipping search + refits)."""
-    saved = Q.CLIP_RATIOS, Q.REFIT_ROUNDS
+    """glmkit.load_model, with mse_fit=True under the earlier INT4 rounding (quantize_group's MSE fit)."""
+    plain = Q.quantize_group
     if mse_fit:
-        Q.CLIP_RATIOS, Q.REFIT_ROUNDS = MSE_FIT
+        Q.quantize_group = lambda w, group_size, symmetric=False: plain(w, group_size, symmetric, mse_fit=True)
     try:
         return glmkit.load_model(folder, dtype=dtype, **kw)
     finally:
-        Q.CLIP_RATIOS, Q.REFIT_ROUNDS = saved
+        Q.quantize_group = plain
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -92,7 +92,12 @@ def instrument(model: nn.Module, regions: Regions) -> None:
         label = module_label(name, module)
         if label is None or name == "":
             continue
-        module.register_forward_pre_hook(lambda m, a, label=label: regions.enter(label))
+        if name in ("wte", "lm_head"):  # one module when the table is tied and quantized: tell by the input
+            def enter(m, a):
+                regions.enter("embedding lookup" if not a[0].is_floating_point() else "output layer")
+            module.register_forward_pre_hook(enter)
+        else:
+            module.register_forward_pre_hook(lambda m, a, label=label: regions.enter(label))
         module.register_forward_hook(lambda m, a, o: regions.exit())
     model.register_forward_pre_hook(lambda m, a, k: regions.enter("model: rest"), with_kwargs=True)
     model.register_forward_hook(lambda m, a, o: regions.exit())
@@ -146,10 +151,10 @@ def main() -> None:
             regions.on = len(stamps) >= 1  # from the first token on: decode steps only
     steps = len(stamps) - 1
     step_ms = (stamps[-1] - stamps[0]) / steps * 1e3
-    sizes = {}
+    sizes = {"output layer": weight_bytes(model.lm_head)}
     for name, module in model.named_modules():
         label = module_label(name, module)
-        if label and label.startswith(("linear", "output")):
+        if label and label.startswith("linear"):
             sizes[label] = sizes.get(label, 0) + weight_bytes(module)
     rows = [(label, t / steps * 1e3) for label, t in regions.time.items()]
     covered = sum(ms for _, ms in rows)

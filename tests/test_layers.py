@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("glmkit.core",)),
     ("quantization", ("glmkit.quant",)),
     ("adapters", ("glmkit.adapters",)),
+    ("distributed", ("glmkit.distributed",)),
     ("loading", ("glmkit.loading",)),
     ("applications", ("glmkit.training", "glmkit.evaluation", "glmkit.serving")),
     ("commands", ("glmkit.commands",)),

@@ -21,8 +21,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("glmkit.commands.pretrain", "GLM blank-infilling pretraining (single process or torchrun/FSDP)"),
     "finetune": ("glmkit.commands.finetune", "P-tuning v2 / LoRA / full fine-tuning with ChatGLM-6B's train.sh arguments"),
     "merge-lora": ("glmkit.commands.merge_lora", "fold a LoRA adapter into its base model"),
-    "eval": ("glmkit.commands.eval", "evaluate a model (eval ppl: per-token loss and perplexity)"),
+    "eval": ("glmkit.commands.eval", "evaluate a model (eval run/compare: GLM-130B task files; eval harness: "
+                                     "lm-evaluation-harness; eval ppl: perplexity)"),
     "quantize": ("glmkit.commands.quantize", "write an INT8/INT4 weight-only quantized checkpoint"),
+    "convert": ("glmkit.commands.convert", "merge a GLM-130B SwissArmyTransformer checkpoint into a safetensors folder"),
+    "memory-plan": ("glmkit.commands.memory_plan", "per-device memory of a model over tensor-parallel devices"),
     "bench": ("glmkit.commands.bench", "decode/prefill speed and memory benchmark"),
     "tokenizer": ("glmkit.commands.tokenizer", "tokenizer tools (tokenizer train)"),
 }
@@ -48,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"glmkit: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.cli_main(rest) or 0)
+    code = int(module.cli_main(rest) or 0)
+    if "glmkit.distributed.tp" in sys.modules:  # rank 0 of a tensor-parallel run: release the other ranks
+        sys.modules["glmkit.distributed.tp"].finish_leader(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,4 +1,11 @@
-"""`glmkit eval`: glmkit.evaluation.perplexity.perplexity_report (`eval ppl`) from the command line."""
+"""`glmkit eval`: evaluation from the command line.
+
+- `eval ppl`: glmkit.evaluation.perplexity.perplexity_report (per-token loss, perplexity, per-character CE);
+- `eval run`: glmkit.evaluation.run.run_eval (GLM-130B task files: mul / gen / lm; results JSON + markdown table);
+- `eval compare`: glmkit.evaluation.run.compare_precisions (the same tasks at bf16 / INT8 / INT4, with deltas);
+- `eval harness ARGS`: glmkit.evaluation.harness.run_harness (lm-evaluation-harness's command line, ARGS unchanged,
+  with the `glmkit` model backend registered).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,8 @@ from pathlib import Path
 
 from glmkit.core.tokenizer import load_tokenizer
 from glmkit.evaluation.perplexity import perplexity_report, read_texts
+from glmkit.evaluation.run import BUNDLED_TASKS, PRECISIONS, compare_precisions, results_markdown, run_eval
+from glmkit.evaluation.tasks import TaskError
 from glmkit.loading.loader import load_model
 
 
@@ -30,11 +39,53 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also report a character unigram model fitted on these files/folders")
     ppl.add_argument("--json", metavar="FILE", help="write the numbers to this JSON file")
     ppl.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    for name in ("run", "compare"):
+        help_ = ("evaluate GLM-130B-style task files (mul/gen/lm): results JSON and markdown table" if name == "run"
+                 else "run the same tasks at several precisions (default bf16, int8, int4) and print the deltas")
+        r = sub.add_parser(name, help=help_, description=help_ + ". Task files use GLM-130B's YAML format "
+                           "(tasks/**.yaml of THUDM/GLM-130B run unchanged with --data-path); glmkit's bundled "
+                           "tasks are the folder `bundled`.")
+        r.add_argument("tasks", nargs="+", help="task YAML files or folders of them (`bundled`: glmkit's own tasks)")
+        r.add_argument("--model", default="glm-tiny", help="model folder, bundled name or hub id (default glm-tiny)")
+        r.add_argument("--data-path", help="folder the tasks' `path` fields are relative to (GLM-130B's "
+                                           "DATA_PATH; default: each YAML file's folder)")
+        r.add_argument("--batch-size", type=int, help="rows per forward (default: the task's micro_batch_size)")
+        r.add_argument("--limit", type=int, help="only the first N items of each data file")
+        r.add_argument("--output", help="folder for results-<precision>.json/.md and the resume cache")
+        r.add_argument("--device", default="cpu")
+        r.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if name == "run":
+            r.add_argument("--precision", choices=sorted(PRECISIONS),
+                           help="fp32 | bf16 | fp16 | int8 | int4 (int8/int4: bf16 activations); default: the "
+                                "checkpoint's dtype")
+            r.add_argument("--dtype", help="float32 | bfloat16 | float16 (overrides the precision's)")
+            r.add_argument("--quantize", choices=["int8", "int4"], help="quantize the layers while loading")
+        else:
+            r.add_argument("--precisions", default="bf16,int8,int4",
+                           help="comma-separated, the first is the baseline (default bf16,int8,int4)")
+    sub.add_parser("harness", help="lm-evaluation-harness's command line with the glmkit backend: "
+                                   "glmkit eval harness --model glmkit --model_args pretrained=glm-tiny --tasks ...",
+                   add_help=False)
     return p
 
 
+def _tasks(paths: list[str]) -> list[str]:
+    return [str(BUNDLED_TASKS) if p == "bundled" else p for p in paths]
+
+
 def cli_main(argv: list[str]) -> int:
+    if argv and argv[0] == "harness":  # lm-eval parses its own arguments
+        try:
+            from glmkit.evaluation.harness import run_harness
+        except ImportError as e:
+            print(f"glmkit eval harness needs lm-eval ({e}); install it with: pip install 'glmkit[eval]'",
+                  file=sys.stderr)
+            return 2
+        return run_harness(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "compare"):
+        return _run(args)
     try:
         texts = read_texts(args.data, args.key, args.limit)
         model = load_model(args.model, dtype=args.dtype)
@@ -54,4 +105,32 @@ def cli_main(argv: list[str]) -> int:
               f"{100 * out['reduction_vs_unigram']:.1f}% lower")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return 0
+
+
+def _run(args) -> int:
+    try:
+        if args.command == "run":
+            results = run_eval(args.model, _tasks(args.tasks), precision=args.precision, dtype=args.dtype,
+                               quantize=args.quantize, data_path=args.data_path, batch_size=args.batch_size,
+                               limit=args.limit, output_dir=args.output, device=args.device,
+                               progress=not args.no_progress)
+            print(f"{args.model} ({results['precision']})")
+            print(results_markdown(results), end="")
+        else:
+            precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+            bad = [p for p in precisions if p not in PRECISIONS]
+            if bad or not precisions:
+                print(f"glmkit eval compare: precisions must be of {sorted(PRECISIONS)}, got {args.precisions!r}",
+                      file=sys.stderr)
+                return 2
+            out = compare_precisions(args.model, _tasks(args.tasks), precisions=precisions,
+                                     data_path=args.data_path, batch_size=args.batch_size, limit=args.limit,
+                                     output_dir=args.output, device=args.device, progress=not args.no_progress)
+            print(out["table"], end="")
+    except (TaskError, ValueError, FileNotFoundError) as e:
+        print(f"glmkit eval {args.command}: {e}", file=sys.stderr)
+        return 2
+    if args.output:
+        print(f"results in {args.output}", file=sys.stderr)
     return 0

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
 from glmkit.commands.common import add_model_arguments, load_from_args
 from glmkit.loading.tools import model_name
 from glmkit.serving.openai_api import MAX_BATCH_SIZE, MAX_BODY_BYTES, MAX_QUEUE, serve
+from glmkit.serving.scheduler import BLOCK_SIZE, PREFILL_CHUNK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"most requests decoded together (default {MAX_BATCH_SIZE})")
     parser.add_argument("--max-queue", type=int, default=MAX_QUEUE,
                         help=f"most requests waiting before new ones get 503 (default {MAX_QUEUE})")
+    parser.add_argument("--engine", choices=("continuous", "batch"), default="continuous",
+                        help="continuous: continuous batching over a paged KV cache (requests join and leave the "
+                             "running batch at every step); batch: one left-padded batch at a time (default "
+                             "continuous)")
+    parser.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
+                        help="memory of the paged KV cache, e.g. 2GiB or 512MB or bytes (default: half the free "
+                             "GPU memory, or a quarter of the available RAM, at most --max-batch-size contexts)")
+    parser.add_argument("--block-size", type=int, default=BLOCK_SIZE,
+                        help=f"tokens per KV cache block (default {BLOCK_SIZE})")
+    parser.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
+                        help=f"most prompt tokens prefilled per decode step (default {PREFILL_CHUNK})")
+    parser.add_argument("--no-prefix-cache", dest="prefix_caching", action="store_false",
+                        help="do not keep prompts' KV blocks for later requests sharing their prefix")
+    parser.add_argument("--request-timeout", type=float, default=None,
+                        help="seconds a request may take, queueing included; past it: 504 (default: no limit)")
     parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
                         help=f"largest request body accepted (default {MAX_BODY_BYTES})")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -37,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("port", "max_batch_size", "max_queue", "max_body_bytes"):
+    for name in ("port", "max_batch_size", "max_queue", "max_body_bytes", "block_size", "prefill_chunk"):
         if getattr(args, name) < (0 if name == "port" else 1):
             print(f"glmkit serve: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}",
                   file=sys.stderr)
@@ -46,11 +63,40 @@ def cli_main(argv: list[str]) -> int:
     loaded = load_from_args("glmkit serve", args)
     if loaded is None:
         return 1
+    if args.request_timeout is not None and args.request_timeout <= 0:
+        print(f"glmkit serve: --request-timeout must be positive, got {args.request_timeout}", file=sys.stderr)
+        return 2
     model, tokenizer = loaded
-    serve(model, tokenizer, model_name(args.model), args.host, args.port, api_key=args.api_key,
-          max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-          log_level=args.log_level)
+    if getattr(model, "tensor_parallel", None) and args.engine == "continuous":
+        # the paged KV cache lives on rank 0 only; the batch engine's model calls are mirrored by every rank
+        print("glmkit serve: tensor-parallel model: using --engine batch", file=sys.stderr)
+        args.engine = "batch"
+    options = {}
+    if args.engine == "continuous":
+        options = {"kv_cache_memory": args.kv_cache_memory, "block_size": args.block_size,
+                   "prefill_chunk": args.prefill_chunk, "prefix_caching": args.prefix_caching}
+    try:
+        serve(model, tokenizer, model_name(args.model), args.host, args.port, api_key=args.api_key,
+              max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+              log_level=args.log_level, engine=args.engine, request_timeout=args.request_timeout, **options)
+    except ValueError as err:  # e.g. a KV cache too small for one context
+        print(f"glmkit serve: {err}", file=sys.stderr)
+        return 2
     return 0
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MB', '1.5G', '1048576' -> bytes (K/M/G/T: powers of 1000 with B, of 1024 with iB or alone)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GiB, 512MB, 1048576)")
+    number, unit, suffix = match.groups()
+    power = "kmgt".find(unit.lower()) + 1 if unit else 0
+    base = 1000 if suffix.lower() == "b" and unit else 1024
+    value = int(float(number) * base ** power)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"the size must be positive, got {text!r}")
+    return value
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ glmkit.core.generate sees it while it fills blanks (the generation loop asks the
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -108,3 +109,96 @@ class BlankInfillingView:
         if context_end.shape[0] != B:
             context_end, pad = context_end.expand(B), pad.expand(B)
         return sep_mask(context_end, T, pad)
+
+
+# ------------------------------------------------------------------------------------ multiple choice, packed
+@dataclass
+class ChoicePack:
+    """A context and every answer to it in one row, as GLM-130B's `build_multiple_choice_sample` packs them: the
+    context (Part A) first, then one segment per choice (`<sop>` + choice[:-1] for blank infilling; choice[:-1]
+    alone for a causal continuation). Each segment sees the context and itself causally, never another segment."""
+
+    tokens: list[int]
+    segment: list[int]  # 0 = context, k = choice k-1's segment
+    block: list[int]  # 0 in the context, 1, 2, ... within a segment (block positions)
+    reads: list[list[int]]  # per choice: the rows whose logits predict its tokens, in order
+    division: int  # context length
+
+
+def pack_choices(context: Sequence[int], choices: Sequence[Sequence[int]], sop_id: int | None,
+                 single_token: bool | None = None) -> ChoicePack:
+    """Packs `choices` after `context`. sop_id=None is a causal continuation: a choice's first token is read at the
+    context's last row and the segment holds choice[:-1]. With single-token choices (single_token None = detect)
+    one segment serves them all (GLM-130B's `is_single_token`: one `<sop>`, one row read for every choice)."""
+    if any(len(c) == 0 for c in choices):
+        raise ValueError("every choice needs at least one token")
+    tokens, division = list(context), len(context)
+    if division == 0:
+        raise ValueError("the context has no tokens")
+    segment, block = [0] * division, [0] * division
+    if single_token is None:
+        single_token = all(len(c) == 1 for c in choices)
+    elif single_token and any(len(c) != 1 for c in choices):
+        raise ValueError("single_token=True needs one-token choices")
+    reads: list[list[int]] = []
+    for k, choice in enumerate(choices):
+        start = len(tokens)
+        if single_token and k > 0:
+            reads.append(list(reads[0]))
+            continue
+        seg = ([sop_id] if sop_id is not None else []) + list(choice[:-1])
+        tokens += seg
+        segment += [k + 1] * len(seg)
+        block += list(range(1, len(seg) + 1))
+        if sop_id is not None:
+            reads.append(list(range(start, start + len(choice))))
+        else:
+            reads.append([division - 1] + list(range(start, start + len(choice) - 1)))
+    return ChoicePack(tokens, segment, block, reads, division)
+
+
+def segment_mask(segment: torch.Tensor, bidirectional_context: bool) -> torch.Tensor:
+    """Bool [..., T, T], True = may attend, from segment ids [..., T] (0 = context, k > 0 = a choice's segment,
+    -1 = padding): the context sees itself (bidirectionally, or causally), a segment sees the context and itself
+    causally, nothing sees padding."""
+    T = segment.shape[-1]
+    cols = torch.arange(T, device=segment.device)
+    causal = cols[None, :] <= cols[:, None]  # [T, T]
+    seg_i, seg_j = segment[..., :, None], segment[..., None, :]
+    context_col = seg_j == 0
+    if not bidirectional_context:
+        context_col = context_col & causal
+    return context_col | ((seg_i == seg_j) & (seg_j > 0) & causal)
+
+
+def build_multiple_choice_sample(text: Sequence[int], choices: Sequence[Sequence[int]], *, mask_id: int,
+                                 gmask_id: int, sop_id: int, is_single_token: bool = False,
+                                 unified_multitask_encoding: bool = False, use_task_mask: bool = False) -> dict:
+    """GLM-130B's `MultiChoiceTaskDataset.build_multiple_choice_sample` (evaluation/dataset.py), with 1-D positions:
+    the blank is [gMASK] with use_task_mask, else [MASK]; it is appended to `text` when `text` lacks it. Part B
+    positions stay at the blank ([MASK]; or count up from it under unified_multitask_encoding without a blank in
+    the text), or continue after the context ([gMASK]). Returns token, position_id, attention_mask (0/1 rows),
+    choices and choice_target_ids (the first choice's rows only when is_single_token), as the original does."""
+    blank = gmask_id if use_task_mask else mask_id
+    text = list(text)
+    blank_filling = blank in text
+    if blank_filling:
+        mask_position = text.index(blank)
+    else:
+        mask_position = len(text)
+        text.append(blank)
+    pack = pack_choices(text, choices, sop_id, single_token=is_single_token)
+    division = pack.division
+    positions = list(range(division))
+    for b in pack.block[division:]:
+        if use_task_mask:
+            positions.append(division + b - 1)
+        elif blank_filling or not unified_multitask_encoding:
+            positions.append(mask_position)
+        else:
+            positions.append(mask_position + b - 1)
+    mask = segment_mask(torch.tensor(pack.segment), bidirectional_context=True)
+    targets = pack.reads[0] if is_single_token else pack.reads
+    out_choices = [c[0] for c in choices] if is_single_token else [list(c) for c in choices]
+    return {"token": pack.tokens, "position_id": positions, "attention_mask": mask.long().tolist(),
+            "choices": out_choices, "choice_target_ids": targets}

@@ -54,6 +54,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # GLM-4 has no chat(); its generation_config samples with top_p 0.8 / temperature 0.8. glmkit caps the default
     # length at 8192 (the model's 128K context would preallocate a huge KV cache); pass max_length for more.
     "glm4": {"max_length": 8192, "top_p": 0.8, "temperature": 0.8},
+    # GLM-130B is a base model without a chat format: the query (after the earlier turns' text) is the prompt,
+    # framed as its generate.py frames one ([gMASK] unless it has a mask, sop); scripts/generate.sh samples
+    # with top_p 0.7, temperature 1.0.
+    "glm130b": {"max_length": 2048, "top_p": 0.7, "temperature": 1.0},
 }
 HF_DEFAULT_TOP_K = 50
 INVALID_SCORE_TOKEN_ID = 5
@@ -147,6 +151,10 @@ def with_tools(family: str, messages: list[dict[str, Any]], tools: list[Any] | N
 
 def _ids_for(tokenizer, family: str, query: str, history: Sequence[Any], system: str | None,
              role: str = "user", tools: list[Any] | None = None) -> list[int]:
+    if family == "glm130b":
+        if system is not None or role != "user" or tools is not None:
+            raise ValueError("GLM-130B has no system prompt, roles or tools (it has no chat format)")
+        return tokenizer.encode("".join(f"{q} {r} " for q, r in _as_turns(history)) + query)
     if family in ("chatglm", "chatglm2"):
         if system is not None:
             raise ValueError(f"{family} has no system prompt (only ChatGLM3 and GLM-4 do); put it into the query")
@@ -312,6 +320,9 @@ def _cut(state: tuple[Any, list[Any]], end: int) -> tuple[Any, list[Any]]:
 def _response_state(family: str, tokenizer, out: list[int], query: str, history: list[Any], role: str,
                     as_tuples: bool) -> tuple[Any, list[Any]]:
     """(response, new history) for the tokens generated so far, as each family's chat() post-processes them."""
+    if family == "glm130b":
+        response = tokenizer.decode(out, skip_special_tokens=True).strip()
+        return response, history + [(query, response)]
     if family in ("chatglm", "chatglm2"):
         text = tokenizer.decode(out)
         response = process_chatglm_response(text) if family == "chatglm" else process_chatglm2_response(text)
@@ -351,7 +362,7 @@ def stream_chat(model, tokenizer, query: str, history: Sequence[Any] | None = No
     if not all(isinstance(s, str) and s for s in stop):
         raise ValueError("stop must be a string or a list of non-empty strings")
     history = list(history or [])
-    as_tuples = family in ("chatglm", "chatglm2") or (bool(history) and not _is_messages(history))
+    as_tuples = family in ("chatglm", "chatglm2", "glm130b") or (bool(history) and not _is_messages(history))
     if tools is not None and as_tuples and family in TOOL_FAMILIES:
         raise ValueError("tools need a role-dict history (the (query, response) pairs cannot hold tool calls)")
     limit = _limits(model, family, max_length)

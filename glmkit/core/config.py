@@ -45,8 +45,9 @@ class GLMConfig:
     # every depth (glm-family.md §3.2): its reader and presets set 28.
     alpha_num_layers: int | None = None
     # gelu: tanh approximation (ChatGLM-6B); gelu_erf: the exact erf GELU (the original GLM as its hub code runs it:
-    # transformers' `gelu`; THUDM/GLM's training code used the tanh form); swiglu: gate = first half (ChatGLM2+).
-    mlp: Literal["gelu", "gelu_erf", "swiglu"] = "gelu"
+    # transformers' `gelu`; THUDM/GLM's training code used the tanh form); swiglu: gate = first half (ChatGLM2+);
+    # geglu: GLM-130B's GEGLU, fc -> (x1, x2) halves -> x1 * erf-GELU(x2) (the SECOND half is activated).
+    mlp: Literal["gelu", "gelu_erf", "swiglu", "geglu"] = "gelu"
     qkv_bias: bool = True
     proj_bias: bool = True  # attention output projection
     mlp_bias: bool = True
@@ -60,17 +61,19 @@ class GLMConfig:
     #                     GPT-NeoX half-split layout.
     # "half_interleaved": ChatGLM2+/GLM-4: rotary on the first `rotary_dim` dims, interleaved pairs (x[2i], x[2i+1]).
     # "none":             the original GLM (no rotary; learned position tables, see position_embedding).
-    rope: Literal["2d", "half_interleaved", "none"] = "2d"
+    # "1d":               GLM-130B: the whole head rotated by 1-D positions, GPT-NeoX half-split layout.
+    rope: Literal["2d", "half_interleaved", "none", "1d"] = "2d"
     rope_base: float = 10000.0
     rotary_dim: int | None = None  # half_interleaved only; None = head_dim // 2
-    # ChatGLM-6B rounds inv_freq to fp16 and builds its cos/sin table in the dtype that buffer has: fp16 as
-    # published ("table"), fp32 after .float() ("inv_freq": only inv_freq rounded), bf16 after .bfloat16()
-    # ("table_bf16": positions, angles and table in bf16). The loader picks the one matching the load dtype.
+    # ChatGLM-6B (and GLM-130B's SAT RotaryEmbedding) rounds inv_freq to fp16 and builds its cos/sin table in the
+    # dtype that buffer has: fp16 as published ("table"), fp32 after .float() ("inv_freq": only inv_freq rounded),
+    # bf16 after .bfloat16() ("table_bf16": positions, angles and table in bf16). The loader picks the one matching
+    # the load dtype.
     rope_fp16: Literal["none", "inv_freq", "table", "table_bf16"] = "none"
     # "learned_2d": the original GLM (<= 10B): learned absolute + learned block-position tables (`max_seq_len + 1`
     # rows each, as THUDM's block_position_encoding builds them) added to the word embeddings; positions [B, 2, T].
     position_embedding: Literal["none", "learned_2d"] = "none"
-    # "prefix_lm": ChatGLM-6B, everything before <sop> sees everything before <sop>, causal after.
+    # "prefix_lm": ChatGLM-6B and GLM-130B, everything before <sop> sees everything before <sop>, causal after.
     attention: Literal["prefix_lm", "causal"] = "prefix_lm"
     # A query row whose mask hides every key (padding): "all" attends to every key as usual (ChatGLM's finite fill
     # keeps such rows finite too, their output is never used); "uniform" averages all values with equal weights,
@@ -91,10 +94,12 @@ class GLMConfig:
     pad_token_id: int | None = 3
     mask_token_id: int | None = 130000
     gmask_token_id: int | None = 130001
+    smask_token_id: int | None = None  # GLM-130B's [sMASK] (it generates for [MASK], else [sMASK], else [gMASK])
 
     # --- bookkeeping ---
     torch_dtype: str = "float32"
-    family: Literal["chatglm", "chatglm2", "glm4", "glm"] = "chatglm"  # glm: THUDM's original GLM (ACL 2022)
+    # glm: THUDM's original GLM (ACL 2022); glm130b: GLM-130B (SwissArmyTransformer checkpoints, core/sat.py)
+    family: Literal["chatglm", "chatglm2", "glm4", "glm", "glm130b"] = "chatglm"
     name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # unrecognised config.json fields, kept for save
 
@@ -115,8 +120,10 @@ class GLMConfig:
         if (self.position_embedding == "learned_2d") != (self.rope == "none"):
             raise ConfigError("learned 2D position tables go with rope='none' (the original GLM) and only with it; got "
                               f"position_embedding={self.position_embedding!r}, rope={self.rope!r}")
+        if self.rope == "1d" and self.rotary_dim not in (None, self.head_dim):
+            raise ConfigError(f"rope='1d' rotates the whole head: rotary_dim must be head_dim {self.head_dim}")
         if self.rotary_dim is None:
-            self.rotary_dim = self.head_dim // 2
+            self.rotary_dim = self.head_dim if self.rope == "1d" else self.head_dim // 2
         if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
             raise ConfigError(f"rotary_dim {self.rotary_dim} must be even and at most head_dim {self.head_dim}")
         if self.pre_seq_len is not None and self.pre_seq_len < 0:

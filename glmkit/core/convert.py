@@ -65,6 +65,19 @@ ORIGINAL_GLM_AUTO_MAP = {"AutoConfig": "configuration_glm.GLMConfig", "AutoModel
                          "AutoModelForMultipleChoice": "modeling_glm.GLMForMultipleChoice",
                          "AutoModelForSequenceClassification": "modeling_glm.GLMForSequenceClassification"}
 
+GLM130B_SAT: dict[str, str | None] = {  # GLM-130B's SwissArmyTransformer names (glmkit.core.sat merges TP shards)
+    "transformer.word_embeddings.": "wte.",  # tied: lm_head is the same table
+    "transformer.layers.{}.input_layernorm.": "h.{}.ln_1.",
+    "transformer.layers.{}.attention.query_key_value.": "h.{}.attn.qkv.",  # per-head [q k v] rows
+    "transformer.layers.{}.attention.dense.": "h.{}.attn.proj.",
+    "transformer.layers.{}.attention.rotary_emb.inv_freq": None,
+    "transformer.layers.{}.post_attention_layernorm.": "h.{}.ln_2.",
+    "transformer.layers.{}.mlp.dense_h_to_4h.": "h.{}.mlp.fc.",  # [x1 | x2], GeGLU activates x2
+    "transformer.layers.{}.mlp.dense_4h_to_h.": "h.{}.mlp.proj.",
+    "transformer.final_layernorm.": "ln_f.",
+    "mixins.rotary-embedding.rotary_emb.inv_freq": None,  # SAT 0.2.x keeps the rotary buffer in a mixin
+}
+
 HF_GLM: dict[str, str | None] = {  # transformers GlmForCausalLM; q/k/v are fused by HFGlmConverter
     "model.embed_tokens.": "wte.",
     "model.layers.{}.input_layernorm.weight": "h.{}.ln_1.weight",
@@ -168,6 +181,8 @@ class OriginalGLMConverter(Converter):
 def converter_for(config: GLMConfig, hf_config: dict[str, Any]) -> Converter:
     if config.family == "glm":
         return OriginalGLMConverter()
+    if config.family == "glm130b":
+        return Converter(GLM130B_SAT)
     if hf_config.get("model_type") == "glm" or config.extra.get("hf_layout") == "glm":
         return HFGlmConverter()
     if config.family == "chatglm":
@@ -182,6 +197,8 @@ def to_thudm_state_dict(state_dict: dict[str, torch.Tensor], config: GLMConfig) 
         table = {ORIGINAL_GLM_PREFIX + k: v for k, v in ORIGINAL_GLM.items()
                  if not k.startswith("transformer.prefix_encoder")}
         table["transformer.prefix_encoder."] = "prefix_encoder."
+    elif config.family == "glm130b":
+        table = GLM130B_SAT
     else:
         table = CHATGLM_V1 if config.family == "chatglm" else CHATGLM_V2
     reverse = [(dst, src) for src, dst in table.items() if dst is not None]
@@ -205,6 +222,8 @@ def to_hf_config(config: GLMConfig) -> dict[str, Any]:
     c = config
     if c.family == "glm":
         return _original_glm_config(c)
+    if c.family == "glm130b":  # no Hugging Face layout exists for GLM-130B: glmkit's own config
+        return {"model_type": "glmkit", **c.to_dict()}
     common = {"model_type": "chatglm", "torch_dtype": c.torch_dtype, "pre_seq_len": c.pre_seq_len,
               "prefix_projection": c.prefix_projection, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id}
     if c.extra.get("quantization_bit"):

@@ -1,10 +1,11 @@
 """The GLM family in one file of plain nn.Modules, in reading order.
 
 Covers ChatGLM-6B (2D rotary, DeepNorm, prefix-LM mask), ChatGLM2/3-6B and GLM-4 (RMSNorm, SwiGLU, grouped KV
-heads, rotary on half of each head in interleaved pairs, causal), and THUDM's original GLM (learned position and
-block-position tables, Pre-LN, exact GELU, tied head). Family differences are GLMConfig fields.
-Facts and formulas: shared/docs/glm-family.md (§1.1 for the original GLM, §3.2-3.4 for ChatGLM-6B, §4 for the later
-generations).
+heads, rotary on half of each head in interleaved pairs, causal), THUDM's original GLM (learned position and
+block-position tables, Pre-LN, exact GELU, tied head) and GLM-130B (DeepNorm, GeGLU, 1-D rotary over the whole head,
+prefix-LM mask, tied head). Family differences are GLMConfig fields.
+Facts and formulas: shared/docs/glm-family.md (§1.1 for the original GLM, §2 for GLM-130B, §3.2-3.4 for ChatGLM-6B,
+§4 for the later generations).
 
 Shapes: B batch, T new tokens, S key length (cache + new), H query heads, K kv heads, D head_dim, P prefix length.
 This file imports only torch, the standard library and glmkit.core.config (no training, quantization or serving code).
@@ -50,6 +51,8 @@ class Rotary(nn.Module):
     table of D/2 dims in the GPT-NeoX half-split layout (`rotate_half`). ChatGLM-6B rounds inv_freq to fp16 and,
     unless the model was `.float()`-ed, also builds positions × inv_freq and cos/sin in fp16 (`rope_fp16`).
     half_interleaved (ChatGLM2+, GLM-4): dims [0, rotary_dim) rotate in pairs (x[2i], x[2i+1]); the rest pass.
+    1d (GLM-130B): one table of D dims over the whole head, GPT-NeoX half-split layout, 1-D positions. SAT's
+    RotaryEmbedding rounds inv_freq to fp16 like ChatGLM-6B and builds the table in that buffer's dtype.
     """
 
     def __init__(self, config: GLMConfig) -> None:
@@ -58,7 +61,9 @@ class Rotary(nn.Module):
 
     @property
     def dim(self) -> int:
-        return self.config.head_dim // 2 if self.config.rope == "2d" else self.config.rotary_dim
+        if self.config.rope == "2d":
+            return self.config.head_dim // 2
+        return self.config.head_dim if self.config.rope == "1d" else self.config.rotary_dim
 
     def inv_freq(self, device=None) -> torch.Tensor:
         # Computed per call (dim/2 values): no buffer to materialise after meta-device construction.
@@ -68,7 +73,7 @@ class Rotary(nn.Module):
         return inv_freq
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] -> cos, sin [B, T, dim] (2d) or [B, T, dim/2] (interleaved), float32."""
+        """positions [B, T] -> cos, sin [B, T, dim] (2d, 1d) or [B, T, dim/2] (interleaved), float32."""
         mode = self.config.rope_fp16
         table_dtype = {"table": torch.float16, "table_bf16": torch.bfloat16}.get(mode)
         inv_freq = self.inv_freq(positions.device)
@@ -77,7 +82,7 @@ class Rotary(nn.Module):
         else:  # the original's arange(seq_len, dtype) x inv_freq, each product rounded to that dtype
             t = positions.to(table_dtype).float()
             angles = (t[..., None] * inv_freq.to(table_dtype).float()).to(table_dtype).float()
-        if self.config.rope == "2d":
+        if self.config.rope in ("2d", "1d"):
             angles = torch.cat((angles, angles), dim=-1)  # (B, T, dim)
         cos, sin = angles.cos(), angles.sin()
         if table_dtype is not None:
@@ -93,6 +98,15 @@ def apply_rotary_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     xf = x.float()
     parts = xf.unflatten(-1, (2, 2, -1))  # (B, T, H, half, 2, D/4)
     rotated = torch.cat((-parts[..., 1:, :], parts[..., :1, :]), dim=-2).flatten(-3)  # rotate_half per half
+    return (xf * cos[:, :, None] + rotated * sin[:, :, None]).to(x.dtype)  # (B, T, H, D)
+
+
+def apply_rotary_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """GLM-130B's rotary over the whole head: x (B, T, H, D); cos/sin (B, T, D). x * cos + rotate_half(x) * sin in
+    fp32, with rotate_half(a | b) = (-b | a) over the head's two halves."""
+    xf = x.float()
+    a, b = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-b, a), dim=-1)
     return (xf * cos[:, :, None] + rotated * sin[:, :, None]).to(x.dtype)  # (B, T, H, D)
 
 
@@ -135,6 +149,9 @@ class Attention(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
+        # The heads this module computes: all of them, or this rank's under tensor parallelism (glmkit.distributed
+        # shards qkv by heads and sets these).
+        self.n_heads, self.n_kv_heads = config.num_heads, config.num_kv_heads
         self.qkv = nn.Linear(config.hidden_size, config.qkv_out_features, bias=config.qkv_bias)
         self.proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=config.proj_bias)
         self.kv_cache: KVCache | None = None
@@ -142,7 +159,7 @@ class Attention(nn.Module):
     def forward(self, x, cos_sin, mask, input_pos=None, prefix_kv=None, uniform_rows=None):
         c = self.config
         B, T, _ = x.shape
-        H, K, D = c.num_heads, c.num_kv_heads, c.head_dim
+        H, K, D = self.n_heads, self.n_kv_heads, c.head_dim
         qkv = self.qkv(x)  # (B, T, (H + 2K) * D)
         if c.qkv_layout == "per_head":
             q, k, v = qkv.view(B, T, H, 3 * D).split(D, dim=-1)  # each (B, T, H, D)
@@ -155,6 +172,9 @@ class Attention(nn.Module):
         elif c.rope == "2d":
             cos, sin = cos_sin  # (B, T, D): positions' table | block positions' table
             q, k = apply_rotary_2d(q, cos, sin), apply_rotary_2d(k, cos, sin)
+        elif c.rope == "1d":
+            cos, sin = cos_sin  # (B, T, D)
+            q, k = apply_rotary_half_split(q, cos, sin), apply_rotary_half_split(k, cos, sin)
         else:
             cos, sin = cos_sin
             q, k = apply_rotary_interleaved(q, cos, sin), apply_rotary_interleaved(k, cos, sin)
@@ -170,15 +190,18 @@ class Attention(nn.Module):
             pk, pv = prefix_kv  # (B, K, P, D)
             k = torch.cat((pk.to(k.dtype), k), dim=2)
             v = torch.cat((pv.to(v.dtype), v), dim=2)
-        # ChatGLM-6B divides q by (layer+1)·√D and multiplies the fp32 scores back by (layer+1) to dodge fp16
-        # overflow: the same 1/√D attention, which SDPA computes (in fp32 accumulation on CPU).
+        # ChatGLM-6B and GLM-130B divide q by (layer+1)·√D and multiply the fp32 scores back by (layer+1) to dodge
+        # fp16 overflow: the same 1/√D attention, which SDPA computes (in fp32 accumulation on CPU). Their -10000 fill
+        # gives masked keys weight exactly 0 in fp32 as SDPA's -inf does, and a row that sees no key the mean of all
+        # values (masked_row "uniform").
         # Grouped KV heads: head h reads kv group h // (H / K) (enable_gqa, without copying K/V per head).
         if x.device.type == "cpu" and x.dtype != torch.float32 and T <= DECODE_ROWS:
             # CPU SDPA takes 3-6x longer in bf16/fp16 than in fp32 for a few query rows (decoding): run it in
-            # fp32 on the same values (it accumulates in fp32 either way).
+            # fp32 on the same values (it accumulates in fp32 either way); the CPU cache is fp32 already.
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                                enable_gqa=K != H).to(x.dtype)
         else:
+            k, v = k.to(q.dtype), v.to(q.dtype)  # an fp32 CPU cache under a bf16 prefill
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=K != H)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.proj(y)
@@ -186,12 +209,13 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     """gelu: fc -> tanh-GELU -> proj (ChatGLM-6B's 'GLU' is not gated); gelu_erf: the same with the exact GELU (the
-    original GLM's hub code). swiglu: silu(first half) * second half."""
+    original GLM's hub code). swiglu: silu(first half) * second half. geglu (GLM-130B): first half * erf-GELU(second
+    half)."""
 
     def __init__(self, config: GLMConfig) -> None:
         super().__init__()
         self.kind = config.mlp
-        fc_out = config.ffn_hidden_size * (2 if config.mlp == "swiglu" else 1)
+        fc_out = config.ffn_hidden_size * (2 if config.mlp in ("swiglu", "geglu") else 1)
         self.fc = nn.Linear(config.hidden_size, fc_out, bias=config.mlp_bias)
         self.proj = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.mlp_bias)
 
@@ -200,6 +224,9 @@ class MLP(nn.Module):
         if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.kind == "geglu":
+            x1, x2 = h.chunk(2, dim=-1)  # under tensor parallelism: this rank's part of each half
+            h = x1 * F.gelu(x2)
         elif self.kind == "gelu_erf":
             h = F.gelu(h)
         else:
@@ -254,6 +281,14 @@ class GLM(nn.Module):
         if self.config.position_embedding == "learned_2d":
             pos = (torch.arange(T, device=input_ids.device).expand(B, T) - pad[:, None]).clamp(min=0)
             return torch.stack((pos, torch.zeros_like(pos)), dim=1)
+        if self.config.family == "glm130b":
+            pos = (torch.arange(T, device=input_ids.device).expand(B, T) - pad[:, None]).clamp(min=0).clone()
+            for b, row in enumerate(input_ids.tolist()):
+                p = int(pad[b])
+                ctx, frozen_at = self._glm130b_part_b(row[p:])
+                if frozen_at is not None:  # [MASK] / [sMASK]: from <sop> on, every position is the mask's
+                    pos[b, p + ctx:] = frozen_at
+            return pos
         if self.config.rope != "2d":
             pos = torch.arange(T, device=input_ids.device).expand(B, T) - pad[:, None]
             return pos.clamp(min=0)
@@ -270,6 +305,33 @@ class GLM(nn.Module):
             positions[b, 0, p:] = pos
             positions[b, 1, p:] = block
         return positions
+
+    def _glm130b_part_b(self, row: list[int]) -> tuple[int, int | None]:
+        """GLM-130B (generate.py): (index of the first <sop>, the position Part B is frozen at, or None).
+
+        It generates for the first [MASK] if there is one, else the first [sMASK], else [gMASK] (the reverse of
+        ChatGLM-6B's gMASK-first rule); only a [MASK] or [sMASK] freezes the positions from <sop> on at its index,
+        with [gMASK] (or no mask, or no <sop>) they keep counting."""
+        c = self.config
+        if c.bos_token_id not in row:
+            return len(row), None
+        ctx = row.index(c.bos_token_id)
+        for mask in (c.mask_token_id, c.smask_token_id):
+            if mask is not None and mask in row:
+                return ctx, row.index(mask)
+        return ctx, None
+
+    def frozen_position_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """Bool [B]: rows whose 1-D positions stay at their mask's index for every generated token (GLM-130B after
+        [MASK] / [sMASK] and <sop>). generate.py keeps their next position the same instead of counting up."""
+        B, T = input_ids.shape
+        frozen = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        if self.config.family != "glm130b":
+            return frozen
+        pad = _left_pad_lengths(attention_mask, B, T, input_ids.device)
+        for b, row in enumerate(input_ids.tolist()):
+            frozen[b] = self._glm130b_part_b(row[int(pad[b]):])[1] is not None
+        return frozen
 
     def _context_and_mask_position(self, row: list[int]) -> tuple[int, int]:
         """ChatGLM-6B: context length = index of the first <sop>; mask = first [gMASK], else first [MASK].
@@ -309,12 +371,18 @@ class GLM(nn.Module):
         return self.ln_f.weight.dtype
 
     def setup_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
-        """Preallocates a KV cache for `batch_size` rows of up to `max_seq_len` tokens (prefix excluded)."""
+        """Preallocates a KV cache for `batch_size` rows of up to `max_seq_len` tokens (prefix excluded). Its dtype
+        (default) is the model's, except fp32 for a bf16/fp16 model on the CPU: decoding attends in fp32 there
+        (Attention.forward), and converting the whole cache for every layer at every step cost more than the
+        attention itself (twice the cache memory; the values are the model dtype's, exactly)."""
         c = self.config
-        dtype = dtype or self.dtype
         device = self.device
+        if dtype is None:
+            dtype = self.dtype
+            if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+                dtype = torch.float32
         for block in self.h:
-            block.attn.kv_cache = KVCache(batch_size, max_seq_len, c.num_kv_heads, c.head_dim, dtype, device)
+            block.attn.kv_cache = KVCache(batch_size, max_seq_len, block.attn.n_kv_heads, c.head_dim, dtype, device)
 
     def clear_cache(self) -> None:
         for block in self.h:

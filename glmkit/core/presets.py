@@ -51,6 +51,16 @@ PRESETS: dict[str, dict] = {
                     ffn_hidden_size=16384),
     "glm-10b-chinese": dict(_ORIGINAL_GLM, vocab_size=50048, hidden_size=4096, num_layers=48, num_heads=64,
                             ffn_hidden_size=16384),
+    # GLM-130B: THUDM/GLM-130B configs/model_glm_130b.sh (70 layers, 12288, 96 heads, inner 32768, vocab 150528, seq
+    # 2048, fp16, 8-way tensor parallel), SAT 0.2.x GLM130B (DeepNorm with GeGLU, 1-D rotary over the whole head,
+    # output tied to the word embeddings), icetk-glm-130B command ids ([MASK] 150000 ... eop 150005, eos 20002).
+    "glm-130b": dict(
+        vocab_size=150528, hidden_size=12288, num_layers=70, num_heads=96, ffn_hidden_size=32768, max_seq_len=2048,
+        norm="layernorm", norm_eps=1e-5, residual="deepnorm", alpha_num_layers=None, mlp="geglu",
+        qkv_layout="per_head", rope="1d", rope_fp16="table", attention="prefix_lm", masked_row="uniform",
+        tie_word_embeddings=True, bos_token_id=150004, eos_token_id=[150005, 20002], pad_token_id=0,
+        mask_token_id=150000, gmask_token_id=150001, smask_token_id=150002, family="glm130b", torch_dtype="float16",
+    ),
     # https://huggingface.co/THUDM/glm-4-9b-chat/blob/main/config.json (rope_ratio 500 -> base 5e6)
     "glm-4-9b-chat": dict(
         vocab_size=151552, hidden_size=4096, num_layers=40, num_heads=32, num_kv_heads=2, head_dim=128,

@@ -56,3 +56,45 @@ def compute_metrics(preds: Sequence[str], labels: Sequence[str]) -> dict[str, fl
         raise ValueError("no predictions to score")
     per_pair = [score_pair(p, l) for p, l in zip(preds, labels)]
     return {k: float(np.mean([s[k] for s in per_pair])) for k in METRIC_KEYS}
+
+
+# ------------------------------------------------------------------- GLM-130B's metrics (evaluation/metrics.py)
+def normalize_answer(s: str) -> str:
+    """GLM-130B's (SQuAD's) normalisation: lower case, no punctuation (string.punctuation), no articles a/an/the,
+    whitespace collapsed."""
+    import re
+    import string
+
+    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match_score(prediction: str, ground_truth: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(ground_truth))
+
+
+def f1_score(prediction: str, ground_truth: str) -> float:
+    """Bag-of-words F1 over normalised whitespace words."""
+    from collections import Counter
+
+    pred, truth = normalize_answer(prediction).split(), normalize_answer(ground_truth).split()
+    same = sum((Counter(pred) & Counter(truth)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(truth)
+    return 2 * precision * recall / (precision + recall)
+
+
+def max_over_ground_truths(metric, prediction: str, ground_truths: Sequence[str]) -> float:
+    return max((metric(prediction, t) for t in ground_truths), default=0.0)
+
+
+def qa_metric(metric, predictions: Sequence[str], targets: Sequence[Sequence[str]]) -> float:
+    """GLM-130B's qa_evaluate: 100 × mean over items of the best score against any target (0 for an item without
+    targets)."""
+    if len(predictions) != len(targets):
+        raise ValueError(f"got {len(predictions)} predictions but {len(targets)} target lists")
+    if not predictions:
+        raise ValueError("no predictions to score")
+    return 100.0 * sum(max_over_ground_truths(metric, p, t) for p, t in zip(predictions, targets)) / len(predictions)

@@ -34,6 +34,7 @@ from glmkit.core.checkpoint import (
 from glmkit.core.config import CHATGLM_V1_ALPHA_LAYERS, ConfigError, GLMConfig
 from glmkit.core.convert import converter_for, to_hf_config, to_thudm_state_dict
 from glmkit.core.hub import resolve_model_dir
+from glmkit.core.sat import is_sat_checkpoint, iter_sat_tensors, read_sat_config, sat_quantization
 from glmkit.quant.quantize import (
     QUANT_KEY,
     QuantizedLinear,
@@ -45,12 +46,13 @@ from glmkit.quant.quantize import (
     saved_layout_is_native,
     tie_quantized_head,
 )
+from glmkit.quant.sharded import prepare_sat_model, sat_spec
 
 
 # ------------------------------------------------------------------------------------------------ loading
 def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device: str = "cpu",
                adapter: str | os.PathLike | None = None, quantize: str | None = None, group_size: int | None = None,
-               scheme: str | None = None, quantize_head: str | None = None):
+               scheme: str | None = None, quantize_head: str | None = None, tensor_parallel: bool = False):
     """Loads a GLM-family checkpoint folder (or bundled name, or Hugging Face id) as a GLMForCausalLM.
 
     dtype: torch dtype or name; default = config.json's torch_dtype, as transformers does with
@@ -59,14 +61,31 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None
     quantize: "int8" | "int4" quantizes the four linears of every layer while loading, shard by shard, and the
     output layer and embedding as quantize_head says: "int8" (the default), "int4", or "none" (kept in floating
     point). A checkpoint saved quantized (`glmkit quantize`, save_model) loads as it was saved, memory-mapped.
+    GLM-130B's SwissArmyTransformer folders (`latest` + `<iteration>/mp_rank_XX_model_states.pt`, any
+    tensor-parallel degree, float or quantized by its convert_tp.py) load merged (glmkit.core.sat).
+    tensor_parallel=True (under torchrun, one process per device): each rank loads only its shard of the heads, MLP
+    columns and vocabulary and the ranks compute together through torch.distributed (glmkit.distributed).
     """
     folder = resolve_model_dir(path_or_id)
-    hf = read_hf_config(folder)
-    try:
-        config = GLMConfig.from_hf_config(hf)
-    except ConfigError as e:
-        raise ConfigError(f"{folder / 'config.json'}: {e}") from None
-    files = weight_files(folder)
+    if tensor_parallel:
+        if adapter is not None:
+            raise ValueError("adapters are not supported with tensor_parallel=True")
+        from glmkit.distributed.tp import load_tensor_parallel
+
+        model = load_tensor_parallel(folder, dtype=dtype, device=device, quantize=quantize, group_size=group_size,
+                                     scheme=scheme)
+        model.name_or_path = str(path_or_id)
+        return model
+    sat = is_sat_checkpoint(folder)
+    if sat:
+        hf, config, files = {}, read_sat_config(folder), []
+    else:
+        hf = read_hf_config(folder)
+        try:
+            config = GLMConfig.from_hf_config(hf)
+        except ConfigError as e:
+            raise ConfigError(f"{folder / 'config.json'}: {e}") from None
+        files = weight_files(folder)
     target_dtype = as_dtype(dtype) if dtype is not None else default_dtype(config.torch_dtype, device)
     config.torch_dtype = str(target_dtype).removeprefix("torch.")
 
@@ -75,9 +94,17 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None
         if config.pre_seq_len:  # P-tuning weights merged into the checkpoint
             attach_prefix(model, config.pre_seq_len, config.prefix_projection, config.prefix_hidden_size)
 
-    quant_spec = _quantization_spec(hf, files, quantize, group_size, scheme, quantize_head)
+    sat_quant = sat_quantization(config)  # GLM-130B quantized by its convert_tp.py
+    if sat_quant is not None:
+        if quantize is not None:
+            raise ValueError("this GLM-130B checkpoint is already quantized (convert_tp.py); load it without quantize=")
+        quant_spec = sat_spec(sat_quant["bits"])
+        prepare_sat_model(model, sat_quant["bits"], sat_quant["row_parallel_groups"])
+    else:
+        quant_spec = _quantization_spec(hf, files, quantize, group_size, scheme, quantize_head)
+        if quant_spec is not None:
+            prepare_model(model, quant_spec)
     if quant_spec is not None:
-        prepare_model(model, quant_spec)
         config.extra["quantization"] = quant_spec
 
     converter = converter_for(config, hf)
@@ -85,8 +112,9 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None
     # glmkit's saved quantized models hold the runtime layout: map the file and take its tensors without a copy
     mapped = (quant_spec is not None and quantize is None and torch.device(device).type == "cpu"
               and saved_layout_is_native(quant_spec) and bool(hf.get(QUANT_KEY) or _glmkit_metadata(files)))
-    stream_into(model, converter, iter_tensors(files, defer, mapped=mapped), target_dtype, source=folder)
-    if config.rope == "2d":
+    tensors = iter_sat_tensors(folder) if sat else iter_tensors(files, defer, mapped=mapped)
+    stream_into(model, converter, tensors, target_dtype, source=folder)
+    if config.rope in ("2d", "1d"):  # ChatGLM-6B's and SAT's fp16 inv_freq buffer, as the model's dtype makes it
         config.rope_fp16 = chatglm_rope_mode(target_dtype)
     tie_quantized_head(model)
     finish(model, converter, folder)

@@ -13,6 +13,7 @@ import torch
 from glmkit.adapters.lora import ADAPTER_CONFIG, load_lora_adapter, merge_lora
 from glmkit.core.hub import resolve_model_dir
 from glmkit.core.tokenizer import load_tokenizer
+from glmkit.distributed.tp import end_worker, lockstep
 from glmkit.loading.loader import load_model, save_model
 from glmkit.quant.calibrate import calibrate_and_quantize
 from glmkit.quant.quantize import default_spec, head_spec, quantize_head, save_quantized
@@ -29,13 +30,21 @@ def model_name(path_or_id: str) -> str:
 
 
 def load_chat_model(path_or_id: str = DEFAULT_MODEL, *, quantize: str | None = None, adapter: str | None = None,
-                    device: str | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) ready for chat; the tokenizer always comes from the base model."""
+                    device: str | None = None, tensor_parallel: bool | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) ready for chat; the tokenizer always comes from the base model.
+
+    tensor_parallel (default: when torchrun started several processes, WORLD_SIZE > 1): every process loads its
+    shard; rank 0 returns and drives the model as usual, the other ranks mirror its model calls
+    (glmkit.distributed.tp.lockstep) and exit when rank 0 is done, without returning."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(path_or_id, device=device, adapter=adapter, quantize=quantize)
-    model.eval()
+    if tensor_parallel is None:
+        tensor_parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1
     tokenizer = load_tokenizer(path_or_id)
+    model = load_model(path_or_id, device=device, adapter=adapter, quantize=quantize, tensor_parallel=tensor_parallel)
+    model.eval()
+    if tensor_parallel and not lockstep(model):
+        end_worker(0)  # a follower whose leader has finished
     return model, tokenizer
 
 

@@ -111,7 +111,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, scheme: str
             if scheme == "rowwise":
                 s, z = s_row, None
             elif col % group_size == 0:
-                _, gs, gz = quantize_group(W1[:, i:i + group_size], group_size, symmetric)
+                _, gs, gz = quantize_group(W1[:, i:i + group_size], group_size, symmetric, mse_fit=True)
                 scales[:, col // group_size] = gs[:, 0]
                 if zeros is not None:
                     zeros[:, col // group_size] = gz[:, 0]

@@ -17,7 +17,7 @@ Schemes (every value is ``w = q * scale (+ zero)``, q a signed integer):
   has exactly the original's error); THUDM ``quantization_bit`` checkpoints use it.
 * ``group`` (INT4 default): one bf16 (scale, zero) pair per ``group_size`` (32..256, default 32) consecutive
   inputs of a row, q in [-8, 7], asymmetric by default (the group's min..max range in 15 steps, so its extreme
-  weights stay exact: see CLIP_RATIOS for why nothing is clipped), or symmetric (zero = 0). Finer groups follow
+  weights stay exact: see MSE_CLIP_RATIOS for why nothing is clipped), or symmetric (zero = 0). Finer groups follow
   the local range of the weights. 32 is the default: its scales and zeros cost 0.35 GB more than 64's at the 6B
   shape and decode reads 8% more bytes; benchmarks/accuracy.py has the errors of each choice.
 
@@ -53,13 +53,14 @@ QUANTIZED_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 SCHEMES = ("rowwise", "group")
 DEFAULT_GROUP_SIZE = 32
 GROUP_SIZES = (32, 64, 128, 256)
-# Clipping ratios tried per group (asymmetric group scheme; 1.0 = plain min/max) and least-squares refits of a
-# group's (scale, zero) to its rounded integers. Both lower the weights' squared error (Gaussian weights: 0.57x
-# of the per-row scheme's logits error with (1, .95, .9, .85) and 2 refits, 0.63x plain) but on trained weights
-# they cost the largest weights their exact values, which matter most: glm-tiny's INT4 logits error was 1.17x the
-# original per-row scheme's with them and 0.88x without (benchmarks/README.md). So plain min/max is the default.
-CLIP_RATIOS: tuple[float, ...] = (1.0,)
-REFIT_ROUNDS = 0
+# The "MSE fit" of a group's grid: clipping ratios tried per group (1.0 = plain min/max), then least-squares refits
+# of (scale, zero) to the rounded integers. It lowers the weights' squared error (random Gaussian models: 0.59x
+# the per-row scheme's logits error, 0.64x with plain min/max) but on trained weights it costs the largest weights
+# their exact values, which matter most: glm-tiny's INT4 logits error is 1.17x the original per-row scheme's with
+# it and 0.88x without (benchmarks/README.md). So quantize-on-load rounds on the plain min..max grid; GPTQ, which
+# pushes each rounding error onto later columns, keeps the MSE fit (its error on glm-tiny: 0.52x -> 0.43x).
+MSE_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85)
+MSE_REFIT_ROUNDS = 2
 HEADS = ("int8", "int4", "none")  # how the output layer and the embedding are stored
 DEFAULT_HEAD = "int8"
 
@@ -159,22 +160,24 @@ def quantize_rowwise(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
     original's quantize() writes, and on our test models a least-squares refit of the scale lowered the weight
     error but not the logits error (it clips each row's largest weight, which matters most)."""
     qmax = 2 ** (bits - 1) - 1
-    w = w.float()
-    scale = (w.abs().amax(dim=-1) / qmax).half()
+    w = w.to(torch.float32, copy=True)  # worked on in place below (fewer passes: the 6B embedding is 535M weights)
+    lo, hi = torch.aminmax(w, dim=-1)
+    scale = (torch.maximum(hi, -lo) / qmax).half()  # max |w| of the row
     s = scale.float()
     s = torch.where(s == 0, torch.ones_like(s), s)  # an all-zero row: q = 0 whatever the scale
-    q = torch.round(w / s[:, None]).clamp_(-qmax, qmax)
+    q = w.div_(s[:, None]).round_().clamp_(-qmax, qmax)
     return q.to(torch.int8), scale
 
 
-def quantize_group(w: torch.Tensor, group_size: int, symmetric: bool = False
+def quantize_group(w: torch.Tensor, group_size: int, symmetric: bool = False, mse_fit: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """[N, K] float -> q int8 [N, K] in [-8, 7], scale bf16 [N, K/group], zero bf16 [N, K/group] (None if
     symmetric). Scale and zero are rounded to bf16 (what the kernels read) before q is computed.
 
-    Asymmetric: the group's [min, max] range in 15 steps (q = -8 at the min, 7 at the max). With more CLIP_RATIOS
-    the range is also shrunk by each and per group the ratio with the least squared error wins, then REFIT_ROUNDS
-    least-squares refits (lower weight error, higher logits error on trained weights: see CLIP_RATIOS)."""
+    Asymmetric: the group's [min, max] range in 15 steps (q = -8 at the min, 7 at the max). mse_fit: the range is
+    also shrunk by each of MSE_CLIP_RATIOS, per group the ratio with the least squared error wins, then
+    MSE_REFIT_ROUNDS least-squares refits (lower weight error, higher logits error on trained weights unless the
+    rounding errors are compensated, as GPTQ does: see MSE_CLIP_RATIOS)."""
     n, k = w.shape
     if k % group_size:
         raise ValueError(f"in_features {k} is not a multiple of group_size {group_size}")
@@ -194,11 +197,11 @@ def quantize_group(w: torch.Tensor, group_size: int, symmetric: bool = False
 
     mn, mx = g.amin(dim=-1), g.amax(dim=-1)
     best = None
-    for ratio in CLIP_RATIOS:
+    for ratio in MSE_CLIP_RATIOS if mse_fit else (1.0,):
         s = ((mx - mn) * (ratio / 15)).bfloat16().float()
         s = torch.where(s == 0, torch.ones_like(s), s)  # a constant group: q = -8 and z carries the value
         z = (mn * ratio + 8 * s).bfloat16().float()
-        if len(CLIP_RATIOS) == 1 and not REFIT_ROUNDS:
+        if not mse_fit:
             _, q = rounded(s, z)
             return q.to(torch.int8).view(n, k), s.bfloat16(), z.bfloat16()
         t, q = rounded(s, z)
@@ -210,7 +213,7 @@ def quantize_group(w: torch.Tensor, group_size: int, symmetric: bool = False
         best = (torch.where(better, s, best[0]), torch.where(better, z, best[1]), torch.minimum(err, best[2]))
     s, z, err = best
     # Refit (scale, zero) to the chosen integers by least squares, re-round, keep where the error drops.
-    for _ in range(REFIT_ROUNDS):
+    for _ in range(MSE_REFIT_ROUNDS):
         _, q = rounded(s, z)
         qm, wm = q.mean(dim=-1), g.mean(dim=-1)
         qc = q - qm[..., None]
@@ -918,10 +921,18 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     its first name (`wte`)."""
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
+    done: list[str] = []  # prefixes of modules written whole
     for prefix, module in model.named_modules():  # shared modules come once (remove_duplicate)
         prefix = prefix + "." if prefix else ""
+        if any(prefix.startswith(d) for d in done):
+            continue
         if isinstance(module, QuantizedLinear):
             out.update({prefix + k: t.detach().cpu().contiguous() for k, t in module.saved_tensors().items()})
+            done.append(prefix)
+            continue
+        if type(module)._save_to_state_dict is not nn.Module._save_to_state_dict:  # a module with its own format
+            out.update({k: t.detach().cpu().contiguous() for k, t in module.state_dict(prefix=prefix).items()})
+            done.append(prefix)
             continue
         tensors = list(module._parameters.items()) + [
             (k, b) for k, b in module._buffers.items() if k not in module._non_persistent_buffers_set]

@@ -19,42 +19,20 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from glmkit.core import chat
 from glmkit.core.chat import INVALID_SCORE_TOKEN_ID, find_stop, partial_stop
 from glmkit.core.generate import generate_stream, invalid_score_guard
 from glmkit.core.tools import ForcedCall
+from glmkit.serving.jobs import MAX_BATCH_SIZE, MAX_QUEUE, Job, logprob_entry, stop_token_ids
+from glmkit.serving.metrics import ServerMetrics
 from glmkit.serving.protocol import APIError, ChatFormat, SamplingParams
+from glmkit.serving.scheduler import ContinuousEngine
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH_SIZE = 16
-MAX_QUEUE = 256
 GATHER_SECONDS = 0.02  # how long a new batch waits for more requests to join it
-
-
-@dataclass
-class Job:
-    """One request's generation: its prompt, its settings, and the channel its tokens go back through."""
-
-    input_ids: list[int]
-    params: SamplingParams
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    constraint: ForcedCall | None = None  # tool_choice "required" / named: the answer's first line
-
-    def send(self, kind: str, value: Any = None) -> None:
-        # Called from the decoding thread; the queue belongs to the request's event loop.
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
-        except RuntimeError:  # the loop is gone (server shutting down): nobody is listening
-            pass
-
-    def cancel(self) -> None:
-        self.cancelled.set()
 
 
 class Engine:
@@ -66,7 +44,7 @@ class Engine:
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.gather_s = GATHER_SECONDS
         self.context = int(model.config.max_seq_len)
-        self.eos_ids = set(_stop_token_ids(model, tokenizer))
+        self.eos_ids = set(stop_token_ids(model, tokenizer))
         pad = getattr(tokenizer, "pad_token_id", None)
         if pad is None:
             pad = model.config.pad_token_id
@@ -242,36 +220,39 @@ class Engine:
         for row in running:  # the stream ran out (context or max_new_tokens reached)
             live[row].send("end", "length")
 
-    def _token_info(self, token: int, logprob: float) -> dict:
-        raw = self.tokenizer.token_bytes(token)
-        return {"token": raw.decode("utf-8", errors="replace"), "logprob": max(float(logprob), -9999.0),
-                "bytes": list(raw)}
-
     def _logprob_entry(self, logprobs, token: int, top: int) -> dict:
-        """OpenAI's logprobs entry of one chosen token: its log-probability and the `top` most likely tokens."""
-        entry = self._token_info(token, logprobs[token])
-        entry["top_logprobs"] = []
-        if top:
-            values, index = logprobs.topk(top)
-            entry["top_logprobs"] = [self._token_info(int(i), float(v)) for v, i in zip(values, index)]
-        return entry
-
-
-def _stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Token ids that end an answer: the ones model.chat stops at for this family."""
-    return [int(i) for i in chat.stop_token_ids(model, tokenizer, chat.family_of(tokenizer)) if i is not None]
+        return logprob_entry(self.tokenizer, logprobs, token, top)
 
 
 class ChatService:
-    """A loaded model ready to answer: its name, its decoding engine and its chat format."""
+    """A loaded model ready to answer: its name, its decoding engine, its chat format and its metrics.
+
+    engine: "continuous" (glmkit.serving.scheduler.ContinuousEngine: continuous batching over a paged KV cache;
+    `engine_options` are its kv_cache_memory, block_size, prefill_chunk) or "batch" (Engine above: one left-padded
+    batch at a time). request_timeout: seconds a request may take from arrival to its last token (None = no
+    limit); past it the request ends with a 504 error and its row is freed.
+    """
 
     def __init__(self, model: Any, tokenizer: Any, name: str, *, max_batch_size: int = MAX_BATCH_SIZE,
-                 max_queue: int = MAX_QUEUE) -> None:
+                 max_queue: int = MAX_QUEUE, engine: str = "continuous", request_timeout: float | None = None,
+                 **engine_options: Any) -> None:
         self.name = name
         self.created = int(time.time())
-        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
+        if engine == "continuous":
+            self.engine = ContinuousEngine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
+                                           **engine_options)
+        elif engine == "batch":
+            if engine_options:
+                raise ValueError(f"the batch engine takes no {', '.join(sorted(engine_options))}")
+            self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
+        else:
+            raise ValueError(f"engine must be 'continuous' or 'batch', got {engine!r}")
+        if request_timeout is not None and request_timeout <= 0:
+            raise ValueError(f"request_timeout must be positive seconds, got {request_timeout}")
+        self.request_timeout = request_timeout
         self.context = self.engine.context
         self.format = ChatFormat(tokenizer, self.context)
+        self.metrics = ServerMetrics(self.engine)
 
     async def generate(self, ids: list[int], params: SamplingParams, stop: list[str] = (), *,
                        incremental: bool = True) -> AsyncIterator[Update]:
@@ -284,14 +265,29 @@ class ChatService:
         constraint = ForcedCall(self.engine.tokenizer, params.forced_tools) if params.forced_tools else None
         job = Job(ids, params, asyncio.get_running_loop(), constraint=constraint)
         self.engine.submit(job)
+        started = time.monotonic()
+        deadline = None if self.request_timeout is None else started + self.request_timeout
         tokens: list[int] = []
         logprobs: list[dict] = []
         try:
             while True:
-                kind, value = await job.events.get()
+                try:
+                    left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                    kind, value = await asyncio.wait_for(job.events.get(), left)
+                except asyncio.TimeoutError:
+                    self.metrics.finished("timeout")
+                    raise APIError(504, f"the request took longer than {self.request_timeout:g} s "
+                                        f"({len(tokens)} tokens generated)", type="server_error",
+                                   code="timeout") from None
                 if kind == "error":
+                    self.metrics.finished("error")
                     raise value
+                if kind == "token" and not tokens:
+                    self.metrics.first_token(time.monotonic() - started)
+                if kind == "token":
+                    self.metrics.tokens(1)
                 if kind == "end":
+                    self.metrics.finished(value)
                     text = self.format.text(tokens)
                     cut = find_stop(text, stop) if stop else None
                     reason = "stop" if value == "cancelled" or cut is not None else value

@@ -16,12 +16,16 @@ Routes
                              take api.py's defaults (2048, 0.7, 0.95). Unlike api.py, temperature 0 means greedy
                              (api.py silently replaced it by 0.95) and max_length is capped at the model's context.
   GET  /health               {"status": "ok", ...}; 503 once the decoding thread has died.
+  GET  /metrics              Prometheus text: queue depth, running rows, KV blocks used/free, tokens/s, a
+                             time-to-first-token histogram (glmkit.serving.metrics).
 
-Concurrent requests are decoded together in batches (glmkit.serving.engine).
+Concurrent requests are decoded together: by default with continuous batching over a paged KV cache
+(glmkit.serving.scheduler), or one left-padded batch at a time (engine="batch", glmkit.serving.engine).
 
 Errors are JSON in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for invalid JSON, wrong
 types, unknown roles, bad limits and over-long prompts, 401 for a wrong API key, 413 for a body over
-max_body_bytes, 503 when the queue is full. None of them affects other requests.
+max_body_bytes, 503 (with Retry-After) when the queue is full, 504 past request_timeout. None of them affects other
+requests.
 """
 
 from __future__ import annotations
@@ -41,13 +45,20 @@ from typing import Any, AsyncIterator
 
 # FastAPI resolves route annotations from module globals, so these imports live here.
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glmkit.core.chat import TextDelta
 from glmkit.serving.engine import MAX_BATCH_SIZE, MAX_QUEUE, ChatService, Update
-from glmkit.serving.protocol import (APIError, ChatRequest, SamplingParams, parse_chat_request, parse_legacy_request,
-                                     usage)
+from glmkit.serving.metrics import CONTENT_TYPE, RETRY_AFTER_S
+from glmkit.serving.protocol import (
+    APIError,
+    ChatRequest,
+    SamplingParams,
+    parse_chat_request,
+    parse_legacy_request,
+    usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +67,20 @@ MAX_BODY_BYTES = 1 << 20
 
 def create_app(model: Any, tokenizer: Any, name: str, *, api_key: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, max_batch_size: int = MAX_BATCH_SIZE,
-               max_queue: int = MAX_QUEUE) -> FastAPI:
+               max_queue: int = MAX_QUEUE, engine: str = "continuous", request_timeout: float | None = None,
+               **engine_options: Any) -> FastAPI:
     """The FastAPI app serving a loaded chat model (e.g. from glmkit.loading.tools.load_chat_model) as `name`.
 
     api_key: when set, every route but /health requires `Authorization: Bearer <api_key>`.
     max_body_bytes: largest request body accepted (413 above it).
-    max_batch_size: most requests decoded together; max_queue: most requests waiting before new ones get 503.
+    max_batch_size: most requests decoded together; max_queue: most requests waiting before new ones get 503
+    (with Retry-After). engine: "continuous" (continuous batching over a paged KV cache; engine_options:
+    kv_cache_memory bytes, block_size, prefill_chunk) or "batch" (one left-padded batch at a time).
+    request_timeout: seconds per request (504 past it; None = no limit).
     The app's lifespan starts and stops the decoding thread; its ChatService is `app.state.service`.
     """
-    service = ChatService(model, tokenizer, name, max_batch_size=max_batch_size, max_queue=max_queue)
+    service = ChatService(model, tokenizer, name, max_batch_size=max_batch_size, max_queue=max_queue,
+                          engine=engine, request_timeout=request_timeout, **engine_options)
     api_key = api_key or None
 
     @asynccontextmanager
@@ -79,7 +95,8 @@ def create_app(model: Any, tokenizer: Any, name: str, *, api_key: str | None = N
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
-        return JSONResponse(err.body(), status_code=err.status)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status == 503 else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
@@ -132,6 +149,10 @@ def create_app(model: Any, tokenizer: Any, name: str, *, api_key: str | None = N
         body = {"status": "ok" if ok else "unavailable", "model": service.name, "queued": service.engine.queued(),
                 "decoding": service.engine.active, **service.engine.stats}
         return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics", dependencies=[Depends(authorize)])
+    async def metrics():
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
     def model_card() -> dict:
         return {"id": service.name, "object": "model", "created": service.created, "owned_by": "glmkit",
@@ -313,13 +334,15 @@ def _event(completion_id: str, created: int, model: str, choices: list, **extra:
 
 def serve(model: Any, tokenizer: Any, name: str, host: str = "127.0.0.1", port: int = 8000, *,
           api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES, max_batch_size: int = MAX_BATCH_SIZE,
-          max_queue: int = MAX_QUEUE, log_level: str = "info") -> None:
+          max_queue: int = MAX_QUEUE, log_level: str = "info", engine: str = "continuous",
+          request_timeout: float | None = None, **engine_options: Any) -> None:
     """Serves `create_app(model, tokenizer, name, ...)` on host:port with uvicorn until SIGINT/SIGTERM, which finish
     the requests in flight (up to 30 s) and return. Call it from the main thread."""
     import uvicorn
 
     app = create_app(model, tokenizer, name, api_key=api_key, max_body_bytes=max_body_bytes,
-                     max_batch_size=max_batch_size, max_queue=max_queue)
+                     max_batch_size=max_batch_size, max_queue=max_queue, engine=engine,
+                     request_timeout=request_timeout, **engine_options)
     print(f"glmkit serve: {name} on http://{host}:{port} "
           f"(OpenAI API at /v1, ChatGLM-6B API at /, health at /health"
           f"{', API key required' if api_key else ''}); Ctrl-C stops", file=sys.stderr, flush=True)

@@ -200,10 +200,11 @@ def test_float16_checkpoints_load_in_bfloat16_on_cpu_by_default(tmp_path, quanti
     assert default_dtype("float32", "cpu") == torch.float32  # fp32 checkpoints keep their dtype
     # the library default, with no dtype=: the fast bf16 path (the quantized kernels included)
     model = glmkit.load_model(folder, quantize=quantize)
-    assert model.wte.weight.dtype == torch.bfloat16 and model.config.torch_dtype == "bfloat16"
+    assert model.dtype == torch.bfloat16 and model.config.torch_dtype == "bfloat16"
+    assert model.wte(torch.tensor([[1, 2]])).dtype == torch.bfloat16  # the (quantized, if so) embedding's rows too
     assert model.config.rope_fp16 == "table_bf16"
-    assert glmkit.load_model("glm-tiny", quantize=quantize).wte.weight.dtype == torch.float32
+    assert glmkit.load_model("glm-tiny", quantize=quantize).dtype == torch.float32
     # an explicit dtype wins
-    assert glmkit.load_model(folder, quantize=quantize, dtype="float16").wte.weight.dtype == torch.float16
+    assert glmkit.load_model(folder, quantize=quantize, dtype="float16").dtype == torch.float16
     with pytest.raises(FileNotFoundError):
         load_chat_model(str(tmp_path / "missing"), device="cpu")

@@ -43,11 +43,13 @@ from glmkit.core.tokenizer.glm import (
     load_glm_tokenizer,
 )
 from glmkit.core.tokenizer.glm4 import GLM4Tokenizer, read_tiktoken_ranks, write_tiktoken_ranks
+from glmkit.core.tokenizer.glm130b import GLM130BTokenizer
 
 __all__ = [
     "ChatGLM2Tokenizer",
     "ChatGLMTokenizer",
     "GLM4Tokenizer",
+    "GLM130BTokenizer",
     "GLMChineseTokenizer",
     "GLMGPT2Tokenizer",
     "GLMHubTokenizer",
@@ -59,7 +61,8 @@ __all__ = [
     "write_tiktoken_ranks",
 ]
 
-Tokenizer = ChatGLMTokenizer | ChatGLM2Tokenizer | GLM4Tokenizer | GLMChineseTokenizer | GLMGPT2Tokenizer
+Tokenizer = (ChatGLMTokenizer | ChatGLM2Tokenizer | GLM4Tokenizer | GLMChineseTokenizer | GLMGPT2Tokenizer
+             | GLM130BTokenizer)
 
 
 def _looks_like_tiktoken(path: Path) -> bool:
@@ -92,12 +95,26 @@ def _chatglm2_or_3(folder: Path, cfg: dict[str, Any]) -> str:
     return "chatglm2"
 
 
+def _is_glm130b_folder(folder: Path, cfg: dict[str, Any]) -> bool:
+    """A GLM-130B folder: a SAT checkpoint (`latest`, model_config.json of GLM130B / icetk-glm-130B), a `glmkit
+    convert` folder (config.json family glm130b) or a tokenizer saved by GLM130BTokenizer."""
+    if cfg.get("glmkit_family") == "glm130b" or cfg.get("tokenizer_class") == "GLM130BTokenizer":
+        return True
+    sat = _read_json(folder / "model_config.json")
+    if sat.get("model_class") == "GLM130B" or sat.get("tokenizer_type") == "icetk-glm-130B":
+        return True
+    if (folder / "latest").is_file() and not (folder / "config.json").is_file():
+        return True
+    return _read_json(folder / "config.json").get("family") == "glm130b"
+
+
 def load_tokenizer(path_or_id: str | os.PathLike, family: str | None = None) -> Tokenizer:
     """Loads the tokenizer of a local folder, the bundled model ("glm-tiny") or a Hugging Face id.
 
     The family is detected from the files: `cog-pretrain.model`, or `vocab.json` + `merges.txt`, or a
     `tokenizer_class` GLMChineseTokenizer / GLMGPT2Tokenizer -> the original GLM (glmkit.core.tokenizer.glm);
-    `ice_text.model` -> ChatGLM-6B; a SentencePiece `tokenizer.model` ->
+    `ice_text.model` -> ChatGLM-6B, or GLM-130B (glmkit.core.tokenizer.glm130b: icetk ids + 20000, command ids
+    from 150000) in a GLM-130B folder or with family="glm130b"; a SentencePiece `tokenizer.model` ->
     ChatGLM2 (ChatGLM3 when the config names its role tokens); a base64-ranks `tokenizer.model` -> GLM-4.
     `family` ("chatglm2" / "chatglm3") overrides the ChatGLM2-vs-3 guess."""
     if Path(path_or_id).expanduser().is_file():
@@ -109,6 +126,12 @@ def load_tokenizer(path_or_id: str | os.PathLike, family: str | None = None) -> 
         if family not in (None, "glm"):
             raise ValueError(f"{folder} holds an original GLM tokenizer (tokenization_glm.py), not family {family!r}")
         return load_glm_tokenizer(folder, cfg)
+    if (folder / "ice_text.model").is_file() and (family == "glm130b" or _is_glm130b_folder(folder, cfg)):
+        return GLM130BTokenizer(folder / "ice_text.model", cfg)
+    if family == "glm130b":
+        raise FileNotFoundError(f"no ice_text.model in {folder}: GLM-130B's tokenizer is icetk's text model "
+                                "(~/.icetk_models/ice_text.model once icetk has fetched it) or ChatGLM-6B's "
+                                "ice_text.model; copy one into the folder")
     if (folder / "ice_text.model").is_file():
         if family not in (None, "chatglm"):
             raise ValueError(f"{folder} holds a ChatGLM-6B tokenizer (ice_text.model), not family {family!r}")

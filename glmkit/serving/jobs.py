@@ -1,0 +1,59 @@
+"""What both decoding engines share: a request's Job (its prompt, settings and the channel its tokens go back
+through), the stop tokens of a family, and OpenAI's logprobs entries."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from glmkit.core import chat
+from glmkit.core.tools import ForcedCall
+from glmkit.serving.protocol import SamplingParams
+
+MAX_BATCH_SIZE = 16
+MAX_QUEUE = 256
+
+
+@dataclass
+class Job:
+    """One request's generation: its prompt, its settings, and the channel its tokens go back through."""
+
+    input_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    constraint: ForcedCall | None = None  # tool_choice "required" / named: the answer's first line
+
+    def send(self, kind: str, value: Any = None) -> None:
+        # Called from the decoding thread; the queue belongs to the request's event loop.
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the loop is gone (server shutting down): nobody is listening
+            pass
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+def _token_info(tokenizer: Any, token: int, logprob: float) -> dict:
+    raw = tokenizer.token_bytes(token)
+    return {"token": raw.decode("utf-8", errors="replace"), "logprob": max(float(logprob), -9999.0),
+            "bytes": list(raw)}
+
+
+def logprob_entry(tokenizer: Any, logprobs, token: int, top: int) -> dict:
+    """OpenAI's logprobs entry of one chosen token: its log-probability and the `top` most likely tokens."""
+    entry = _token_info(tokenizer, token, logprobs[token])
+    entry["top_logprobs"] = []
+    if top:
+        values, index = logprobs.topk(top)
+        entry["top_logprobs"] = [_token_info(tokenizer, int(i), float(v)) for v, i in zip(values, index)]
+    return entry
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Token ids that end an answer: the ones model.chat stops at for this family."""
+    return [int(i) for i in chat.stop_token_ids(model, tokenizer, chat.family_of(tokenizer)) if i is not None]
