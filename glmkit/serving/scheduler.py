@@ -31,7 +31,13 @@ from typing import Any
 import torch
 
 from glmkit.core.chat import INVALID_SCORE_TOKEN_ID
-from glmkit.core.generate import _next_positions, apply_presence_frequency_penalty, invalid_score_guard, sample
+from glmkit.core.generate import (
+    _frozen_rows,
+    _next_positions,
+    apply_presence_frequency_penalty,
+    invalid_score_guard,
+    sample,
+)
 from glmkit.core.paged_cache import BlockPool, bytes_per_block
 from glmkit.serving.jobs import MAX_BATCH_SIZE, MAX_QUEUE, Job, logprob_entry, stop_token_ids
 from glmkit.serving.protocol import APIError
@@ -55,6 +61,7 @@ class Sequence:
     ctx: int  # prefix-LM: tokens [0, ctx) see each other (ChatGLM-6B's context before <sop>); 0 = causal
     order: int  # arrival order: preemption takes the largest
     generator: torch.Generator | None = None
+    frozen: bool = False  # 1-D positions that stay put while generating (GLM-130B's Part B)
     blocks: list[int] = field(default_factory=list)
     cached: int = 0  # tokens whose keys/values are in the blocks
 
@@ -275,10 +282,11 @@ class ContinuousEngine:
         generator = None
         if job.params.do_sample and job.params.seed is not None:  # as generate_stream seeds it
             generator = torch.Generator(device=self.device).manual_seed(int(job.params.seed))
+        frozen = _frozen_rows(self.model, ids)  # as generate_stream reads it
         self._arrivals += 1
         self.stats["requests"] += 1
         return Sequence(job, list(job.input_ids), len(job.input_ids), positions.tolist(), ctx, self._arrivals,
-                        generator)
+                        generator, frozen=bool(frozen[0]) if frozen is not None else False)
 
     def _step(self) -> None:
         self._retire_cancelled()
@@ -406,7 +414,10 @@ class ContinuousEngine:
         self.stats["steps"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
         last = torch.tensor([[p[seq.cached] for p in seq.positions] for seq in rows])  # (B, C)
-        following = _next_positions(last[:, 0] if last.shape[1] == 1 else last)
+        if last.shape[1] == 1:
+            following = _next_positions(last[:, 0], torch.tensor([seq.frozen for seq in rows]))
+        else:
+            following = _next_positions(last)
         following = following[:, None] if following.dim() == 1 else following  # (B, C)
         tokens = self._choose(rows, logits)
         for b, seq in enumerate(rows):

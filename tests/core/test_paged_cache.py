@@ -1,6 +1,6 @@
 """core.paged_cache: a model running on pool blocks (chunked prefill, then batched decode of rows of different
 lengths) gives the logits of a plain full forward pass, for every family: ChatGLM-6B's 2D positions and prefix-LM
-mask, grouped KV heads, the original GLM's learned tables, and a P-tuning prefix."""
+mask, grouped KV heads, the original GLM's learned tables, GLM-130B, and a P-tuning prefix."""
 
 from __future__ import annotations
 
@@ -18,9 +18,11 @@ TINY = {"vocab_size": 64, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "f
 
 def tiny(preset: str, ptuning: bool = False) -> GLM:
     extra = {"num_kv_heads": 2, "head_dim": 8} if preset in ("chatglm2-6b", "glm-4-9b-chat") else {}
-    if preset == "chatglm-6b":
+    if preset in ("chatglm-6b", "glm-130b"):
         extra = {"bos_token_id": 60, "mask_token_id": 61, "gmask_token_id": 62, "eos_token_id": 63,
                  "pad_token_id": 3}
+    if preset == "glm-130b":
+        extra.update(smask_token_id=59, eos_token_id=[63])
     config = GLMConfig.from_name(preset, **TINY, **extra)
     model = GLM(config)
     model.init_weights(std=0.3, generator=torch.Generator().manual_seed(0))
@@ -34,13 +36,14 @@ def tiny(preset: str, ptuning: bool = False) -> GLM:
 def prompts(model: GLM) -> list[list[int]]:
     g = torch.Generator().manual_seed(2)
     rows = [torch.randint(5, 58, (n,), generator=g).tolist() for n in (11, 5, 17)]
-    if model.config.rope == "2d":  # ChatGLM-6B: ... [gMASK] <sop>, a bidirectional context before <sop>
+    if model.config.attention == "prefix_lm":  # ... [gMASK] <sop>: a bidirectional context before <sop>
         rows = [r + [62, 60] for r in rows]
     return rows
 
 
 @pytest.mark.parametrize("preset,ptuning", [("chatglm-6b", False), ("chatglm2-6b", False), ("glm-4-9b-chat", False),
-                                            ("glm-10b", False), ("chatglm2-6b", True), ("chatglm-6b", True)])
+                                            ("glm-10b", False), ("glm-130b", False), ("chatglm2-6b", True),
+                                            ("chatglm-6b", True)])
 def test_paged_prefill_and_decode_match_full_forward(preset, ptuning):
     model = tiny(preset, ptuning)
     block = 4
