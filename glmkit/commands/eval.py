@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--data-path", help="folder the tasks' `path` fields are relative to (GLM-130B's "
                                            "DATA_PATH; default: each YAML file's folder)")
         r.add_argument("--batch-size", type=int, help="rows per forward (default: the task's micro_batch_size)")
-        r.add_argument("--limit", type=int, help="only the first N items of each data file")
+        r.add_argument("--limit", type=int, help="only the first N items (lm: documents) of each data file")
         r.add_argument("--output", help="folder for results-<precision>.json/.md and the resume cache")
         r.add_argument("--device", default="cpu")
         r.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -138,7 +138,7 @@ def _predict(model, tokenizer, config: TaskConfig, items: list[dict[str, Any]], 
                               min_new_tokens=config.min_gen_length if beams > 1 else 0, batch_size=batch_size,
                               max_length=max_length, stop=config.stop, chat=config.prompt == "chat")
         return [{"text": t} for t in outs]
-    # lm: items are windows {"doc", "tokens": context ids, "text": ids scored}
+    # lm: items are windows {"doc", "prompt": ids seen, "text": ids scored}
     clozes = [cloze_from_ids(model, tokenizer, w["prompt"], [w["text"]], blank="[gMASK]") for w in items]
     scores = score_clozes(model, clozes, batch_size=batch_size)
     return [{"loss": -row[0].logprob, "tokens": row[0].num_tokens} for row in scores]
@@ -344,10 +344,12 @@ def evaluate_task(model, tokenizer, config: TaskConfig, *, data_path: str | Path
             docs = None
             if config.type == "lm":
                 docs, items = lm_items(tokenizer, config, file, max_length)
+                if limit is not None:  # the first `limit` documents, whole
+                    docs, items = docs[:limit], [w for w in items if w["doc"] < limit]
             else:
                 items = read_items(file)
-            if limit is not None:
-                items = items[:limit]
+                if limit is not None:
+                    items = items[:limit]
             if not items:
                 raise TaskError(f"{file}: no items")
             preds = _run_file(model, tokenizer, config, items, str(file), bs, max_length, cache,
@@ -482,7 +484,7 @@ def compare_precisions(model_path: str | Path, tasks: Sequence[str | Path], *,
                        output_dir: str | Path | None = None, device: str = "cpu",
                        progress: bool = True) -> dict[str, Any]:
     """`glmkit eval compare`: the same tasks at each precision; {"runs": {precision: results}, "table": markdown
-    with each metric's overall average per precision and its delta from the first precision}."""
+    with each group's averages per precision and their deltas from the first precision}."""
     runs = {p: run_eval(model_path, tasks, precision=p, data_path=data_path, batch_size=batch_size, limit=limit,
                         output_dir=output_dir, device=device, progress=progress) for p in precisions}
     table = comparison_markdown(runs)
@@ -494,21 +496,30 @@ def compare_precisions(model_path: str | Path, tasks: Sequence[str | Path], *,
 
 
 def comparison_markdown(runs: dict[str, dict[str, Any]]) -> str:
-    """| task | metric | p0 | p1 | Δ p1 | p2 | Δ p2 |: each task's overall count-weighted averages."""
+    """| task | group | metric | p0 | p1 | Δ p1 | ...: each group's count-weighted average per precision and its
+    delta from the first precision; a task with several groups also gets its pooled `all` row."""
     precisions = list(runs)
     base = precisions[0]
-    head = ["task", "metric", base]
+    head = ["task", "group", "metric", base]
     for p in precisions[1:]:
         head += [p, f"Δ {p}"]
-    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
+
+    def stats_of(res: dict[str, Any], group: str) -> dict[str, Any]:
+        return res["overall"] if group == "all" and "all" not in res["groups"] else res["groups"][group]["stats"]
+
     for task, res in runs[base]["tasks"].items():
-        for metric, stats in res["overall"].items():
-            row = [task, metric, f"{stats['average']:.3f}"]
-            for p in precisions[1:]:
-                other = runs[p]["tasks"].get(task, {}).get("overall", {}).get(metric)
-                if other is None:
-                    row += ["", ""]
-                else:
-                    row += [f"{other['average']:.3f}", f"{other['average'] - stats['average']:+.3f}"]
-            lines.append("| " + " | ".join(row) + " |")
+        groups = list(res["groups"]) + (["all"] if len(res["groups"]) > 1 else [])
+        for group in groups:
+            for metric, stats in stats_of(res, group).items():
+                row = [task, group, metric, f"{stats['average']:.3f}"]
+                for p in precisions[1:]:
+                    other_task = runs[p]["tasks"].get(task)
+                    try:
+                        other = stats_of(other_task, group)[metric] if other_task else None
+                    except KeyError:
+                        other = None
+                    row += ["", ""] if other is None else [f"{other['average']:.3f}",
+                                                           f"{other['average'] - stats['average']:+.3f}"]
+                lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

@@ -28,8 +28,8 @@ def test_eval_compare(tmp_path, capsys):
                "--no-progress", "--output", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0
-    assert out.splitlines()[0] == "| task | metric | fp32 | int8 | Δ int8 |"
-    assert "| NextLine-tiny | Accuracy |" in out
+    assert out.splitlines()[0] == "| task | group | metric | fp32 | int8 | Δ int8 |"
+    assert "| NextLine-tiny | poems | Accuracy |" in out and "| NextLine-tiny | all | Accuracy |" in out
     assert (tmp_path / "results-int8.json").exists() and (tmp_path / "compare.md").read_text() == out
 
 

@@ -19,7 +19,7 @@ from glmkit.evaluation.predict import PromptRow, answer_letter_ids, first_word, 
 from glmkit.evaluation.run import comparison_markdown, evaluate_tasks, results_markdown, write_results
 from glmkit.evaluation.tasks import lm_windows
 from glmkit.fill import fill
-from tests.conftest import build_tiny_chat_model
+from tests.conftest import REPO, build_tiny_chat_model
 
 
 @pytest.fixture(scope="module")
@@ -172,9 +172,12 @@ def test_results_files_and_comparison(tmp_path, tiny):
     assert table.startswith("| task | group | metric |") and "| mul | a | Accuracy |" in table
     assert results_markdown(res) == table
     other = json.loads(json.dumps(res))
-    other["tasks"]["mul"]["overall"]["Accuracy"]["average"] -= 25.0
+    other["tasks"]["mul"]["groups"]["b"]["stats"]["Accuracy"]["average"] -= 25.0
     cmp = comparison_markdown({"bf16": res, "int4": other})
-    assert "| task | metric | bf16 | int4 | Δ int4 |" in cmp and "-25.000" in cmp
+    assert cmp.splitlines()[0] == "| task | group | metric | bf16 | int4 | Δ int4 |"
+    b_row = next(line for line in cmp.splitlines() if line.startswith("| mul | b | Accuracy |"))
+    assert b_row.endswith("| -25.000 |")
+    assert any(line.startswith("| mul | all | Accuracy |") for line in cmp.splitlines())  # several groups
 
 
 def test_compare_precisions_runs_each(tmp_path):
@@ -247,3 +250,27 @@ def test_chat_prompt_mul_on_a_causal_chat_model(tmp_path):
             scores.append(float(lp[torch.arange(len(ids)), torch.tensor(ids)].sum()))
     expected = 100.0 if scores[0] > scores[1] else 0.0
     assert res["groups"]["all"]["files"]["test.jsonl"]["metrics"]["Accuracy"] == expected
+
+
+def test_glm130b_task_files_run_unchanged_on_their_data_layout(tmp_path, tiny):
+    """GLM-130B's own mmlu.yaml, lambada.yaml (beam search, 16 beams) and wikitext-2.yaml, with a data folder laid
+    out as theirs expects (--data-path)."""
+    model, tok = tiny
+    tasks = REPO / "tests" / "data" / "glm130b_eval" / "tasks"
+    for group in ("stem", "humanities"):
+        (tmp_path / "MMLU" / group).mkdir(parents=True)
+        (tmp_path / "MMLU" / group / "x.json").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in MUL_ROWS[:2]), encoding="utf-8")
+    (tmp_path / "lambada" / "lambada" / "p1").mkdir(parents=True)
+    (tmp_path / "lambada" / "lambada" / "p1" / "test.jsonl").write_text(
+        json.dumps({"inputs_pretokenized": "白日依山盡，黃河入海", "targets_pretokenized": ["流"]}, ensure_ascii=False)
+        + "\n", encoding="utf-8")
+    (tmp_path / "wikitext-2").mkdir()
+    (tmp_path / "wikitext-2" / "wiki.test.tokens").write_text(" = Valkyria = \n Call me Ishmael . \n", encoding="utf-8")
+    res = evaluate_tasks(model, tok, [tasks / "mmlu.yaml", tasks / "lambada.yaml", tasks / "wikitext-2.yaml"],
+                         data_path=tmp_path, batch_size=4, progress=False)["tasks"]
+    assert set(res["MMLU"]["groups"]) == {"stem", "humanities"}  # groups without files are left out
+    assert res["MMLU"]["overall"]["Accuracy"]["average"] == res["MMLU"]["groups"]["stem"]["stats"]["Accuracy"]["max"]
+    assert set(res["LAMBADA"]["groups"]["test"]["stats"]) == {"Accuracy"}
+    ppl = res["WikiText-2"]["groups"]["test"]["stats"]["PPL"]["average"]
+    assert 1.0 < ppl <= math.exp(20)
