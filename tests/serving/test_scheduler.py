@@ -55,28 +55,43 @@ def alone(model, tok, ids: list[int], params: SamplingParams) -> list[int]:
     return tokens
 
 
-def run(engine: ContinuousEngine, requests: list[tuple[list[int], SamplingParams]], delays: list[float]):
-    """Starts the engine, submits request i after delays[i] seconds; returns [(tokens, finish, token arrival
-    times, submission time)] and the jobs."""
+def run(engine: ContinuousEngine, requests: list[tuple[list[int], SamplingParams]], delays: list[float | None]):
+    """Starts the engine, submits request i after delays[i] seconds; returns [(tokens, finish, token production
+    times, submission time)] and the jobs. Token times are taken in the engine's thread when it sends each token,
+    so a busy event loop (a loaded machine) cannot bunch them up."""
     jobs: list[Job] = []
     if not engine.alive():
         engine.start()
 
     async def main():
         loop = asyncio.get_running_loop()
+        first_token = asyncio.Event()  # a delay of None: submit once request 0 has its first token
 
         async def one(i):
-            await asyncio.sleep(delays[i])
+            if delays[i] is None:
+                await first_token.wait()
+            else:
+                await asyncio.sleep(delays[i])
             job = Job(requests[i][0], requests[i][1], loop)
+            times: list[float] = []
+            send = job.send
+
+            def timed_send(kind, value=None):
+                if kind == "token":
+                    times.append(time.monotonic())
+                send(kind, value)
+
+            job.send = timed_send
             jobs.append(job)
-            engine.submit(job)
             sent = time.monotonic()
-            tokens, times = [], []
+            engine.submit(job)
+            tokens = []
             while True:
                 kind, value = await asyncio.wait_for(job.events.get(), 60)
                 if kind == "token":
                     tokens.append(value[0])
-                    times.append(time.monotonic())
+                    if i == 0:
+                        first_token.set()
                 elif kind == "error":
                     raise value
                 else:
@@ -171,9 +186,10 @@ def test_chunked_prefill_does_not_stall_running_rows(families, make_engine):
     assert len(long) > 30
     requests = [(short, SamplingParams(max_new_tokens=60 - len(short))), (long, SamplingParams(max_new_tokens=3))]
     expected = [alone(model, tok, ids, p) for ids, p in requests]
-    (first, second), _ = run(engine, requests, [0.0, 0.05])
+    (first, second), _ = run(engine, requests, [0.0, None])  # the long prompt arrives while the short one decodes
     assert [first[0], second[0]] == expected
-    # while the long prompt was prefilled 2 tokens a step, the running row kept getting tokens
+    # while the long prompt was prefilled 2 tokens a step, the running row kept getting a token a step; a prefill in
+    # one piece would give it at most one
     during = [t for t in first[2] if second[3] < t < second[2][0]]
     assert len(during) >= len(long) // 2 - 2, f"only {len(during)} tokens while a {len(long)}-token prompt prefilled"
 
