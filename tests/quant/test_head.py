@@ -145,3 +145,18 @@ def kernels_missing() -> bool:
     from glmkit.quant import kernels
 
     return kernels.int4pack_block_n() is None
+
+
+def test_quantize_command_head_option(tmp_path, capsys):
+    from glmkit.commands.quantize import cli_main as quantize_command
+
+    folder = folder_of(tmp_path, tied=True)
+    assert quantize_command([str(folder), str(tmp_path / "h4"), "--bits", "4", "--head", "int4"]) == 0
+    assert "output layer int4" in capsys.readouterr().out
+    model = glmkit.load_model(tmp_path / "h4")
+    assert model.lm_head is model.wte and model.wte.bits == 4 and model.wte.scheme == "group"
+    assert quantize_command([str(folder), str(tmp_path / "hn"), "--bits", "8", "--head", "none"]) == 0
+    model = glmkit.load_model(tmp_path / "hn")
+    assert type(model.wte) is nn.Embedding and model.lm_head.weight is model.wte.weight
+    with pytest.raises(SystemExit):
+        quantize_command([str(folder), str(tmp_path / "x"), "--bits", "4", "--head", "int2"])
