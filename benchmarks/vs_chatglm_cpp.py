@@ -218,9 +218,10 @@ def child_glmkit(job: dict) -> dict:
 
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
-    quantize = None if job["precision"] in ("bf16", "saved") else job["precision"]
+    precision, _, head = job["precision"].partition(":head=")
+    quantize = None if precision in ("bf16", "saved") else precision
     t0 = time.perf_counter()
-    model = glmkit.load_model(job["path"], quantize=quantize)
+    model = glmkit.load_model(job["path"], quantize=quantize, **({"quantize_head": head} if head else {}))
     load_s, load_rss = time.perf_counter() - t0, peak_rss()
     ids = torch.tensor([prompt_ids(job["prompt_tokens"])])
     n = job["decode_tokens"] + 1
@@ -270,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds; each figure is its best")
     parser.add_argument("--glmkit", default="int4,int8,bf16", help="glmkit precisions (int4, int8, bf16; 'saved' = "
-                        "the int4 model saved by `glmkit quantize` and loaded back)")
+                        "the int4 model saved by `glmkit quantize` and loaded back; int4:head=int4 = another "
+                        "output layer than the default)")
     parser.add_argument("--chatglm-cpp", default="q4_0,q8_0", help="chatglm.cpp ggml types (q4_0, q8_0, ...)")
     parser.add_argument("--threads", type=int, default=None, help="glmkit's torch threads (default: torch's)")
     parser.add_argument("--version", default="0.4.2", help="chatglm-cpp version to build")
