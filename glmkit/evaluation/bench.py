@@ -25,6 +25,7 @@ import torch
 from glmkit.core.causal_lm import GLMForCausalLM
 from glmkit.core.config import GLMConfig
 from glmkit.core.generate import generate_stream
+from glmkit.quant import kernels
 from glmkit.quant.quantize import QuantizedLinear, default_spec, head_spec, prepare_model
 
 PRECISIONS = ("bf16", "int8", "int4")
@@ -80,7 +81,8 @@ def _build_model(precision: str, layers: int, group_size: int | None, seed: int 
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantizedLinear):
             n, k = module.out_features, module.in_features
-            q = torch.randint(-128, 128, (n, k if module.bits == 8 else k // 2), dtype=torch.int8, generator=gen)
+            q = kernels.weight_buffer((n, k if module.bits == 8 else k // 2), torch.int8)  # as quantizing makes it
+            q.random_(-128, 128, generator=gen)
             if module.scheme == "group":
                 groups = k // module.group_size
                 module.load_weight_tensor("weight_scale", torch.full((n, groups), 0.02 / 8, dtype=torch.bfloat16))
