@@ -69,6 +69,12 @@ class BlockPool:
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
 
+    def block_slots(self, blocks: list[int]) -> torch.Tensor:
+        """Slot indices of every position the blocks hold, in order ([len(blocks) * block_size]): a sequence's
+        table, so positions [start, end) are table[start:end]."""
+        table = torch.tensor(blocks, dtype=torch.long)
+        return (table[:, None] * self.block_size + torch.arange(self.block_size)).reshape(-1)
+
     def slots(self, blocks: list[int], start: int, end: int) -> torch.Tensor:
         """Slot indices of positions [start, end) of a sequence holding `blocks` ([end - start] long)."""
         pos = torch.arange(start, end)

@@ -38,6 +38,25 @@ class Job:
         self.cancelled.set()
 
 
+def send_all(events: list[tuple[Job, str, Any]]) -> None:
+    """Delivers (job, kind, value) events in order with one wake-up per event loop instead of one per event: each
+    `call_soon_threadsafe` writes to the loop's self-pipe, a system call that cost the continuous engine ~6% of a
+    step when every row of a step sent its token on its own."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, str, Any]]] = {}
+    for event in events:
+        by_loop.setdefault(event[0].loop, []).append(event)
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, batch)
+        except RuntimeError:  # the loop is gone (server shutting down): nobody is listening
+            pass
+
+
+def _put_all(events: list[tuple[Job, str, Any]]) -> None:
+    for job, kind, value in events:
+        job.events.put_nowait((kind, value))
+
+
 def _token_info(tokenizer: Any, token: int, logprob: float) -> dict:
     raw = tokenizer.token_bytes(token)
     return {"token": raw.decode("utf-8", errors="replace"), "logprob": max(float(logprob), -9999.0),

@@ -39,7 +39,7 @@ from glmkit.core.generate import (
     sample,
 )
 from glmkit.core.paged_cache import BlockPool, bytes_per_block
-from glmkit.serving.jobs import MAX_BATCH_SIZE, MAX_QUEUE, Job, logprob_entry, stop_token_ids
+from glmkit.serving.jobs import MAX_BATCH_SIZE, MAX_QUEUE, Job, logprob_entry, send_all, stop_token_ids
 from glmkit.serving.protocol import APIError
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class Sequence:
     frozen: bool = False  # 1-D positions that stay put while generating (GLM-130B's Part B)
     blocks: list[int] = field(default_factory=list)
     cached: int = 0  # tokens whose keys/values are in the blocks
+    table: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # slots of `blocks`
 
     @property
     def generated(self) -> int:
@@ -185,6 +186,7 @@ class ContinuousEngine:
         self._pending: collections.deque[Job] = collections.deque()  # submitted, not yet seen by the thread
         self._waiting: collections.deque[Sequence] = collections.deque()  # seen, waiting for a row (thread only)
         self._running: list[Sequence] = []  # admitted: prefilling or decoding (thread only)
+        self._outbox: list[tuple[Job, str, Any]] = []  # events of this step, delivered together at its end
         self._cond = threading.Condition()
         self._closing = False
         self._arrivals = 0
@@ -247,16 +249,19 @@ class ContinuousEngine:
                 try:
                     with torch.inference_mode():
                         self._step()
+                    self._flush()
                 except Exception as err:  # a failed step fails the requests in it, never the server
+                    self._flush()  # what the step produced before it failed goes out first
                     log.exception("generation failed")
                     error = APIError(500, f"generation failed: {type(err).__name__}: {err}", type="server_error",
                                      code="generation_failed")
                     for seq in self._running:
                         seq.job.send("error", error)
-                        self.cache.release(seq.blocks)
+                        self._release(seq)
                     self._running.clear()
                     self.active = 0
         finally:
+            self._flush()
             shutting = APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
             with self._cond:
                 jobs = list(self._pending)
@@ -265,7 +270,7 @@ class ContinuousEngine:
                 job.send("error", shutting)
             for seq in self._running:
                 seq.job.send("end", "cancelled")
-                self.cache.release(seq.blocks)
+                self._release(seq)
             self._waiting.clear()
             self._running.clear()
             self.active = 0
@@ -298,19 +303,30 @@ class ContinuousEngine:
         self._decode()
         self.active = len(self._running)
 
-    def _finish(self, seq: Sequence, kind: str, value: Any) -> None:
+    def _emit(self, job: Job, kind: str, value: Any) -> None:
+        self._outbox.append((job, kind, value))
+
+    def _flush(self) -> None:
+        events, self._outbox = self._outbox, []
+        send_all(events)
+
+    def _release(self, seq: Sequence) -> None:
         self.cache.release(seq.blocks)
+        seq.table = seq.table[:0]
+
+    def _finish(self, seq: Sequence, kind: str, value: Any) -> None:
+        self._release(seq)
         if seq in self._running:
             self._running.remove(seq)
         self.active = len(self._running)
-        seq.job.send(kind, value)
+        self._emit(seq.job, kind, value)
 
     def _retire_cancelled(self) -> None:
         for seq in [s for s in self._running if s.job.cancelled.is_set()]:
             self._finish(seq, "end", "cancelled")
         for seq in [s for s in self._waiting if s.job.cancelled.is_set()]:
             self._waiting.remove(seq)
-            seq.job.send("end", "cancelled")
+            self._emit(seq.job, "end", "cancelled")
 
     def _admit(self) -> None:
         while self._waiting and len(self._running) < self.max_batch_size:
@@ -321,6 +337,7 @@ class ContinuousEngine:
             self._running.append(seq)
             if self.prefix_caching and seq.ctx == 0:  # skip the prefill of a cached prefix (never the last token)
                 seq.blocks = self.cache.match(seq.tokens, len(seq.tokens) - 1)
+                seq.table = self.pool.block_slots(seq.blocks)
                 seq.cached = len(seq.blocks) * self.pool.block_size
                 self.stats["cached_tokens"] = self.cache.hits
 
@@ -332,6 +349,7 @@ class ContinuousEngine:
             got = self.cache.allocate(need)
             if got is not None:
                 seq.blocks.extend(got)
+                seq.table = torch.cat((seq.table, self.pool.block_slots(got)))
                 return True
             newer = [s for s in self._running if s.order > seq.order and s.blocks]
             if not newer:
@@ -341,7 +359,7 @@ class ContinuousEngine:
 
     def _preempt(self, seq: Sequence) -> None:
         """Frees the request's blocks; it waits at the front of the queue and is recomputed from its tokens."""
-        self.cache.release(seq.blocks)
+        self._release(seq)
         seq.cached = 0
         self._running.remove(seq)
         self._waiting.appendleft(seq)
@@ -374,8 +392,8 @@ class ContinuousEngine:
             T = end - start
             ids = torch.tensor([seq.tokens[start:end]], dtype=torch.long, device=dev)  # (1, T)
             pos = torch.tensor([[p[start:end] for p in seq.positions]], dtype=torch.long, device=dev)  # (1, C, T)
-            write = self.pool.slots(seq.blocks, start, end)[None]  # (1, T)
-            read = self.pool.slots(seq.blocks, 0, end)[None]  # (1, S)
+            write = seq.table[start:end][None]  # (1, T)
+            read = seq.table[:end][None]  # (1, S)
             q = torch.arange(start, end, device=dev)[:, None]
             k = torch.arange(end, device=dev)[None]
             mask = ((k <= q) | (k < seq.ctx))[None, None]  # (1, 1, T, S): causal, + the prefix-LM context
@@ -385,11 +403,11 @@ class ContinuousEngine:
             ids = torch.tensor([[seq.tokens[seq.cached]] for seq in rows], dtype=torch.long, device=dev)  # (B, 1)
             pos = torch.tensor([[[p[seq.cached]] for p in seq.positions] for seq in rows], dtype=torch.long,
                                device=dev)  # (B, C, 1)
-            write = torch.stack([self.pool.slots(seq.blocks, seq.cached, seq.cached + 1) for seq in rows])  # (B, 1)
-            read = torch.zeros(len(rows), S, dtype=torch.long)
+            bs = self.pool.block_size
+            write = torch.tensor([[seq.blocks[seq.cached // bs] * bs + seq.cached % bs] for seq in rows])  # (B, 1)
+            # (B, S): each row's slots, padded with slot 0 (a valid slot, masked out)
+            read = torch.nn.utils.rnn.pad_sequence([seq.table[:seq.cached + 1] for seq in rows], batch_first=True)
             lengths = torch.tensor([seq.cached + 1 for seq in rows])
-            for b, seq in enumerate(rows):
-                read[b, : seq.cached + 1] = self.pool.slots(seq.blocks, 0, seq.cached + 1)
             mask = (torch.arange(S)[None] < lengths[:, None]).to(dev)[:, None, None]  # (B, 1, 1, S)
         if pos.shape[1] == 1:
             pos = pos[:, 0]  # (B, T) for 1-D positions
@@ -426,7 +444,7 @@ class ContinuousEngine:
             if token in self.eos_ids:
                 self._finish(seq, "end", "stop")
                 continue
-            seq.job.send("token", (token, entry))
+            self._emit(seq.job, "token", (token, entry))
             seq.tokens.append(token)
             for channel, value in zip(seq.positions, following[b].tolist()):
                 channel.append(value)

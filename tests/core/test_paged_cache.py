@@ -94,6 +94,9 @@ def test_pool_hands_out_and_takes_back_blocks():
     a = pool.allocate(3)
     assert a == [0, 1, 2] and pool.num_free == 2 and pool.allocate(3) is None
     assert pool.slots(a, 3, 6).tolist() == [3, 4, 5] and pool.blocks_for(9) == 3
+    scattered = [4, 0, 3]
+    assert pool.block_slots(scattered).tolist() == pool.slots(scattered, 0, 12).tolist() == [16, 17, 18, 19, 0, 1, 2,
+                                                                                              3, 12, 13, 14, 15]
     pool.free(a)
     assert pool.num_free == 5 and a == []
     assert bytes_per_block(config, 4, torch.float32) == 2 * 2 * 4 * 2 * 8 * 4

@@ -57,9 +57,18 @@ def alone(model, tok, ids: list[int], params: SamplingParams) -> list[int]:
 
 def run(engine: ContinuousEngine, requests: list[tuple[list[int], SamplingParams]], delays: list[float | None]):
     """Starts the engine, submits request i after delays[i] seconds; returns [(tokens, finish, token production
-    times, submission time)] and the jobs. Token times are taken in the engine's thread when it sends each token,
+    times, submission time)] and the jobs. Token times are taken in the engine's thread when it emits each token,
     so a busy event loop (a loaded machine) cannot bunch them up."""
     jobs: list[Job] = []
+    times_of: dict[int, list[float]] = {}
+    emit = engine._emit
+
+    def timed_emit(job, kind, value):  # token production times, in the engine's thread
+        if kind == "token":
+            times_of.setdefault(id(job), []).append(time.monotonic())
+        emit(job, kind, value)
+
+    engine._emit = timed_emit
     if not engine.alive():
         engine.start()
 
@@ -73,15 +82,7 @@ def run(engine: ContinuousEngine, requests: list[tuple[list[int], SamplingParams
             else:
                 await asyncio.sleep(delays[i])
             job = Job(requests[i][0], requests[i][1], loop)
-            times: list[float] = []
-            send = job.send
-
-            def timed_send(kind, value=None):
-                if kind == "token":
-                    times.append(time.monotonic())
-                send(kind, value)
-
-            job.send = timed_send
+            times = times_of.setdefault(id(job), [])
             jobs.append(job)
             sent = time.monotonic()
             engine.submit(job)
