@@ -3,12 +3,14 @@
     python benchmarks/serve_load.py                          # glm-tiny, rates 2,4,8,16 req/s, 48 requests each
     python benchmarks/serve_load.py --random 8,768           # a random 8-layer, 768-wide ChatGLM-6B-shaped model
     python benchmarks/serve_load.py --rates 4,8 --requests 64 --engines continuous,batch --json out.json
+    python benchmarks/serve_load.py --random 6,768 --lengths long-tail --rates 0.6,1 --requests 32
     python benchmarks/serve_load.py --device cuda --random 24,2048
 
 For each engine a real `python -m glmkit serve` process starts on loopback; after a short warm-up, each arrival
 rate gets an open-loop Poisson stream of requests (arrival times drawn up front with a fixed seed and sent on time
-whatever the server is doing) with mixed prompt lengths (4-160 words) and answer lengths (max_tokens 16-192,
-greedy), through the official `openai` async client, streamed with usage. Both engines get exactly the same requests.
+whatever the server is doing) with mixed prompt lengths (4-160 words) and answer lengths (max_tokens 16-192, or
+16-512 log-uniform with --lengths long-tail; greedy), through the official `openai` async client, streamed with
+usage. Both engines get exactly the same requests.
 
 Per rate and engine it prints: requests/s completed, output tokens/s (completion tokens of all requests / time from
 the first arrival to the last answer), p50/p99 time to first token (request sent -> first content chunk, queueing
@@ -98,7 +100,14 @@ class Server:
         self.log.close()
 
 
-def workload(n: int, rate: float, seed: int) -> list[tuple[float, str, int]]:
+LENGTHS = {
+    # max_tokens per request
+    "uniform": lambda rng: rng.randint(16, 192),  # mean 104
+    "long-tail": lambda rng: int(16 * 32 ** rng.random()),  # 16..512 log-uniform, mean 143: chat logs' long tail
+}
+
+
+def workload(n: int, rate: float, seed: int, lengths: str = "uniform") -> list[tuple[float, str, int]]:
     """(arrival offset in s, prompt, max_tokens) per request: Poisson arrivals at `rate`, mixed lengths."""
     rng = random.Random(seed)
     t, out = 0.0, []
@@ -106,8 +115,18 @@ def workload(n: int, rate: float, seed: int) -> list[tuple[float, str, int]]:
         t += rng.expovariate(rate)
         words = int(4 * (40 ** rng.random()))  # 4..160 words, log-uniform: mostly short, some long
         prompt = " ".join(rng.choice(WORDS) for _ in range(words))
-        out.append((t, prompt, rng.randint(16, 192)))
+        out.append((t, prompt, LENGTHS[lengths](rng)))
     return out
+
+
+def batch_bound(lengths: str, batch: int, n: int = 100_000, seed: int = 0) -> float:
+    """The most continuous batching can gain over the batch engine on decode when every answer runs to max_tokens
+    and the batch engine is saturated: its batches of `batch` requests (first come, first served) each run
+    batch x max(max_tokens) row-steps (finished rows stay in the batch), against sum(max_tokens) for rows that
+    leave when they end. Per-step costs taken as equal and proportional to the rows; prefill left out."""
+    rng = random.Random(seed)
+    xs = [LENGTHS[lengths](rng) for _ in range(n)]
+    return sum(batch * max(xs[i:i + batch]) for i in range(0, n, batch)) / sum(xs)
 
 
 async def drive(url: str, requests: list[tuple[float, str, int]], timeout: float) -> dict:
@@ -157,6 +176,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--random", help="LAYERS,HIDDEN: benchmark a random ChatGLM-6B-shaped model of that size")
     parser.add_argument("--rates", default="2,4,8,16", help="arrival rates in requests/s (default 2,4,8,16)")
     parser.add_argument("--requests", type=int, default=48, help="requests per rate (default 48)")
+    parser.add_argument("--lengths", choices=sorted(LENGTHS), default="uniform",
+                        help="max_tokens per request: uniform 16-192 (default) or long-tail, log-uniform 16-512")
     parser.add_argument("--engines", default="continuous,batch", help="engines to compare (default both)")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
@@ -183,7 +204,7 @@ def main(argv: list[str]) -> int:
             servers[engine] = Server(model, engine, extra, tmp / f"serve-{engine}.log", args.threads)
             asyncio.run(drive(servers[engine].url, workload(4, 4.0, args.seed + 99), args.timeout))  # warm-up
         for k, rate in enumerate(rates):
-            reqs = workload(args.requests, rate, args.seed + int(rate * 1000))
+            reqs = workload(args.requests, rate, args.seed + int(rate * 1000), args.lengths)
             for engine in engines if k % 2 == 0 else engines[::-1]:
                 results[engine][rate] = r = asyncio.run(drive(servers[engine].url, reqs, args.timeout))
                 print(f"{engine:>10} @ {rate:g} req/s: {r['req_per_s']:.2f} req/s, {r['tokens_per_s']:.0f} tok/s, "
@@ -193,8 +214,9 @@ def main(argv: list[str]) -> int:
         for server in servers.values():
             server.stop()
     print(f"\nmodel {args.random and f'random {args.random}' or args.model}, {args.requests} requests per rate, "
-          f"max batch {args.max_batch_size}, device {args.device}, {os.cpu_count()} CPUs, server threads "
-          f"{args.threads or 'default'}\n")
+          f"max batch {args.max_batch_size}, max_tokens {args.lengths}, device {args.device}, {os.cpu_count()} CPUs, "
+          f"server threads {args.threads or 'default'}; decode bound of continuous/batch for these lengths "
+          f"{batch_bound(args.lengths, args.max_batch_size):.2f}x (batch_bound)\n")
     print("| rate (req/s) | engine | req/s | output tok/s | TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) | ITL p99 (ms) |")
     print("|---|---|---|---|---|---|---|---|")
     for rate in rates:

@@ -50,7 +50,7 @@ CUDA_FREE_FRACTION = 0.5  # default pool on CUDA: this share of the free memory 
 CPU_RAM_FRACTION = 0.25  # default pool on CPU: at most this share of the available RAM
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler's `in` / remove() must not compare token lists field by field
 class Sequence:
     """One admitted-or-waiting request: its tokens (prompt + generated), positions, blocks and cache progress."""
 
