@@ -182,10 +182,31 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
         if uniform_rows is not None:  # rows that see no key: zero scores everywhere -> the mean of all values
             q = q.masked_fill(uniform_rows, 0.0)  # uniform_rows (B|1, 1, T, 1)
-        if self.kv_cache is not None:
-            if input_pos is None:
-                raise ValueError("a KV cache is set up: pass input_pos (the cache slots of these tokens)")
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, K, S, D)
+        if self.kv_cache is not None and input_pos is None:
+            raise ValueError("a KV cache is set up: pass input_pos (the cache slots of these tokens)")
+        if hasattr(self.kv_cache, "attend"):
+            # a cache that runs attention over its own layout (core.paged_cache: rows of one batch grouped by
+            # length), calling back here for the attention of each group of rows over their keys (n, K, S_g, D)
+            def attend_rows(rows, q_rows, k_rows, v_rows):
+                m = mask if mask is None or rows is None or mask.shape[0] == 1 else mask[rows]
+                pkv = prefix_kv
+                if pkv is not None and rows is not None and pkv[0].shape[0] > 1:
+                    pkv = (pkv[0][rows], pkv[1][rows])
+                if m is not None:  # columns: P-tuning prefix, then the group's S_g cached keys
+                    m = m[..., : k_rows.shape[2] + (pkv[0].shape[2] if pkv is not None else 0)]
+                return self._attention(q_rows, k_rows, v_rows, m, pkv)
+
+            y = self.kv_cache.attend(input_pos, q, k, v, attend_rows)  # (B, H, T, D)
+        else:
+            if self.kv_cache is not None:
+                k, v = self.kv_cache.update(input_pos, k, v)  # (B, K, S, D)
+            y = self._attention(q, k, v, mask, prefix_kv)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
+        return self.proj(y)
+
+    def _attention(self, q, k, v, mask, prefix_kv):
+        """q (B, H, T, D) over keys/values (B, K, S, D) (+ the P-tuning prefix's) -> (B, H, T, D)."""
+        H, K, T = q.shape[1], k.shape[1], q.shape[2]
         if prefix_kv is not None:  # P-tuning v2: every token sees the prefix keys/values (not rotated)
             pk, pv = prefix_kv  # (B, K, P, D)
             k = torch.cat((pk.to(k.dtype), k), dim=2)
@@ -195,16 +216,13 @@ class Attention(nn.Module):
         # gives masked keys weight exactly 0 in fp32 as SDPA's -inf does, and a row that sees no key the mean of all
         # values (masked_row "uniform").
         # Grouped KV heads: head h reads kv group h // (H / K) (enable_gqa, without copying K/V per head).
-        if x.device.type == "cpu" and x.dtype != torch.float32 and T <= DECODE_ROWS:
+        if q.device.type == "cpu" and q.dtype != torch.float32 and T <= DECODE_ROWS:
             # CPU SDPA takes 3-6x longer in bf16/fp16 than in fp32 for a few query rows (decoding): run it in
             # fp32 on the same values (it accumulates in fp32 either way); the CPU cache is fp32 already.
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                               enable_gqa=K != H).to(x.dtype)
-        else:
-            k, v = k.to(q.dtype), v.to(q.dtype)  # an fp32 CPU cache under a bf16 prefill
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=K != H)  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
-        return self.proj(y)
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                  enable_gqa=K != H).to(q.dtype)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # an fp32 CPU cache under a bf16 prefill
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=K != H)  # (B, H, T, D)
 
 
 class MLP(nn.Module):

@@ -6,11 +6,17 @@ position p lives in slot `blocks[p // block_size] * block_size + p % block_size`
 have any lengths, join and leave between steps, and give their blocks back when they end.
 
 It plugs into the core model through the KV cache contract of core.model.Attention, `update(input_pos, k, v) -> (k,
-v)`: `attach(model)` puts a PagedLayerCache on every layer; before each forward the caller `bind`s the slots the new
-tokens are written to ([B, T]) and the slots each row reads ([B, S], padded), passes a bool mask [B, 1, T, S] over
-those read slots (False on the padding), explicit position ids, and input_pos = arange(S - T, S) (the model only
-uses its last value, to cut the mask at S). Everything the model does around the cache (2D positions, the prefix-LM
-mask, grouped KV heads, P-tuning prefixes prepended to the keys) is unchanged.
+v)`, and its optional `attend(input_pos, q, k, v, attention)`: `attach(model)` puts a PagedLayerCache on every layer;
+before each forward the caller `bind`s the slots the new tokens are written to ([B, T]), the slots each row reads
+([B, S], padded) and, for decoding, each row's length; it passes a bool mask [B, 1, T, S] over those read slots
+(False on the padding), explicit position ids, and input_pos = arange(S - T, S) (the model only uses its last value,
+to cut the mask at S). Everything the model does around the cache (2D positions, the prefix-LM mask, grouped KV
+heads, P-tuning prefixes prepended to the keys) is unchanged.
+
+Keys are gathered from the pages before attention (there is no paged-attention kernel in torch), so a step reads
+each row's keys twice; and a batch pads every row to the longest. With lengths bound, `attend` splits the rows into
+groups of similar length (at most MAX_GROUPS, where the padding saved outweighs a group's fixed cost) and gathers
+and attends group by group: rows of 50 and 2000 tokens no longer both cost 2000.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ import torch
 from torch import nn
 
 from glmkit.core.config import GLMConfig
+
+MAX_GROUPS = 4  # length groups per decode step
+GROUP_COST_BYTES = 256 * 1024  # a group's fixed cost (a gather and an SDPA call), in key/value bytes read instead
 
 
 def bytes_per_block(config: GLMConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -47,6 +56,7 @@ class BlockPool:
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: the lowest block ids are handed out first
         self.write: torch.Tensor | None = None  # [B * T] slots of this forward's new tokens
         self.read: torch.Tensor | None = None  # [B, S] slots each row attends to (padding: any valid slot)
+        self.groups: list[tuple[torch.Tensor, int, torch.Tensor]] | None = None  # (rows, S_g, their read slots)
         self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -91,11 +101,23 @@ class BlockPool:
                               torch.empty(size, dtype=like.dtype, device=like.device))
         return self._gathered[0][:numel], self._gathered[1][:numel]
 
-    def bind(self, write: torch.Tensor, read: torch.Tensor) -> None:
-        """The slots of the next forward: write [B, T] (new tokens), read [B, S] (keys of each row, padded)."""
+    def bind(self, write: torch.Tensor, read: torch.Tensor, lengths: list[int] | None = None) -> None:
+        """The slots of the next forward: write [B, T] (new tokens), read [B, S] (keys of each row, padded) and, if
+        given, each row's count of real (unpadded) read slots, which lets attention group rows by length."""
         device = self.k[0].device
         self.write = write.reshape(-1).to(device)
         self.read = read.to(device)
+        self.groups = None
+        if lengths is not None and len(lengths) > 1:
+            config = self.config
+            per_token = 2 * config.num_kv_heads * config.head_dim * self.k[0].element_size()
+            split = length_groups(lengths, max(1, GROUP_COST_BYTES // per_token))
+            if len(split) > 1:
+                self.groups = []
+                for rows in split:
+                    s_g = max(lengths[r] for r in rows)
+                    index = torch.tensor(rows, dtype=torch.long, device=device)
+                    self.groups.append((index, s_g, self.read[index, :s_g].reshape(-1)))
 
     def attach(self, model: nn.Module) -> None:
         """Makes this pool the KV cache of every layer of `model` (a core.model.GLM)."""
@@ -108,8 +130,35 @@ class BlockPool:
             block.attn.kv_cache = None
 
 
+def length_groups(lengths: list[int], group_cost: int, max_groups: int = MAX_GROUPS) -> list[list[int]]:
+    """Rows split into at most max_groups groups of similar length, minimising the padded work: the sum over
+    groups of group_cost + rows x the group's longest length (a group attends at its longest row's length).
+    Returns lists of row indices (longest rows first)."""
+    order = sorted(range(len(lengths)), key=lambda r: -lengths[r])
+    n = len(order)
+    # best[g][j]: least cost of the first j rows (in order) as g groups; a group [i, j) costs group_cost + (j - i)
+    # x the length of row order[i], the longest in it
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(max_groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
+    best[0][0] = 0
+    for g in range(1, max_groups + 1):
+        for j in range(1, n + 1):
+            for i in range(g - 1, j):
+                cost = best[g - 1][i] + group_cost + (j - i) * lengths[order[i]]
+                if cost < best[g][j]:
+                    best[g][j], cut[g][j] = cost, i
+    g = min(range(1, max_groups + 1), key=lambda g: best[g][n])
+    groups, j = [], n
+    while g > 0:
+        i = cut[g][j]
+        groups.append(order[i:j])
+        j, g = i, g - 1
+    return groups[::-1]
+
+
 class PagedLayerCache(nn.Module):
-    """One layer's view of a BlockPool, with the contract of core.model.KVCache.update."""
+    """One layer's view of a BlockPool, with the contract of core.model.KVCache.update, plus attend()."""
 
     def __init__(self, pool: BlockPool, layer: int) -> None:
         super().__init__()
@@ -117,6 +166,23 @@ class PagedLayerCache(nn.Module):
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, K, T, D) written at the bound write slots; returns every row's keys/values (B, K, S, D)."""
+        self._write(k, v)
+        return self._gather(self.pool.read.reshape(-1), k.shape[0], self.pool.read.shape[1])
+
+    def attend(self, input_pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               attention) -> torch.Tensor:
+        """Writes k, v (B, K, T, D) like `update`, then q (B, H, T, D) attends: attention(rows, q[rows], keys,
+        values) per group of rows bound by length (rows None and every row at once when there is one group)."""
+        if self.pool.groups is None:
+            return attention(None, q, *self.update(input_pos, k, v))
+        self._write(k, v)
+        out = torch.empty_like(q)
+        for rows, s_g, slots in self.pool.groups:
+            keys, values = self._gather(slots, len(rows), s_g)
+            out[rows] = attention(rows, q[rows], keys, values).to(out.dtype)
+        return out
+
+    def _write(self, k: torch.Tensor, v: torch.Tensor) -> None:
         pool = self.pool
         if pool.write is None or pool.read is None:
             raise RuntimeError("bind the paged cache's slots (BlockPool.bind) before running the model")
@@ -126,9 +192,13 @@ class PagedLayerCache(nn.Module):
         kp, vp = pool.k[self.layer], pool.v[self.layer]  # (K, slots, D)
         kp.index_copy_(1, pool.write, k.transpose(0, 1).reshape(K, B * T, D).to(kp.dtype))
         vp.index_copy_(1, pool.write, v.transpose(0, 1).reshape(K, B * T, D).to(vp.dtype))
-        S = pool.read.shape[1]
-        keys, values = pool.gather_buffers(K * B * S * D, kp)
+
+    def _gather(self, slots: torch.Tensor, B: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of `slots` (B * S of them, row-major) as (B, K, S, D) views of the reused buffers."""
+        kp, vp = self.pool.k[self.layer], self.pool.v[self.layer]
+        K, D = kp.shape[0], kp.shape[2]
+        keys, values = self.pool.gather_buffers(K * B * S * D, kp)
         keys, values = keys.view(K, B * S, D), values.view(K, B * S, D)
-        torch.index_select(kp, 1, pool.read.reshape(-1), out=keys)
-        torch.index_select(vp, 1, pool.read.reshape(-1), out=values)
+        torch.index_select(kp, 1, slots, out=keys)
+        torch.index_select(vp, 1, slots, out=values)
         return keys.view(K, B, S, D).transpose(0, 1), values.view(K, B, S, D).transpose(0, 1)  # (B, K, S, D)

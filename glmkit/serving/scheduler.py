@@ -411,7 +411,7 @@ class ContinuousEngine:
             mask = (torch.arange(S)[None] < lengths[:, None]).to(dev)[:, None, None]  # (B, 1, 1, S)
         if pos.shape[1] == 1:
             pos = pos[:, 0]  # (B, T) for 1-D positions
-        self.pool.bind(write, read)
+        self.pool.bind(write, read, None if start is not None else lengths.tolist())
         S = read.shape[1]
         logits = self.model(ids, pos, mask, input_pos=torch.arange(S - T, S, device=dev), last_logits_only=True)
         return logits[:, -1]  # (B, V)

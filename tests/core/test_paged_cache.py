@@ -1,6 +1,7 @@
 """core.paged_cache: a model running on pool blocks (chunked prefill, then batched decode of rows of different
-lengths) gives the logits of a plain full forward pass, for every family: ChatGLM-6B's 2D positions and prefix-LM
-mask, grouped KV heads, the original GLM's learned tables, GLM-130B, and a P-tuning prefix."""
+lengths, in one padded batch or in groups of similar length) gives the logits of a plain full forward pass, for every
+family: ChatGLM-6B's 2D positions and prefix-LM mask, grouped KV heads, the original GLM's learned tables, GLM-130B,
+and a P-tuning prefix."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import pytest
 import torch
 
 from glmkit.adapters.ptuning import attach_prefix
+from glmkit.core import paged_cache
 from glmkit.core.config import GLMConfig
 from glmkit.core.model import GLM
-from glmkit.core.paged_cache import BlockPool, bytes_per_block
+from glmkit.core.paged_cache import BlockPool, bytes_per_block, length_groups
 
 TINY = {"vocab_size": 64, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "ffn_hidden_size": 48,
         "max_seq_len": 64, "torch_dtype": "float32"}
@@ -44,7 +46,10 @@ def prompts(model: GLM) -> list[list[int]]:
 @pytest.mark.parametrize("preset,ptuning", [("chatglm-6b", False), ("chatglm2-6b", False), ("glm-4-9b-chat", False),
                                             ("glm-10b", False), ("glm-130b", False), ("chatglm2-6b", True),
                                             ("chatglm-6b", True)])
-def test_paged_prefill_and_decode_match_full_forward(preset, ptuning):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_paged_prefill_and_decode_match_full_forward(preset, ptuning, grouped, monkeypatch):
+    if grouped:  # every row its own group: no fixed cost per group
+        monkeypatch.setattr(paged_cache, "GROUP_COST_BYTES", 0)
     model = tiny(preset, ptuning)
     block = 4
     pool = BlockPool(model.config, num_blocks=40, block_size=block, dtype=torch.float32)
@@ -80,12 +85,20 @@ def test_paged_prefill_and_decode_match_full_forward(preset, ptuning):
             mask = (torch.arange(S)[None] < lengths[:, None])[:, None, None]  # (B, 1, 1, S)
             ids = torch.tensor([[r[-1]] for r in rows])
             pos = torch.stack([p[..., -1:] for p in positions]).squeeze(1)  # (B, 1) or (B, 2, 1)
-            pool.bind(write, read)
+            pool.bind(write, read, lengths.tolist() if grouped else None)
+            assert (pool.groups is not None and len(pool.groups) == 3) == grouped
             logits = model(ids, pos, mask, input_pos=torch.arange(S - 1, S))
         for b in range(len(rows)):
             torch.testing.assert_close(logits[b, -1], expected[b], rtol=1e-4, atol=1e-4)
     finally:
         BlockPool.detach(model)
+
+
+def test_length_groups_split_rows_where_padding_outweighs_a_group():
+    assert length_groups([10, 500, 12, 480, 11], group_cost=100) == [[1, 3], [2, 4, 0]]  # longest first
+    assert length_groups([10, 500, 12, 480, 11], group_cost=10_000) == [[1, 3, 2, 4, 0]]
+    assert length_groups([7, 7, 7], group_cost=0) == [[0, 1, 2]]  # nothing to save: one group
+    assert length_groups([100, 90, 80, 70, 60, 50], group_cost=0, max_groups=2) == [[0, 1, 2], [3, 4, 5]]
 
 
 def test_pool_hands_out_and_takes_back_blocks():

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from glmkit.adapters.ptuning import attach_prefix
+from glmkit.core import paged_cache
 from glmkit.core.generate import generate
-from glmkit.core.paged_cache import bytes_per_block
+from glmkit.core.paged_cache import BlockPool, bytes_per_block
 from glmkit.serving.jobs import Job, stop_token_ids
 from glmkit.serving.protocol import ChatFormat, SamplingParams
 from glmkit.serving.scheduler import ContinuousEngine
@@ -122,10 +123,21 @@ def prompts(model, tok) -> list[list[int]]:
     return [fmt.prompt_ids(q, [], None) for q in QUERIES]
 
 
-@pytest.mark.parametrize("family", ["chatglm", "chatglm2", "chatglm3", "glm4", "chatglm2+ptuning"])
-def test_staggered_arrivals_get_their_greedy_tokens_alone(families, family, make_engine):
+@pytest.mark.parametrize("family", ["chatglm", "chatglm2", "chatglm3", "glm4", "chatglm2+ptuning", "chatglm+grouped",
+                                    "chatglm2+ptuning+grouped"])
+def test_staggered_arrivals_get_their_greedy_tokens_alone(families, family, make_engine, monkeypatch):
     model, tok = families[family.split("+")[0]]
-    if family.endswith("ptuning"):
+    if family.endswith("grouped"):  # decode attention in length groups at every step with rows of unequal length
+        monkeypatch.setattr(paged_cache, "GROUP_COST_BYTES", 0)
+        groups = []
+        bind = BlockPool.bind
+
+        def counting_bind(pool, write, read, lengths=None):
+            bind(pool, write, read, lengths)
+            groups.append(len(pool.groups or [None]))
+
+        monkeypatch.setattr(BlockPool, "bind", counting_bind)
+    if "ptuning" in family:
         model = copy.deepcopy(model)
         attach_prefix(model, 4)
         with torch.no_grad():
@@ -140,6 +152,8 @@ def test_staggered_arrivals_get_their_greedy_tokens_alone(families, family, make
     assert any(len(e) == n for e, n in zip(expected, sizes)), "the model stopped every answer early"
     assert engine.stats["largest_batch"] > 1, "arrivals never shared a decode step"
     assert engine.kv_blocks()[0] == 0
+    if family.endswith("grouped"):
+        assert max(groups) > 1, "no decode step split its rows into length groups"
 
 
 def test_each_request_keeps_its_own_settings_in_one_batch(families, make_engine):
