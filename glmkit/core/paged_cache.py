@@ -130,29 +130,35 @@ class BlockPool:
             block.attn.kv_cache = None
 
 
-def length_groups(lengths: list[int], group_cost: int, max_groups: int = MAX_GROUPS) -> list[list[int]]:
+def length_groups(lengths: list[int], group_cost: int, max_groups: int = MAX_GROUPS,
+                  max_cuts: int = 32) -> list[list[int]]:
     """Rows split into at most max_groups groups of similar length, minimising the padded work: the sum over
     groups of group_cost + rows x the group's longest length (a group attends at its longest row's length).
-    Returns lists of row indices (longest rows first)."""
+    Returns lists of row indices (longest rows first). Groups start at one of max_cuts + 1 evenly spaced places
+    in the sorted order (every place up to that many rows), so a step's split costs the same at any batch size."""
     order = sorted(range(len(lengths)), key=lambda r: -lengths[r])
     n = len(order)
-    # best[g][j]: least cost of the first j rows (in order) as g groups; a group [i, j) costs group_cost + (j - i)
-    # x the length of row order[i], the longest in it
+    if n < 2 or (lengths[order[0]] - lengths[order[-1]]) * n <= group_cost:
+        return [order]  # splitting cannot save a group's cost
+    cuts = sorted({round(j * n / max_cuts) for j in range(max_cuts + 1)}) if n > max_cuts else list(range(n + 1))
+    m = len(cuts) - 1
+    # best[g][j]: least cost of the rows before cuts[j] as g groups; a group [cuts[i], cuts[j]) costs group_cost +
+    # its rows x the length of its first (longest) row
     inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(max_groups + 1)]
-    cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
+    best = [[inf] * (m + 1) for _ in range(max_groups + 1)]
+    back = [[0] * (m + 1) for _ in range(max_groups + 1)]
     best[0][0] = 0
     for g in range(1, max_groups + 1):
-        for j in range(1, n + 1):
+        for j in range(1, m + 1):
             for i in range(g - 1, j):
-                cost = best[g - 1][i] + group_cost + (j - i) * lengths[order[i]]
+                cost = best[g - 1][i] + group_cost + (cuts[j] - cuts[i]) * lengths[order[cuts[i]]]
                 if cost < best[g][j]:
-                    best[g][j], cut[g][j] = cost, i
-    g = min(range(1, max_groups + 1), key=lambda g: best[g][n])
-    groups, j = [], n
+                    best[g][j], back[g][j] = cost, i
+    g = min(range(1, max_groups + 1), key=lambda g: best[g][m])
+    groups, j = [], m
     while g > 0:
-        i = cut[g][j]
-        groups.append(order[i:j])
+        i = back[g][j]
+        groups.append(order[cuts[i]:cuts[j]])
         j, g = i, g - 1
     return groups[::-1]
 

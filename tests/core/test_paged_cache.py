@@ -99,6 +99,12 @@ def test_length_groups_split_rows_where_padding_outweighs_a_group():
     assert length_groups([10, 500, 12, 480, 11], group_cost=10_000) == [[1, 3, 2, 4, 0]]
     assert length_groups([7, 7, 7], group_cost=0) == [[0, 1, 2]]  # nothing to save: one group
     assert length_groups([100, 90, 80, 70, 60, 50], group_cost=0, max_groups=2) == [[0, 1, 2], [3, 4, 5]]
+    # many rows: groups start only at a few evenly spaced places, still covering every row once
+    lengths = [int(v) for v in torch.randint(10, 2000, (40,), generator=torch.Generator().manual_seed(0))]
+    groups = length_groups(lengths, group_cost=50, max_cuts=8)
+    assert 1 < len(groups) <= 4 and sorted(sum(groups, [])) == list(range(40))
+    assert all(len(group) % 5 == 0 for group in groups)  # cuts every 40 / 8 = 5 rows
+    assert all(min(lengths[r] for r in g) >= max(lengths[r] for r in h) for g, h in zip(groups, groups[1:]))
 
 
 def test_pool_hands_out_and_takes_back_blocks():
