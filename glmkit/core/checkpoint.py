@@ -96,6 +96,35 @@ class CheckpointRows:
         return f"CheckpointRows({self.path.name}, shape={tuple(self.shape)}, dtype={self.dtype})"
 
 
+def _safetensors_entries(path: Path, head: bytes, read_header: Callable[[int], bytes]
+                         ) -> list[tuple[str, torch.dtype, list[int], int]]:
+    """A safetensors file's header, checked against the file's size: [(name, dtype, shape, offset of its bytes in
+    the file)] in file order. head: the file's first 8 bytes; read_header(n): the n header bytes after them."""
+    if len(head) != 8:
+        raise CheckpointError(f"cannot read {path}: file too short for a safetensors header")
+    n = int.from_bytes(head, "little")
+    size = path.stat().st_size
+    if n <= 0 or 8 + n > size:
+        raise CheckpointError(f"cannot read {path}: invalid safetensors header length {n}")
+    try:
+        header = json.loads(read_header(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: corrupt safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    entries = []
+    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"cannot read {path}: bad header entry for {name!r} ({e})") from None
+        if end - begin != torch.Size(shape).numel() * dtype.itemsize or 8 + n + end > size:
+            raise CheckpointError(f"cannot read {path}: tensor {name!r} has inconsistent offsets")
+        entries.append((name, dtype, shape, 8 + n + begin))
+    return entries
+
+
 def _read_safetensors(path: Path, defer: Callable[[str], bool] | None = None
                       ) -> Iterator[tuple[str, torch.Tensor | CheckpointRows]]:
     """Reads a safetensors file tensor by tensor into freshly allocated memory, with plain reads rather than a
@@ -103,34 +132,14 @@ def _read_safetensors(path: Path, defer: Callable[[str], bool] | None = None
     multi-GB shard on top of the model while it streams in (and defeat quantize-on-load's low peak).
     defer(name) True: a 2-D float tensor comes as CheckpointRows, read later a block of rows at a time."""
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise CheckpointError(f"cannot read {path}: file too short for a safetensors header")
-        n = int.from_bytes(head, "little")
-        size = path.stat().st_size
-        if n <= 0 or 8 + n > size:
-            raise CheckpointError(f"cannot read {path}: invalid safetensors header length {n}")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"cannot read {path}: corrupt safetensors header ({e})") from None
-        header.pop("__metadata__", None)
-        entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-        for name, info in entries:
-            try:
-                dtype = SAFETENSORS_DTYPES[info["dtype"]]
-                shape = [int(d) for d in info["shape"]]
-                begin, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise CheckpointError(f"cannot read {path}: bad header entry for {name!r} ({e})") from None
-            nbytes = torch.Size(shape).numel() * dtype.itemsize
-            if end - begin != nbytes or 8 + n + end > size:
-                raise CheckpointError(f"cannot read {path}: tensor {name!r} has inconsistent offsets")
+        entries = _safetensors_entries(path, f.read(8), f.read)
+        for name, dtype, shape, offset in entries:
             if defer is not None and len(shape) == 2 and dtype.is_floating_point and defer(name):
-                yield name, CheckpointRows(path, 8 + n + begin, shape, dtype)
+                yield name, CheckpointRows(path, offset, shape, dtype)
                 continue
             tensor = torch.empty(shape, dtype=dtype)
-            f.seek(8 + n + begin)
+            nbytes = tensor.numel() * dtype.itemsize
+            f.seek(offset)
             if nbytes and f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
                 raise CheckpointError(f"cannot read {path}: truncated data for {name!r}")
             yield name, tensor
@@ -144,30 +153,14 @@ def _map_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     read until a page is touched. The map lives as long as any of its tensors. A tensor that does not start on a
     MAPPED_ALIGNMENT boundary of the file is copied (glmkit writes its quantized files aligned)."""
     with open(path, "rb") as f:
-        size = path.stat().st_size
-        if size < 8:
+        if path.stat().st_size < 8:
             raise CheckpointError(f"cannot read {path}: file too short for a safetensors header")
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     data = torch.frombuffer(mapped, dtype=torch.uint8)
-    n = int.from_bytes(bytes(mapped[:8]), "little")
-    if n <= 0 or 8 + n > size:
-        raise CheckpointError(f"cannot read {path}: invalid safetensors header length {n}")
-    try:
-        header = json.loads(bytes(mapped[8:8 + n]))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: corrupt safetensors header ({e})") from None
-    header.pop("__metadata__", None)
-    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = [int(d) for d in info["shape"]]
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"cannot read {path}: bad header entry for {name!r} ({e})") from None
-        if end - begin != torch.Size(shape).numel() * dtype.itemsize or 8 + n + end > size:
-            raise CheckpointError(f"cannot read {path}: tensor {name!r} has inconsistent offsets")
-        raw = data[8 + n + begin:8 + n + end]
-        if (8 + n + begin) % MAPPED_ALIGNMENT:  # e.g. aten's INT8 kernel reads 32-byte aligned rows: copy it
+    entries = _safetensors_entries(path, bytes(mapped[:8]), lambda n: bytes(mapped[8:8 + n]))
+    for name, dtype, shape, offset in entries:
+        raw = data[offset:offset + torch.Size(shape).numel() * dtype.itemsize]
+        if offset % MAPPED_ALIGNMENT:  # e.g. aten's INT8 kernel reads 32-byte aligned rows: copy it
             raw = raw.clone()
         yield name, raw.view(dtype).view(shape)
 
