@@ -15,9 +15,7 @@ the penalties, ChatGLM's NaN/inf guard and a forced tool-call line (the tokens i
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
@@ -25,7 +23,7 @@ from typing import Any, AsyncIterator
 from glmkit.core.chat import INVALID_SCORE_TOKEN_ID, find_stop, partial_stop
 from glmkit.core.generate import generate_stream, invalid_score_guard
 from glmkit.core.tools import ForcedCall
-from glmkit.serving.jobs import MAX_BATCH_SIZE, MAX_QUEUE, Job, logprob_entry, stop_token_ids
+from glmkit.serving.jobs import MAX_BATCH_SIZE, MAX_QUEUE, Job, JobQueue, logprob_entry, shutting_down, stop_token_ids
 from glmkit.serving.metrics import ServerMetrics
 from glmkit.serving.protocol import APIError, ChatFormat, SamplingParams
 from glmkit.serving.scheduler import ContinuousEngine
@@ -35,13 +33,14 @@ log = logging.getLogger(__name__)
 GATHER_SECONDS = 0.02  # how long a new batch waits for more requests to join it
 
 
-class Engine:
+class Engine(JobQueue):
     """The decoding thread and its queue. `submit` is called from the event loop, everything else runs in the thread."""
 
     def __init__(self, model: Any, tokenizer: Any, *, max_batch_size: int = MAX_BATCH_SIZE,
                  max_queue: int = MAX_QUEUE) -> None:
+        super().__init__(max_queue, "glmkit-decoder")
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.max_batch_size = max_batch_size
         self.gather_s = GATHER_SECONDS
         self.context = int(model.config.max_seq_len)
         self.eos_ids = set(stop_token_ids(model, tokenizer))
@@ -49,45 +48,15 @@ class Engine:
         if pad is None:
             pad = model.config.pad_token_id
         self.pad_id = int(pad if pad is not None else 0)
-        self._pending: collections.deque[Job] = collections.deque()
-        self._cond = threading.Condition()
-        self._closing = False
         self.active = 0  # rows in the batch being decoded
         self.stats = {"requests": 0, "batches": 0, "largest_batch": 0}
-        self._thread = threading.Thread(target=self._run, name="glmkit-decoder", daemon=True)
 
     # ---- event-loop side
-    def start(self) -> None:
-        self._thread.start()
-
-    def alive(self) -> bool:
-        return self._thread.is_alive() and not self._closing
-
-    def queued(self) -> int:
-        return len(self._pending)
-
-    def submit(self, job: Job) -> None:
-        with self._cond:
-            if self._closing:
-                raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
-            if len(self._pending) >= self.max_queue:
-                raise APIError(503, f"the server is busy ({self.max_queue} requests waiting); retry shortly",
-                               type="server_error", code="server_busy")
-            self._pending.append(job)
-            self._cond.notify()
-
     def close(self, timeout: float = 30.0) -> None:
         """Stops taking work, cancels what waits, lets the running batch see its cancellations, joins the thread."""
-        with self._cond:
-            self._closing = True
-            waiting = list(self._pending)
-            self._pending.clear()
-            self._cond.notify_all()
-        for job in waiting:
-            job.send("error", APIError(503, "the server is shutting down", type="server_error",
-                                       code="shutting_down"))
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        for job in self._stop():
+            job.send("error", shutting_down())
+        self._join(timeout)
 
     # ---- decoding-thread side
     def _next_batch(self) -> list[Job] | None:

@@ -4,13 +4,14 @@ through), the stop tokens of a family, and OpenAI's logprobs entries."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from glmkit.core import chat
 from glmkit.core.tools import ForcedCall
-from glmkit.serving.protocol import SamplingParams
+from glmkit.serving.protocol import APIError, SamplingParams
 
 MAX_BATCH_SIZE = 16
 MAX_QUEUE = 256
@@ -36,6 +37,57 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+
+
+class JobQueue:
+    """What both decoding engines share on the event-loop side: a bounded FIFO of submitted Jobs (503 when full or
+    closing), the condition their decoding thread waits on, and that thread's lifecycle. Subclasses give `_run`."""
+
+    def __init__(self, max_queue: int, thread_name: str) -> None:
+        self.max_queue = max_queue
+        self._pending: collections.deque[Job] = collections.deque()  # submitted, not yet taken by the thread
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closing
+
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._closing:
+                raise shutting_down()
+            if self.queued() >= self.max_queue:
+                raise APIError(503, f"the server is busy ({self.max_queue} requests waiting); retry shortly",
+                               type="server_error", code="server_busy")
+            self._pending.append(job)
+            self._cond.notify()
+
+    def _stop(self) -> list[Job]:
+        """Marks the queue closing, wakes the thread and returns the jobs it had not taken yet."""
+        with self._cond:
+            self._closing = True
+            waiting = list(self._pending)
+            self._pending.clear()
+            self._cond.notify_all()
+        return waiting
+
+    def _join(self, timeout: float) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
 
 def send_all(events: list[tuple[Job, str, Any]]) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +38,16 @@ from glmkit.core.generate import (
     sample,
 )
 from glmkit.core.paged_cache import BlockPool, bytes_per_block
-from glmkit.serving.jobs import MAX_BATCH_SIZE, MAX_QUEUE, Job, logprob_entry, send_all, stop_token_ids
+from glmkit.serving.jobs import (
+    MAX_BATCH_SIZE,
+    MAX_QUEUE,
+    Job,
+    JobQueue,
+    logprob_entry,
+    send_all,
+    shutting_down,
+    stop_token_ids,
+)
 from glmkit.serving.protocol import APIError
 
 log = logging.getLogger(__name__)
@@ -165,7 +173,7 @@ class PrefixCache:
         return self.pool.num_free + len(self.idle)
 
 
-class ContinuousEngine:
+class ContinuousEngine(JobQueue):
     """The continuous-batching decoding thread; the same interface as engine.Engine (start, submit, close, alive,
     queued, active, stats), plus `kv_blocks()` and `prefill_chunk`."""
 
@@ -174,8 +182,9 @@ class ContinuousEngine:
                  prefill_chunk: int = PREFILL_CHUNK, prefix_caching: bool = True) -> None:
         if prefill_chunk < 1 or block_size < 1:
             raise ValueError(f"need prefill_chunk >= 1 and block_size >= 1, got {prefill_chunk} and {block_size}")
+        super().__init__(max_queue, "glmkit-scheduler")
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
+        self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
         self.context = int(model.config.max_seq_len)
         self.eos_ids = set(stop_token_ids(model, tokenizer))
         self.device = model.device
@@ -183,25 +192,15 @@ class ContinuousEngine:
                               block_size, dtype=model.dtype, device=self.device)
         self.cache = PrefixCache(self.pool)  # with prefix_caching off it only allocates and frees
         self.prefix_caching = prefix_caching
-        self._pending: collections.deque[Job] = collections.deque()  # submitted, not yet seen by the thread
         self._waiting: collections.deque[Sequence] = collections.deque()  # seen, waiting for a row (thread only)
         self._running: list[Sequence] = []  # admitted: prefilling or decoding (thread only)
         self._outbox: list[tuple[Job, str, Any]] = []  # events of this step, delivered together at its end
-        self._cond = threading.Condition()
-        self._closing = False
         self._arrivals = 0
         self.active = 0  # rows admitted (prefilling or decoding)
         self.stats = {"requests": 0, "batches": 0, "largest_batch": 0, "steps": 0, "preempted": 0,
                       "cached_tokens": 0}
-        self._thread = threading.Thread(target=self._run, name="glmkit-scheduler", daemon=True)
 
     # ---- event-loop side
-    def start(self) -> None:
-        self._thread.start()
-
-    def alive(self) -> bool:
-        return self._thread.is_alive() and not self._closing
-
     def queued(self) -> int:
         return len(self._pending) + len(self._waiting)
 
@@ -209,23 +208,11 @@ class ContinuousEngine:
         """(used, free) KV blocks: held by requests / free or only cached (reusable at once)."""
         return self.pool.num_blocks - self.cache.available, self.cache.available
 
-    def submit(self, job: Job) -> None:
-        with self._cond:
-            if self._closing:
-                raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
-            if self.queued() >= self.max_queue:
-                raise APIError(503, f"the server is busy ({self.max_queue} requests waiting); retry shortly",
-                               type="server_error", code="server_busy")
-            self._pending.append(job)
-            self._cond.notify()
-
     def close(self, timeout: float = 30.0) -> None:
         """Stops taking work, fails what waits with 503, ends running rows as cancelled, joins the thread."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        for job in self._stop():
+            job.send("error", shutting_down())
+        self._join(timeout)
 
     # ---- decoding-thread side
     def _run(self) -> None:
@@ -262,7 +249,7 @@ class ContinuousEngine:
                     self.active = 0
         finally:
             self._flush()
-            shutting = APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+            shutting = shutting_down()
             with self._cond:
                 jobs = list(self._pending)
                 self._pending.clear()
