@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import socket
+import subprocess
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -24,6 +28,46 @@ def free_port() -> int:
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class ServerProcess:
+    """A server in its own process (argv run from the repository root) on a free loopback port, with its log
+    (log_dir/NAME-PORT.log) kept for failure messages; ready once GET `ready_path` answers 200. The port is picked
+    first: the command line is `argv(port)`."""
+
+    def __init__(self, argv, log_dir: Path, *, name: str, ready_path: str = "/health", timeout: float = 90) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = (Path(log_dir) / f"{name.replace(' ', '-')}-{self.port}.log").open("w+")
+        self.proc = subprocess.Popen(argv(self.port), cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{name} exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + ready_path, timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"{name} did not come up:\n{self.output()}")
+            time.sleep(0.2)
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 # ChatGLM-6B tiny: vocab ids laid out like the slim checkpoint (mask/gmask/bos/eos near the top).

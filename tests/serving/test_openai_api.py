@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import ServerProcess
 
 try:
     from test_chat_cli import build_tiny_chat_model
@@ -28,43 +27,12 @@ openai = pytest.importorskip("openai", reason="the official openai client is a d
 
 
 
-class Server:
+class Server(ServerProcess):
     """`python -m glmkit serve` in a subprocess, with its log kept for failure messages."""
 
     def __init__(self, model: Path, *extra: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = (model.parent / f"serve-{self.port}.log").open("w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "glmkit", "serve", "--port", str(self.port), "--model",
-                                      str(model), *extra], cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 90
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"glmkit serve exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"glmkit serve did not become healthy:\n{self.output()}")
-            time.sleep(0.2)
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self, sig: int = signal.SIGINT, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        super().__init__(lambda port: [sys.executable, "-m", "glmkit", "serve", "--port", str(port), "--model",
+                                       str(model), *extra], model.parent, name="glmkit serve")
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,21 @@ Two kinds of server, each a real process on a loopback port:
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import httpx
 import pytest
 import torch
 
-from tests.conftest import (REPO, SEARCH_TOOL, STORY, WEATHER_TOOL, build_tiny_chat_model, build_tiny_glm4_model,
-                            free_port)
+from tests.conftest import (
+    REPO,
+    SEARCH_TOOL,
+    STORY,
+    WEATHER_TOOL,
+    ServerProcess,
+    build_tiny_chat_model,
+    build_tiny_glm4_model,
+)
 from tests.serving.test_openai_api import Server
 
 openai = pytest.importorskip("openai", reason="the official openai client is a dev dependency (pip install openai)")
@@ -29,34 +35,13 @@ from openai.lib.streaming.chat import ChatCompletionStreamState  # noqa: E402
 TOOLS = [WEATHER_TOOL, SEARCH_TOOL]
 
 
-class ScriptedServer(Server):
+class ScriptedServer(ServerProcess):
     """glmkit.serving.openai_api.serve on tests.conftest.scripted_model(folder), in its own process."""
 
-    def __init__(self, model) -> None:  # noqa: D107 (same polling as Server, another command)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = (model.parent / f"scripted-{self.port}.log").open("w+")
-        code = f"from tests.conftest import serve_scripted; serve_scripted({str(model)!r}, {self.port})"
-        self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-        self._wait()
-
-    def _wait(self) -> None:
-        import time
-
-        deadline = time.monotonic() + 90
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"the server did not become healthy:\n{self.output()}")
-            time.sleep(0.2)
+    def __init__(self, model) -> None:
+        super().__init__(lambda port: [sys.executable, "-c", f"from tests.conftest import serve_scripted; "
+                                                             f"serve_scripted({str(model)!r}, {port})"],
+                         model.parent, name="the scripted server")
 
 
 @pytest.fixture(scope="module")

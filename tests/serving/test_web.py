@@ -5,15 +5,14 @@ the chat; a screenshot is saved."""
 from __future__ import annotations
 
 import shutil
-import subprocess
+import signal
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, ServerProcess
 
 try:
     from test_chat_cli import build_tiny_chat_model
@@ -48,35 +47,13 @@ def shown_name(model_dir: Path) -> str:
 
 @pytest.fixture(scope="module")
 def web(model_dir, tmp_path_factory):
-    port = free_port()
-    log = (tmp_path_factory.mktemp("web-log") / "web.log").open("w+")
     model = "glm-tiny" if model_dir == BUNDLED else str(model_dir)
-    proc = subprocess.Popen([sys.executable, "-m", "glmkit", "web", "--model", model, "--port", str(port)],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
+    server = ServerProcess(lambda port: [sys.executable, "-m", "glmkit", "web", "--model", model, "--port", str(port)],
+                           tmp_path_factory.mktemp("web-log"), name="glmkit web", ready_path="/", timeout=120)
     try:
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise AssertionError(f"glmkit web exited with {proc.returncode}:\n{log.read()}")
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                log.seek(0)
-                raise AssertionError(f"glmkit web did not come up:\n{log.read()}")
-            time.sleep(0.3)
-        yield url
+        yield server.url + "/"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop(signal.SIGTERM, timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,12 @@ answers are scripted below it (tests.conftest.scripted_model), since a tiny rand
 
 from __future__ import annotations
 
-import subprocess
+import signal
 import sys
-import time
 
-import httpx
 import pytest
 
-from tests.conftest import REPO, build_tiny_glm4_model, free_port
+from tests.conftest import ServerProcess, build_tiny_glm4_model
 from tests.serving.test_web import CHROMIUM, CHROMIUM_ARGS, pytestmark  # noqa: F401 (browser marks)
 
 TOOLS = '''
@@ -26,37 +24,17 @@ def web(tmp_path_factory):
     root = tmp_path_factory.mktemp("web-tools")
     model = build_tiny_glm4_model(root / "tiny-glm4")
     (root / "tools.py").write_text(TOOLS, encoding="utf-8")
-    port = free_port()
-    code = ("from pathlib import Path; from tests.conftest import scripted_model; "
-            "from glmkit.serving.toolbox import Toolbox; from glmkit.serving.web import launch; "
-            f"m, t = scripted_model(Path({str(model)!r})); "
-            f"launch(m, t, 'tiny-glm4', port={port}, tools=Toolbox.from_file({str(root / 'tools.py')!r}))")
-    log = (root / "web.log").open("w+")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
+    def argv(port: int) -> list[str]:
+        return [sys.executable, "-c", "from pathlib import Path; from tests.conftest import scripted_model; "
+                "from glmkit.serving.toolbox import Toolbox; from glmkit.serving.web import launch; "
+                f"m, t = scripted_model(Path({str(model)!r})); launch(m, t, 'tiny-glm4', port={port}, "
+                f"tools=Toolbox.from_file({str(root / 'tools.py')!r}))"]
+
+    server = ServerProcess(argv, root, name="the web page", ready_path="/", timeout=120)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise AssertionError(f"the web page exited with {proc.returncode}:\n{log.read()}")
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                log.seek(0)
-                raise AssertionError(f"the web page did not come up:\n{log.read()}")
-            time.sleep(0.3)
-        yield url
+        yield server.url + "/"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop(signal.SIGTERM, timeout=30)
 
 
 def test_tool_call_shown_in_browser(web):
