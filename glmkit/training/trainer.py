@@ -243,6 +243,10 @@ def train_step(state: TrainState, stage: Stage, micro_batches: Sequence[Any], lo
 
 
 # -------------------------------------------------------------------------------------------------------- the loop
+# the stats fit() reports for every step; anything else in a step's stats is a stage metric or an evaluation's
+STEP_KEYS = frozenset({"loss", "grad_norm", "units", "step", "lr", "tokens", "tokens_per_s", "elapsed_s"})
+
+
 class Logger:
     """Receives every step's stats on every process; `log` is true on the steps the loop reports (log_every, an
     evaluation, the last step). Subclasses write CSV, TensorBoard, JSON lines; `close` ends the run."""
