@@ -295,7 +295,7 @@ def fit(state: TrainState, stage: Stage, loop: LoopConfig, *, save: Callable[[Tr
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}",
                                 tok_s=f"{stats['tokens_per_s']:.0f}")
-            log = state.step % loop.log_every == 0 or evaluated or state.step == end
+            log = bool(loop.log_every and state.step % loop.log_every == 0) or evaluated or state.step == end
             for logger in loggers:
                 logger.step(state, stats, log)
             if save is not None and ((loop.save_every and state.step % loop.save_every == 0) or state.step == end):
