@@ -544,7 +544,8 @@ def _tensorboard(out: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is a declared dependency, but training must not die without it
-        print("glmkit pretrain: tensorboard is not installed; logging to CSV only", file=sys.stderr)
+        print("glmkit pretrain: tensorboard is not installed (pip install 'glmkit[train]'); logging to CSV only",
+              file=sys.stderr)
         return None
     return SummaryWriter(str(out / "tensorboard"))
 
