@@ -77,7 +77,7 @@ def _tasks(paths: list[str]) -> list[str]:
 
 def cli_main(argv: list[str]) -> int:
     if argv and argv[0] == "harness":  # lm-eval parses its own arguments
-        require_extra("eval", what="glmkit eval harness")
+        require_extra("eval")
         from glmkit.evaluation.harness import run_harness
 
         return run_harness(argv[1:])

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    require_extra("serve", what="glmkit serve")  # before the model load: a missing extra fails at once
+    require_extra("serve")  # before the model load: a missing extra fails at once
     from glmkit.serving.openai_api import serve  # FastAPI and prometheus_client: the serve extra
     for name in ("port", "max_batch_size", "max_queue", "max_body_bytes", "block_size", "prefill_chunk"):
         if getattr(args, name) < (0 if name == "port" else 1):

@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    require_extra("web", what="glmkit web")  # before the model load: a missing extra fails at once
+    require_extra("web")  # before the model load: a missing extra fails at once
     try:  # a bad tools file is reported before the (slow) model load
         toolbox = Toolbox.from_file(args.tools) if args.tools else None
     except ValueError as err:
