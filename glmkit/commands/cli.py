@@ -47,9 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from glmkit import __version__
-
-        print(f"glmkit {__version__}")
+        # the package itself is always imported before its subpackages (and it is a layer above this one)
+        print(f"glmkit {sys.modules['glmkit'].__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
