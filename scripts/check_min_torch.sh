@@ -25,18 +25,19 @@ grep -q "\"torch>=${MIN_TORCH%.0}\"" "$REPO/pyproject.toml" \
   || echo "note: pyproject.toml's torch bound is not >=${MIN_TORCH%.0}; checking torch==$MIN_TORCH anyway"
 
 echo "== scratch venv with torch==$MIN_TORCH"
+cd "$SCRATCH"  # away from the checkout, so `python -c` imports the installed glmkit
 "$PY" -m venv "$SCRATCH/venv"
 VPY="$SCRATCH/venv/bin/python"
 "$VPY" -m pip install -q --upgrade pip
 # The development machines cap torch with a constraints file; the old release is below that cap.
 "$VPY" -m pip install -q ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "torch==$MIN_TORCH"
-"$VPY" -m pip install -q "$REPO" pytest httpx
+# serve: the tensor-parallel server test; protobuf: the tokenizer the pretraining test trains
+"$VPY" -m pip install -q "$REPO[serve]" protobuf pytest httpx
 "$VPY" -c "import torch, glmkit; print('torch', torch.__version__, '| glmkit', glmkit.__version__, glmkit.__file__)"
 "$VPY" -c "import torch; assert torch.__version__.startswith('$MIN_TORCH'), torch.__version__"
 export PATH="$SCRATCH/venv/bin:$PATH"
 
 echo "== the base commands on glm-tiny"
-cd "$SCRATCH"
 glmkit generate "春眠不覺曉，" --max-new-tokens 16 --seed 0
 glmkit generate "春眠不覺曉，" --max-new-tokens 16 --seed 0 --quantize int4
 glmkit fill "床前明月[MASK]，疑是地上霜。" --seed 0

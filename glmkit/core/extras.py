@@ -11,7 +11,7 @@ import importlib
 EXTRAS: dict[str, tuple[str, ...]] = {
     "serve": ("fastapi", "uvicorn", "prometheus_client"),
     "web": ("gradio",),
-    "train": ("peft", "tensorboard", "rouge_chinese", "jieba", "nltk"),
+    "train": ("peft", "tensorboard", "rouge_chinese", "jieba", "nltk", "google.protobuf"),
     "eval": ("lm_eval",),
 }
 

@@ -18,7 +18,7 @@ from glmkit.core.extras import EXTRAS, MissingExtraError, require_extra
 from tests.conftest import REPO
 
 BLOCKED = ("fastapi", "uvicorn", "starlette", "prometheus_client", "gradio", "peft", "transformers", "tensorboard",
-           "rouge_chinese", "jieba", "nltk", "lm_eval")
+           "rouge_chinese", "jieba", "nltk", "lm_eval", "google")
 
 # Run as `python -c PRELUDE + body`: hides BLOCKED, then runs the body.
 PRELUDE = f"""
