@@ -13,6 +13,7 @@ Targets are glmkit module-name suffixes (`attn.qkv`, `attn.proj`, `mlp.fc`, `mlp
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from glmkit.core.extras import require_extra
 from glmkit.quant.quantize import QuantizedLinear
 
 DEFAULT_TARGETS = ("attn.qkv",)
@@ -53,6 +55,7 @@ def parse_targets(targets: str | Iterable[str] | None) -> list[str]:
 def lora_config(rank: int = 8, alpha: float = 32.0, dropout: float = 0.1,
                 target_modules: str | Iterable[str] | None = None):
     """A peft.LoraConfig for glmkit module names."""
+    require_extra("train", "peft", what="LoRA")
     from peft import LoraConfig
 
     if rank <= 0:
@@ -94,6 +97,8 @@ def _inject(config, model: nn.Module) -> None:
 
 
 def has_lora(model: nn.Module) -> bool:
+    if "peft" not in sys.modules:  # no LoRA layer can exist before PEFT is imported (and it is an extra)
+        return False
     from peft.tuners.lora import LoraLayer
 
     return any(isinstance(m, LoraLayer) for m in model.modules())
@@ -140,6 +145,7 @@ def load_lora_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool
 
     Reads folders written by save_lora_adapter or by PeftModel.save_pretrained (safetensors or .bin).
     """
+    require_extra("train", "peft", what="a LoRA adapter")
     from peft import LoraConfig, set_peft_model_state_dict
 
     adapter_dir = Path(adapter_dir)
@@ -181,6 +187,7 @@ def _read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Folds every LoRA layer into its base weight (W += scale·B·A) and puts the plain base layer back. In place."""
+    require_extra("train", "peft", what="merging LoRA")
     from peft.tuners.lora import LoraLayer
 
     found = False

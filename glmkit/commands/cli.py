@@ -2,14 +2,17 @@
 one library function.
 
 Modules are imported lazily so `glmkit --help` is instant and one command never pays for another's imports.
-Every module listed here exposes `cli_main(argv: list[str]) -> int`, which owns its argparse parser.
+Every module listed here exposes `cli_main(argv: list[str]) -> int`, which owns its argparse parser. A command's
+module and its `--help` import no optional package; a command that needs an extra (glmkit.core.extras) checks for
+it after parsing its arguments, and the MissingExtraError it raises is printed here as the pip command to run.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
-from importlib.metadata import version
+
+from glmkit.core.extras import MissingExtraError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -44,14 +47,19 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        print(version("glmkit"))
+        # the package itself is always imported before its subpackages (and it is a layer above this one)
+        print(f"glmkit {sys.modules['glmkit'].__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"glmkit: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    code = int(module.cli_main(rest) or 0)
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        code = int(module.cli_main(rest) or 0)
+    except MissingExtraError as err:
+        print(f"glmkit {name}: {err}", file=sys.stderr)
+        return 1
     if "glmkit.distributed.tp" in sys.modules:  # rank 0 of a tensor-parallel run: release the other ranks
         sys.modules["glmkit.distributed.tp"].finish_leader(code)
     return code

@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from glmkit.core.extras import require_extra
 from glmkit.core.tokenizer import load_tokenizer
 from glmkit.evaluation.perplexity import perplexity_report, read_texts
 from glmkit.evaluation.run import BUNDLED_TASKS, PRECISIONS, compare_precisions, results_markdown, run_eval
@@ -76,12 +77,9 @@ def _tasks(paths: list[str]) -> list[str]:
 
 def cli_main(argv: list[str]) -> int:
     if argv and argv[0] == "harness":  # lm-eval parses its own arguments
-        try:
-            from glmkit.evaluation.harness import run_harness
-        except ImportError as e:
-            print(f"glmkit eval harness needs lm-eval ({e}); install it with: pip install 'glmkit[eval]'",
-                  file=sys.stderr)
-            return 2
+        require_extra("eval")
+        from glmkit.evaluation.harness import run_harness
+
         return run_harness(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command in ("run", "compare"):

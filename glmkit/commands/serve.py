@@ -9,8 +9,10 @@ import re
 import sys
 
 from glmkit.commands.common import add_model_arguments, load_from_args
+from glmkit.core.extras import require_extra
 from glmkit.loading.tools import model_name
-from glmkit.serving.openai_api import MAX_BATCH_SIZE, MAX_BODY_BYTES, MAX_QUEUE, serve
+from glmkit.serving.jobs import MAX_BATCH_SIZE, MAX_QUEUE
+from glmkit.serving.protocol import MAX_BODY_BYTES
 from glmkit.serving.scheduler import BLOCK_SIZE, PREFILL_CHUNK
 
 
@@ -54,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    require_extra("serve")  # before the model load: a missing extra fails at once
+    from glmkit.serving.openai_api import serve  # FastAPI and prometheus_client: the serve extra
     for name in ("port", "max_batch_size", "max_queue", "max_body_bytes", "block_size", "prefill_chunk"):
         if getattr(args, name) < (0 if name == "port" else 1):
             print(f"glmkit serve: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}",

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from glmkit.commands.common import add_model_arguments, load_from_args
+from glmkit.core.extras import require_extra
 from glmkit.loading.tools import model_name
 from glmkit.serving.toolbox import Toolbox
 from glmkit.serving.web import launch
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    require_extra("web")  # before the model load: a missing extra fails at once
     try:  # a bad tools file is reported before the (slow) model load
         toolbox = Toolbox.from_file(args.tools) if args.tools else None
     except ValueError as err:

@@ -42,7 +42,7 @@ class GLMConfig:
     residual: Literal["deepnorm", "prenorm"] = "deepnorm"
     # The layer count DeepNorm's α is computed from; None = num_layers (GLM-130B's SAT code). ChatGLM-6B's
     # GLMBlock takes num_layers=28 as a default argument that ChatGLMModel never passes, so its α is √56 at
-    # every depth (glm-family.md §3.2): its reader and presets set 28.
+    # every depth (the hub modeling_chatglm.py of THUDM/chatglm-6b): its reader and presets set 28.
     alpha_num_layers: int | None = None
     # gelu: tanh approximation (ChatGLM-6B); gelu_erf: the exact erf GELU (the original GLM as its hub code runs it:
     # transformers' `gelu`; THUDM/GLM's training code used the tanh form); swiglu: gate = first half (ChatGLM2+);

@@ -4,8 +4,8 @@ Covers ChatGLM-6B (2D rotary, DeepNorm, prefix-LM mask), ChatGLM2/3-6B and GLM-4
 heads, rotary on half of each head in interleaved pairs, causal), THUDM's original GLM (learned position and
 block-position tables, Pre-LN, exact GELU, tied head) and GLM-130B (DeepNorm, GeGLU, 1-D rotary over the whole head,
 prefix-LM mask, tied head). Family differences are GLMConfig fields.
-Facts and formulas: shared/docs/glm-family.md (§1.1 for the original GLM, §2 for GLM-130B, §3.2-3.4 for ChatGLM-6B,
-§4 for the later generations).
+Facts and formulas: the originals' code (THUDM/GLM's mpu/transformer.py and the hub modeling_glm.py; SAT's
+glm130B_model.py; the hub modeling_chatglm.py of chatglm-6b, chatglm2-6b, chatglm3-6b and glm-4-9b); docs/models.md.
 
 Shapes: B batch, T new tokens, S key length (cache + new), H query heads, K kv heads, D head_dim, P prefix length.
 This file imports only torch, the standard library and glmkit.core.config (no training, quantization or serving code).

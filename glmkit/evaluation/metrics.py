@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from glmkit.core.extras import require_extra
+
 METRIC_KEYS = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
 _ZERO_ROUGE = {"rouge-1": {"f": 0.0}, "rouge-2": {"f": 0.0}, "rouge-l": {"f": 0.0}}
 
@@ -54,6 +56,7 @@ def compute_metrics(preds: Sequence[str], labels: Sequence[str]) -> dict[str, fl
         raise ValueError(f"got {len(preds)} predictions but {len(labels)} labels; they must pair up")
     if not preds:
         raise ValueError("no predictions to score")
+    require_extra("train", "jieba", "nltk", "rouge_chinese", what="ROUGE/BLEU scoring")
     per_pair = [score_pair(p, l) for p, l in zip(preds, labels)]
     return {k: float(np.mean([s[k] for s in per_pair])) for k in METRIC_KEYS}
 

@@ -216,7 +216,7 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, dty
         sd[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
     sd = to_thudm_state_dict(sd, config)
     if config.family == "chatglm" and config.alpha_num_layers != CHATGLM_V1_ALPHA_LAYERS:
-        # ChatGLM-6B's code fixes α at √56 (glm-family.md §3.2), so its config.json cannot state another α: such a
+        # ChatGLM-6B's code fixes α at √56 (GLMBlock's num_layers=28 default), so its config.json cannot state another α: such a
         # model is written with glmkit's own config (model_type "glmkit"), which only glmkit loads.
         hf = {"model_type": "glmkit", **config.to_dict()}
     else:

@@ -6,9 +6,9 @@ output layer and the embedding (the "head", INT8 by default whatever the layers'
 ``"none"`` to choose). The output layer is read whole for every token: ChatGLM-6B's 130528x4096 one is 1.07 GB
 in bf16, more than a quarter of an INT4 model's bytes per token. A tied model (ChatGLM-6B) keeps one quantized
 table (`QuantizedEmbedding`) that serves the lookup (rows dequantized) and the logits matmul (the INT8/INT4
-kernels). INT8 is the default because the output layer sets the next token directly: on glm-tiny an INT4 head
-took an INT4 model's logits error from 0.0133 to 0.0542, an INT8 one to 0.0138 (benchmarks/accuracy.py). Norms
-and biases stay in floating point (tiny).
+kernels). INT8 is the default because the output layer sets the next token directly: an INT4 head adds several
+times the layers' own logits error, an INT8 one little (measured in docs/quantization.md, benchmarks/accuracy.py).
+Norms and biases stay in floating point (tiny).
 
 Schemes (every value is ``w = q * scale (+ zero)``, q a signed integer):
 
@@ -18,8 +18,8 @@ Schemes (every value is ``w = q * scale (+ zero)``, q a signed integer):
 * ``group`` (INT4 default): one bf16 (scale, zero) pair per ``group_size`` (32..256, default 32) consecutive
   inputs of a row, q in [-8, 7], asymmetric by default (the group's min..max range in 15 steps, so its extreme
   weights stay exact: see MSE_CLIP_RATIOS for why nothing is clipped), or symmetric (zero = 0). Finer groups follow
-  the local range of the weights. 32 is the default: its scales and zeros cost 0.35 GB more than 64's at the 6B
-  shape and decode reads 8% more bytes; benchmarks/accuracy.py has the errors of each choice.
+  the local range of the weights. 32 is the default: the most accurate, for a few percent more bytes per token
+  than 64 (docs/quantization.md and benchmarks/accuracy.py have the figures of each choice).
 
 Compute dtype follows the activations: bf16 takes the fast CPU kernels; fp32 dequantizes exactly (``q * scale``
 with the stored scale, as ChatGLM-6B's CPU kernels do) for reference results; fp16 on CPU is computed in fp32.
@@ -54,11 +54,10 @@ SCHEMES = ("rowwise", "group")
 DEFAULT_GROUP_SIZE = 32
 GROUP_SIZES = (32, 64, 128, 256)
 # The "MSE fit" of a group's grid: clipping ratios tried per group (1.0 = plain min/max), then least-squares refits
-# of (scale, zero) to the rounded integers. It lowers the weights' squared error (random Gaussian models: 0.59x
-# the per-row scheme's logits error, 0.64x with plain min/max) but on trained weights it costs the largest weights
-# their exact values, which matter most: glm-tiny's INT4 logits error is 1.17x the original per-row scheme's with
-# it and 0.88x without (benchmarks/README.md). So quantize-on-load rounds on the plain min..max grid; GPTQ, which
-# pushes each rounding error onto later columns, keeps the MSE fit (its error on glm-tiny: 0.52x -> 0.43x).
+# of (scale, zero) to the rounded integers. It lowers the weights' squared error (it wins on random Gaussian
+# models) but on trained weights it costs the largest weights their exact values, which matter most: on glm-tiny
+# it raises the logits error (docs/quantization.md). So quantize-on-load rounds on the plain min..max grid; GPTQ,
+# which pushes each rounding error onto later columns, keeps the MSE fit.
 MSE_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85)
 MSE_REFIT_ROUNDS = 2
 HEADS = ("int8", "int4", "none")  # how the output layer and the embedding are stored

@@ -52,6 +52,7 @@ from glmkit.core.chat import TextDelta
 from glmkit.serving.engine import MAX_BATCH_SIZE, MAX_QUEUE, ChatService, Update
 from glmkit.serving.metrics import CONTENT_TYPE, RETRY_AFTER_S
 from glmkit.serving.protocol import (
+    MAX_BODY_BYTES,
     APIError,
     ChatRequest,
     SamplingParams,
@@ -61,8 +62,6 @@ from glmkit.serving.protocol import (
 )
 
 log = logging.getLogger(__name__)
-
-MAX_BODY_BYTES = 1 << 20
 
 
 def create_app(model: Any, tokenizer: Any, name: str, *, api_key: str | None = None,

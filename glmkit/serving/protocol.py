@@ -28,6 +28,7 @@ from glmkit.core.tools import TOOL_FAMILIES, ToolError, parse_tool_calls, select
 MAX_STOP_SEQUENCES = 4
 MAX_N = 16  # most choices per request
 MAX_TOP_LOGPROBS = 20
+MAX_BODY_BYTES = 1 << 20  # largest request body the server reads
 # ChatGLM-6B's api.py defaults for POST /
 LEGACY_DEFAULTS = {"max_length": 2048, "top_p": 0.7, "temperature": 0.95}
 

@@ -12,6 +12,8 @@ from typing import Any, Iterator, Sequence
 
 import sentencepiece as spm
 
+from glmkit.core.extras import require_extra
+
 from glmkit.core.tokenizer import Tokenizer, load_tokenizer
 from glmkit.core.tokenizer.base import (
     CHATGLM2_SPECIAL_TOKENS,
@@ -88,6 +90,7 @@ def train_tokenizer(inputs: Sequence[str | Path], vocab_size: int, family: str, 
     - chatglm2 / chatglm3: `tokenizer.model` = `<unk> <s> </s>` + 256 byte pieces + learned pieces; the 5 (9)
       command tokens follow the SentencePiece vocabulary.
     """
+    require_extra("train", "google.protobuf", what="tokenizer training")  # sentencepiece's model proto
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     if family not in ("chatglm", "chatglm2", "chatglm3"):

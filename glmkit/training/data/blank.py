@@ -1,4 +1,5 @@
-"""GLM blank-infilling samples in the ChatGLM-6B layout (shared/docs/glm-family.md §1.4-1.5, §3.4).
+"""GLM blank-infilling samples in the ChatGLM-6B layout (THUDM/GLM's blocklm_utils.py
+ConstructBlockStrategy and build_mask_matrix; ChatGLM-6B's get_masks / get_position_ids).
 
 A document (token ids, no special tokens) becomes one sample:
 
