@@ -357,7 +357,8 @@ class TensorBoardLogger(Logger):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # a declared dependency, but training must not die without it
-            print(f"{prog}: tensorboard is not installed (pip install 'glmkit[train]'); logging to CSV only", file=sys.stderr)
+            print(f"{prog}: tensorboard is not installed (pip install 'glmkit[train]'); logging to CSV only",
+                  file=sys.stderr)
             return
         self.writer = SummaryWriter(str(folder))
 
