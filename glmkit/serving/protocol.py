@@ -28,8 +28,8 @@ from glmkit.core.tools import TOOL_FAMILIES, ToolError, parse_tool_calls, select
 MAX_STOP_SEQUENCES = 4
 MAX_N = 16  # most choices per request
 MAX_TOP_LOGPROBS = 20
-# ChatGLM-6B's api.py defaults for POST /
-LEGACY_DEFAULTS = {"max_length": 2048, "top_p": 0.7, "temperature": 0.95}
+# POST / is ChatGLM-6B's api.py, which calls ChatGLM-6B's chat() with that family's defaults, whatever the model
+LEGACY_DEFAULTS = DEFAULTS["chatglm"]
 
 
 class APIError(Exception):

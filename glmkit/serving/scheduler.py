@@ -31,10 +31,10 @@ import torch
 
 from glmkit.core.chat import INVALID_SCORE_TOKEN_ID
 from glmkit.core.generate import (
-    _frozen_rows,
-    _next_positions,
     apply_presence_frequency_penalty,
+    frozen_rows,
     invalid_score_guard,
+    next_positions,
     sample,
 )
 from glmkit.core.paged_cache import BlockPool, bytes_per_block
@@ -274,7 +274,7 @@ class ContinuousEngine(JobQueue):
         generator = None
         if job.params.do_sample and job.params.seed is not None:  # as generate_stream seeds it
             generator = torch.Generator(device=self.device).manual_seed(int(job.params.seed))
-        frozen = _frozen_rows(self.model, ids)  # as generate_stream reads it
+        frozen = frozen_rows(self.model, ids)  # as generate_stream reads it
         self._arrivals += 1
         self.stats["requests"] += 1
         return Sequence(job, list(job.input_ids), len(job.input_ids), positions.tolist(), ctx, self._arrivals,
@@ -420,9 +420,9 @@ class ContinuousEngine(JobQueue):
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
         last = torch.tensor([[p[seq.cached] for p in seq.positions] for seq in rows])  # (B, C)
         if last.shape[1] == 1:
-            following = _next_positions(last[:, 0], torch.tensor([seq.frozen for seq in rows]))
+            following = next_positions(last[:, 0], torch.tensor([seq.frozen for seq in rows]))
         else:
-            following = _next_positions(last)
+            following = next_positions(last)
         following = following[:, None] if following.dim() == 1 else following  # (B, C)
         tokens = self._choose(rows, logits)
         for b, seq in enumerate(rows):
