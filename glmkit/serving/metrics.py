@@ -1,8 +1,8 @@
 """`GET /metrics` in Prometheus' text format (prometheus_client), one registry per served model.
 
 glmkit_queue_depth (requests waiting), glmkit_running_rows (rows being prefilled or decoded), glmkit_kv_blocks_used /
-glmkit_kv_blocks_free (the paged KV cache), glmkit_generated_tokens_total, glmkit_tokens_per_second (generated over the last WINDOW_S seconds),
-glmkit_requests_total{finish="stop|length|cancelled|timeout|error"} and glmkit_time_to_first_token_seconds (a
+glmkit_kv_blocks_free (the paged KV cache), glmkit_generated_tokens_total, glmkit_tokens_per_second (generated over
+the last WINDOW_S seconds), glmkit_requests_total{finish="stop|length|cancelled|timeout|error"} and glmkit_time_to_first_token_seconds (a
 histogram, from the request reaching the engine to its first token).
 """
 

@@ -39,7 +39,15 @@ from glmkit.core.generate import (
     sample,
 )
 from glmkit.core.paged_cache import BlockPool, bytes_per_block
-from glmkit.serving.jobs import MAX_BATCH_SIZE, MAX_QUEUE, Job, generation_failed, logprob_entry, send_all, shutting_down
+from glmkit.serving.jobs import (
+    MAX_BATCH_SIZE,
+    MAX_QUEUE,
+    Job,
+    generation_failed,
+    logprob_entry,
+    send_all,
+    shutting_down,
+)
 from glmkit.serving.protocol import APIError
 
 log = logging.getLogger(__name__)
@@ -52,7 +60,8 @@ CPU_RAM_FRACTION = 0.25  # default pool on CPU: at most this share of the availa
 
 @dataclass(eq=False)  # identity: the scheduler's `in` / remove() must not compare token lists field by field
 class SeqState:
-    """The scheduler's state of one admitted-or-waiting request: its tokens (prompt + generated), positions, blocks and cache progress."""
+    """The scheduler's state of one admitted-or-waiting request: its tokens (prompt + generated), positions, blocks
+    and cache progress."""
 
     job: Job
     tokens: list[int]
