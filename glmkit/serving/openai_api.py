@@ -49,7 +49,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from glmkit import __version__
 from glmkit.core.chat import TextDelta
 from glmkit.serving.jobs import MAX_BATCH_SIZE, MAX_QUEUE, generation_failed
 from glmkit.serving.metrics import CONTENT_TYPE, RETRY_AFTER_S
@@ -94,7 +93,7 @@ def create_app(model: Any, tokenizer: Any, name: str, *, api_key: str | None = N
         await asyncio.get_running_loop().run_in_executor(None, service.engine.close)
 
     # /openapi.json only: the docs pages would load their scripts from a CDN
-    app = FastAPI(title="glmkit", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+    app = FastAPI(title="glmkit", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json")
     app.state.service = service
     _document_bodies(app)
@@ -221,6 +220,15 @@ def create_app(model: Any, tokenizer: Any, name: str, *, api_key: str | None = N
                 "time": now}
 
     return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("glmkit")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
 
 
 def _body(model: type[BaseModel]) -> dict:

@@ -191,7 +191,7 @@ class ContinuousEngine:
         self.device = model.device
         self.block_size = block_size
         self.num_blocks = pool_size(model, block_size, kv_cache_memory, max_batch_size)
-        # the pool is the model's cache while the thread runs (set up there: every tensor-parallel rank mirrors it)
+        # the model's cache while the engine runs (a model call: every tensor-parallel rank mirrors it)
         self.pool: BlockPool | None = None
         self.cache: PrefixCache | None = None  # with prefix_caching off it only allocates and frees
         self.prefix_caching = prefix_caching
@@ -209,6 +209,11 @@ class ContinuousEngine:
 
     # ---- event-loop side
     def start(self) -> None:
+        """Sets the paged KV cache up as the model's cache and starts the decoding thread."""
+        # Here, not in the thread: a thread whose process has not yet run a parallel torch op on the main thread
+        # runs small ops many times slower (OpenMP), and allocating the pool is such an op.
+        self.pool = self.model.setup_paged_cache(self.num_blocks, self.block_size)
+        self.cache = PrefixCache(self.pool)
         self._thread.start()
 
     def alive(self) -> bool:
@@ -247,8 +252,6 @@ class ContinuousEngine:
 
     # ---- decoding-thread side
     def _run(self) -> None:
-        self.pool = self.model.setup_paged_cache(self.num_blocks, self.block_size)
-        self.cache = PrefixCache(self.pool)
         try:
             while True:
                 with self._cond:
