@@ -73,7 +73,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log.open("w")
         self.proc = subprocess.Popen([sys.executable, "-m", "glmkit", "serve", "--model", model, "--port",
-                                      str(self.port), "--engine", engine, "--log-level", "warning", *extra],
+                                      str(self.port), "--log-level", "warning", *extra],
                                      cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})})
         deadline = time.monotonic() + 300
@@ -178,7 +178,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--requests", type=int, default=48, help="requests per rate (default 48)")
     parser.add_argument("--lengths", choices=sorted(LENGTHS), default="uniform",
                         help="max_tokens per request: uniform 16-192 (default) or long-tail, log-uniform 16-512")
-    parser.add_argument("--engines", default="continuous,batch", help="engines to compare (default both)")
+    parser.add_argument("--engines", default="continuous",
+                        help="engines to compare: only 'continuous' is left (the batch engine was removed; its "
+                             "measurements stay in benchmarks/README.md)")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None,
@@ -190,6 +192,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
     engines = args.engines.split(",")
+    if set(engines) != {"continuous"}:
+        parser.error("glmkit serve has one engine now: --engines continuous")
     tmp = Path(tempfile.mkdtemp(prefix="serve_load-"))
     model = args.model
     if args.random:

@@ -337,31 +337,53 @@ def tool_script(family: str, prompt: str) -> tuple[str, str] | None:
 def scripted_model(folder: Path):
     """(model, tokenizer): the checkpoint in `folder` as a ScriptedChatModel answering by tool_script."""
     from glmkit.core.causal_lm import GLMForCausalLM
+    from glmkit.core.paged_cache import PagedLayerCache
     from glmkit.core.tokenizer import load_tokenizer
     from glmkit.loading.loader import load_model
 
     class ScriptedChatModel(GLMForCausalLM):
         """The real forward pass, then each row's next token forced to its scripted answer (if it has one).
-        A prefill (cache slots from 0) reads each row's prompt; every later call is one step further."""
+
+        The script reads each row's whole text, prompt and answer so far, which the model remembers as its KV cache
+        does: the token written to every cache slot (a paged cache's slots, or a contiguous cache's (row,
+        position)); the attention mask says which slots a row reads. So it answers the same under model.chat and
+        under the serving engine, whatever rows share a forward."""
 
         def forward(self, input_ids, position_ids=None, attention_mask=None, input_pos=None, **kwargs):
             logits = super().forward(input_ids, position_ids, attention_mask, input_pos=input_pos, **kwargs)
-            if input_pos is None or int(input_pos[0]) == 0:
-                self.step, self.targets = 0, []
-                for row in input_ids.tolist():
-                    while row and row[0] == self.config.pad_token_id:
-                        row = row[1:]
-                    answer = tool_script(tok.family, tok.decode(row))
-                    self.targets.append(None if answer is None else
-                                        tok.sp_encode(answer[0]) + [tok.get_command(answer[1])])
-            else:
-                self.step += 1
             logits = logits.clone()
-            for row, target in enumerate(self.targets):
-                if target is not None and self.step < len(target):
+            for row, tokens in enumerate(self._rows(input_ids, attention_mask, input_pos)):
+                assistant = tok.get_command("<|assistant|>")
+                if assistant not in tokens:
+                    continue
+                cut = len(tokens) - tokens[::-1].index(assistant)  # the prompt ends at the last <|assistant|>
+                answer = tool_script(tok.family, tok.decode(tokens[:cut]))
+                if answer is None:
+                    continue
+                target = tok.sp_encode(answer[0]) + [tok.get_command(answer[1])]
+                step = len(tokens) - cut
+                if step < len(target):
                     logits[row, -1] = -1e4
-                    logits[row, -1, target[self.step]] = 1e4
+                    logits[row, -1, target[step]] = 1e4
             return logits
+
+        def _rows(self, input_ids, attention_mask, input_pos):
+            """Each row's tokens so far (those its last position attends to)."""
+            cache = self.h[0].attn.kv_cache
+            if cache is None:
+                return [[t for t in row if t != self.config.pad_token_id] for row in input_ids.tolist()]
+            memory = self.__dict__.setdefault("slot_tokens", {})  # cache slot -> the token written there
+            B, T = input_ids.shape
+            if isinstance(cache, PagedLayerCache):
+                write, read = cache.pool.write.view(B, T).tolist(), cache.pool.read.tolist()
+            else:
+                write = [[(b, int(p)) for p in input_pos] for b in range(B)]
+                read = [[(b, p) for p in range(int(input_pos[-1]) + 1)] for b in range(B)]
+            for b in range(B):
+                memory.update(zip(write[b], input_ids[b].tolist()))
+            seen = attention_mask[:, 0, -1] if attention_mask.dim() == 4 else attention_mask[:, -1]
+            seen = seen.expand(B, -1).tolist()
+            return [[memory[slot] for slot, ok in zip(read[b], seen[b]) if ok] for b in range(B)]
 
     tok = load_tokenizer(folder)
     base = load_model(folder, dtype="float32")
@@ -375,9 +397,7 @@ def serve_scripted(folder: str, port: int) -> None:
     from glmkit.serving.openai_api import serve
 
     model, tok = scripted_model(Path(folder))
-    # The script counts forward calls of one left-padded batch: the batch engine's pattern (the continuous engine
-    # prefills and decodes rows separately; its own tests use real tiny models).
-    serve(model, tok, "tiny-tools", port=port, log_level="warning", engine="batch")
+    serve(model, tok, "tiny-tools", port=port, log_level="warning")
 
 
 # The original GLM: tiny checkpoints its hub code wrote, and that code's outputs (tests/data/glm/make_golden.py).

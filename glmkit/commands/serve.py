@@ -33,10 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"most requests decoded together (default {MAX_BATCH_SIZE})")
     parser.add_argument("--max-queue", type=int, default=MAX_QUEUE,
                         help=f"most requests waiting before new ones get 503 (default {MAX_QUEUE})")
-    parser.add_argument("--engine", choices=("continuous", "batch"), default="continuous",
-                        help="continuous: continuous batching over a paged KV cache (requests join and leave the "
-                             "running batch at every step); batch: one left-padded batch at a time (default "
-                             "continuous)")
     parser.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                         help="memory of the paged KV cache, e.g. 2GiB or 512MB or bytes (default: half the free "
                              "GPU memory, or a quarter of the available RAM, at most --max-batch-size contexts)")
@@ -71,18 +67,11 @@ def cli_main(argv: list[str]) -> int:
         print(f"glmkit serve: --request-timeout must be positive, got {args.request_timeout}", file=sys.stderr)
         return 2
     model, tokenizer = loaded
-    if getattr(model, "tensor_parallel", None) and args.engine == "continuous":
-        # the paged KV cache lives on rank 0 only; the batch engine's model calls are mirrored by every rank
-        print("glmkit serve: tensor-parallel model: using --engine batch", file=sys.stderr)
-        args.engine = "batch"
-    options = {}
-    if args.engine == "continuous":
-        options = {"kv_cache_memory": args.kv_cache_memory, "block_size": args.block_size,
-                   "prefill_chunk": args.prefill_chunk, "prefix_caching": args.prefix_caching}
     try:
         serve(model, tokenizer, model_name(args.model), args.host, args.port, api_key=args.api_key,
               max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-              log_level=args.log_level, engine=args.engine, request_timeout=args.request_timeout, **options)
+              log_level=args.log_level, request_timeout=args.request_timeout, kv_cache_memory=args.kv_cache_memory,
+              block_size=args.block_size, prefill_chunk=args.prefill_chunk, prefix_caching=args.prefix_caching)
     except ValueError as err:  # e.g. a KV cache too small for one context
         print(f"glmkit serve: {err}", file=sys.stderr)
         return 2

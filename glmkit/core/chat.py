@@ -47,6 +47,7 @@ from glmkit.core.tools import TOOL_FAMILIES, ToolError, parse_tool_calls, to_nat
 
 Turn = tuple[str, str]
 
+# The sampling defaults of each family, the one table chat(), the HTTP API and the web page read.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "chatglm": {"max_length": 2048, "top_p": 0.7, "temperature": 0.95},
     "chatglm2": {"max_length": 8192, "top_p": 0.8, "temperature": 0.8},
@@ -275,14 +276,23 @@ def _limits(model, family: str, max_length: int | None) -> int:
     return int(max_length)
 
 
-def stop_token_ids(model, tokenizer, family: str) -> list[int]:
-    """The tokens that end an answer: ChatGLM3 and GLM-4 stop at eos, `<|user|>` and `<|observation|>` (GLM-4's
-    151329, 151336, 151338), plus any other eos id the model's config names; the older families at the model's eos."""
+def stop_token_ids(model, tokenizer, family: str | None = None) -> list[int]:
+    """The tokens that end generated text: the one rule of chat, `glmkit generate`, evaluation and the server.
+
+    ChatGLM3 and GLM-4 stop at eos, `<|user|>` and `<|observation|>` (GLM-4's 151329, 151336, 151338), plus any
+    other eos id the model's config names; ChatGLM-6B, ChatGLM2 and GLM-130B at the config's eos ids (the
+    tokenizer's eos when it names none); the original GLM, which only fills blanks, at `<eop>` and eos.
+    family: the tokenizer's (default) or a family name."""
+    family = family or getattr(tokenizer, "family", None)
     config_ids = [int(i) for i in (getattr(getattr(model, "config", None), "eos_token_ids", []) or [])]
     if family in ("chatglm3", "glm4"):
         ids = [tokenizer.eos_token_id, tokenizer.get_command("<|user|>"), tokenizer.get_command("<|observation|>")]
-        return ids + [i for i in config_ids if i not in ids]
-    return config_ids or [tokenizer.eos_token_id]
+    elif family == "glm":
+        ids = [getattr(tokenizer, "eop_token_id", None), tokenizer.eos_token_id]
+    else:
+        return config_ids or [int(tokenizer.eos_token_id)]
+    ids = [int(i) for i in ids if i is not None]
+    return ids + [i for i in config_ids if i not in ids]
 
 
 def find_stop(text: str, stop: Sequence[str]) -> int | None:

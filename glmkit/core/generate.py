@@ -80,18 +80,23 @@ def invalid_score_guard(input_ids: torch.Tensor, scores: torch.Tensor, fallback_
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-def _next_positions(last: torch.Tensor, frozen: torch.Tensor | None = None) -> torch.Tensor:
-    """Position ids of the token after `last` ([B, 2] for 2D rotary, [B] otherwise). frozen [B] (1-D positions):
-    rows whose positions stay put (GLM-130B's Part B after [MASK] / [sMASK], `model.frozen_position_rows`)."""
+def next_positions(last: torch.Tensor, frozen: torch.Tensor | None = None) -> torch.Tensor:
+    """Position ids of the token after `last`, the position ids of each row's latest token: [B] for 1-D positions,
+    [B, 2] for 2D rotary (ChatGLM-6B, the original GLM: a row in Part B keeps the mask's position and counts its
+    block position up). frozen [B] (1-D positions only, from `frozen_rows`): rows whose position stays put
+    (GLM-130B's Part B after [MASK] / [sMASK]). Every decoding loop (generate_stream, beam search, the serving
+    scheduler) steps positions with this one rule."""
     if last.dim() == 1:
         return last + 1 if frozen is None else torch.where(frozen, last, last + 1)
-    in_part_b = last[:, 1] > 0  # ChatGLM-6B: Part B keeps the mask's position and counts blocks up
+    in_part_b = last[:, 1] > 0
     pos = torch.where(in_part_b, last[:, 0], last[:, 0] + 1)
     block = torch.where(in_part_b, last[:, 1] + 1, last[:, 1])
     return torch.stack((pos, block), dim=1)
 
 
-def _frozen_rows(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+def frozen_rows(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """[B] bool: the prompts whose generated tokens keep one position (the model's `frozen_position_rows`, GLM-130B
+    with a [MASK] / [sMASK] blank), or None when the model has no such rows. Pass it to `next_positions`."""
     frozen = getattr(model, "frozen_position_rows", None)
     return frozen(input_ids, attention_mask) if frozen is not None else None
 
@@ -144,7 +149,7 @@ def generate_stream(model, input_ids, attention_mask: torch.Tensor | None = None
     processors = list(logits_processors)
 
     positions = model.default_position_ids(input_ids, attention_mask)  # [B, T] or [B, 2, T]
-    frozen = _frozen_rows(model, input_ids, attention_mask)
+    frozen = frozen_rows(model, input_ids, attention_mask)
     total = T + max_new_tokens
     tokens = torch.full((B, total), pad, dtype=torch.long, device=input_ids.device)
     tokens[:, :T] = input_ids
@@ -181,7 +186,7 @@ def generate_stream(model, input_ids, attention_mask: torch.Tensor | None = None
             finished |= torch.isin(nxt, eos_t)
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
-            last_pos = _next_positions(last_pos, frozen)
+            last_pos = next_positions(last_pos, frozen)
             if use_cache:
                 mask = key_valid[:, None, None, :].clone()  # (B, 1, 1, total)
                 mask[..., cur + 1:] = False
@@ -259,7 +264,7 @@ def _beam_search_row(model, ids, num_beams, max_new_tokens, max_length, eos, len
     beam_scores[0] = 0.0  # all beams start identical: only one may expand at first
     finished: list[tuple[float, list[int]]] = []
     positions = model.default_position_ids(seqs)
-    frozen = _frozen_rows(model, seqs)
+    frozen = frozen_rows(model, seqs)
     model.setup_cache(nb, total)
     try:
         mask = torch.zeros(nb, 1, T, total, dtype=torch.bool, device=device)
@@ -300,7 +305,7 @@ def _beam_search_row(model, ids, num_beams, max_new_tokens, max_length, eos, len
             model.reorder_cache(index)
             if step == max_new_tokens - 1:
                 break
-            last_pos = _next_positions(last_pos[index], frozen)
+            last_pos = next_positions(last_pos[index], frozen)
             step_mask = torch.zeros(nb, 1, 1, total, dtype=torch.bool, device=device)
             step_mask[..., : cur + 1] = True
             logits = model(seqs[:, -1:], last_pos[..., None], step_mask, input_pos=torch.tensor([cur], device=device))

@@ -14,6 +14,7 @@ This file imports only torch, the standard library and glmkit.core.config (no tr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -122,7 +123,23 @@ def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
 
 # -------------------------------------------------------------------------------------------------------- attention
-class KVCache(nn.Module):
+class LayerCache(nn.Module):
+    """The KV cache contract of one Attention layer (`attn.kv_cache`): `update` stores the new keys/values and
+    returns every key/value the tokens attend to; `attend` runs the attention over them through the layer's
+    `attention(rows, q, k, v)` callback (rows None: every row of the batch). A cache with its own layout (the paged
+    cache of glmkit.core.paged_cache) overrides `attend` to attend group by group."""
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, K, T, D) of the tokens at input_pos -> the keys/values they attend to (B, K, S, D)."""
+        raise NotImplementedError
+
+    def attend(self, input_pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               attention: Callable) -> torch.Tensor:
+        """Stores k, v (B, K, T, D) and returns the attention of q (B, H, T, D) over the cached keys (B, H, T, D)."""
+        return attention(None, q, *self.update(input_pos, k, v))
+
+
+class KVCache(LayerCache):
     """Preallocated keys/values for incremental decoding, written at `input_pos` slots."""
 
     def __init__(self, batch_size: int, max_seq_len: int, n_kv: int, head_dim: int, dtype, device) -> None:
@@ -154,7 +171,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads = config.num_heads, config.num_kv_heads
         self.qkv = nn.Linear(config.hidden_size, config.qkv_out_features, bias=config.qkv_bias)
         self.proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=config.proj_bias)
-        self.kv_cache: KVCache | None = None
+        self.kv_cache: LayerCache | None = None
 
     def forward(self, x, cos_sin, mask, input_pos=None, prefix_kv=None, uniform_rows=None):
         c = self.config
@@ -184,9 +201,11 @@ class Attention(nn.Module):
             q = q.masked_fill(uniform_rows, 0.0)  # uniform_rows (B|1, 1, T, 1)
         if self.kv_cache is not None and input_pos is None:
             raise ValueError("a KV cache is set up: pass input_pos (the cache slots of these tokens)")
-        if hasattr(self.kv_cache, "attend"):
-            # a cache that runs attention over its own layout (core.paged_cache: rows of one batch grouped by
-            # length), calling back here for the attention of each group of rows over their keys (n, K, S_g, D)
+        if self.kv_cache is None:
+            y = self._attention(q, k, v, mask, prefix_kv)  # (B, H, T, D)
+        else:
+            # the cache stores k, v and attends over its keys, calling back here for each group of rows it makes
+            # (a paged cache groups a batch's rows by length) with their keys (n, K, S_g, D)
             def attend_rows(rows, q_rows, k_rows, v_rows):
                 m = mask if mask is None or rows is None or mask.shape[0] == 1 else mask[rows]
                 pkv = prefix_kv
@@ -197,10 +216,6 @@ class Attention(nn.Module):
                 return self._attention(q_rows, k_rows, v_rows, m, pkv)
 
             y = self.kv_cache.attend(input_pos, q, k, v, attend_rows)  # (B, H, T, D)
-        else:
-            if self.kv_cache is not None:
-                k, v = self.kv_cache.update(input_pos, k, v)  # (B, K, S, D)
-            y = self._attention(q, k, v, mask, prefix_kv)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.proj(y)
 

@@ -5,8 +5,8 @@ Instead of one contiguous [B, K, S_max, D] cache per batch (core.model.KVCache),
 position p lives in slot `blocks[p // block_size] * block_size + p % block_size`. Rows of one forward pass can then
 have any lengths, join and leave between steps, and give their blocks back when they end.
 
-It plugs into the core model through the KV cache contract of core.model.Attention, `update(input_pos, k, v) -> (k,
-v)`, and its optional `attend(input_pos, q, k, v, attention)`: `attach(model)` puts a PagedLayerCache on every layer;
+It plugs into the core model through the KV cache contract of core.model.Attention (core.model.LayerCache:
+`update(input_pos, k, v) -> (k, v)` and `attend(input_pos, q, k, v, attention)`): `attach(model)` puts a PagedLayerCache on every layer;
 before each forward the caller `bind`s the slots the new tokens are written to ([B, T]), the slots each row reads
 ([B, S], padded) and, for decoding, each row's length; it passes a bool mask [B, 1, T, S] over those read slots
 (False on the padding), explicit position ids, and input_pos = arange(S - T, S) (the model only uses its last value,
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from glmkit.core.config import GLMConfig
+from glmkit.core.model import LayerCache
 
 MAX_GROUPS = 4  # length groups per decode step
 GROUP_COST_BYTES = 256 * 1024  # a group's fixed cost (a gather and an SDPA call), in key/value bytes read instead
@@ -40,17 +41,18 @@ class BlockPool:
     """Key/value slots for every layer plus the free list of their blocks.
 
     k[layer], v[layer]: [K, num_blocks * block_size, D]. `allocate(n)` hands out n blocks (or None when fewer are
-    free), `free(blocks)` takes them back. Not thread-safe: one decoding thread owns it.
+    free), `free(blocks)` takes them back. Not thread-safe: one decoding thread owns it. num_kv_heads: the KV heads
+    this process computes (default all; a tensor-parallel rank holds its share).
     """
 
     def __init__(self, config: GLMConfig, num_blocks: int, block_size: int = 16, *, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", num_kv_heads: int | None = None) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks} and {block_size}")
         self.config, self.num_blocks, self.block_size = config, num_blocks, block_size
         # (K, slots, D): a gathered row is then [S, D]-contiguous per head, as in the contiguous cache, which is
         # what keeps CPU decode attention over it fast (a slot-major pool made SDPA ~5x slower)
-        shape = (config.num_kv_heads, num_blocks * block_size, config.head_dim)
+        shape = (num_kv_heads or config.num_kv_heads, num_blocks * block_size, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: the lowest block ids are handed out first
@@ -62,10 +64,6 @@ class BlockPool:
     @property
     def num_free(self) -> int:
         return len(self._free)
-
-    @property
-    def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
 
     def allocate(self, n: int) -> list[int] | None:
         if n > len(self._free):
@@ -109,8 +107,7 @@ class BlockPool:
         self.read = read.to(device)
         self.groups = None
         if lengths is not None and len(lengths) > 1:
-            config = self.config
-            per_token = 2 * config.num_kv_heads * config.head_dim * self.k[0].element_size()
+            per_token = 2 * self.k[0].shape[0] * self.k[0].shape[2] * self.k[0].element_size()
             split = length_groups(lengths, max(1, GROUP_COST_BYTES // per_token))
             if len(split) > 1:
                 self.groups = []
@@ -163,8 +160,9 @@ def length_groups(lengths: list[int], group_cost: int, max_groups: int = MAX_GRO
     return groups[::-1]
 
 
-class PagedLayerCache(nn.Module):
-    """One layer's view of a BlockPool, with the contract of core.model.KVCache.update, plus attend()."""
+class PagedLayerCache(LayerCache):
+    """One layer's view of a BlockPool (core.model.LayerCache): `update` writes and gathers every row's keys,
+    `attend` gathers and attends group by group when the rows are bound by length."""
 
     def __init__(self, pool: BlockPool, layer: int) -> None:
         super().__init__()

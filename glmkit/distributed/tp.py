@@ -17,8 +17,8 @@ nn.Linear: column-parallel ones need no communication and row-parallel ones end 
 (`RowParallelQuantized`).
 
 Every rank must run the same model calls. `Leader` (rank 0) sends each call (forward, setup/clear/reorder of the
-cache) to the others over a gloo group before running it; the others run `follow(model)` until rank 0 stops, so
-generation, chat and serving code run unchanged on rank 0.
+cache, setup/bind of a paged cache) to the others over a gloo group before running it; the others run
+`follow(model)` until rank 0 stops, so generation, chat and serving code run unchanged on rank 0.
 """
 
 from __future__ import annotations
@@ -285,7 +285,7 @@ def _check_splittable(config: GLMConfig, world: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ lockstep
-_CALLS = ("setup_cache", "clear_cache", "reorder_cache")
+_CALLS = ("setup_cache", "clear_cache", "reorder_cache", "setup_paged_cache", "bind_paged_cache")
 
 
 _LEADER: Leader | None = None

@@ -95,13 +95,6 @@ def _cut(ids: list[int], keep: int, limit: int | None, mask_pos: int | None) -> 
     return ids[:keep] + ids[keep + over:], None if mask_pos is None else mask_pos - over
 
 
-def end_token_ids(model, tokenizer) -> list[int]:
-    if is_blank_infilling(model):
-        return [i for i in (tokenizer.eop_token_id, tokenizer.eos_token_id) if i is not None]
-    return stop_token_ids(model, tokenizer, tokenizer.family) if tokenizer.family in (
-        "chatglm2", "chatglm3", "glm4") else list(model.config.eos_token_ids)
-
-
 def min_length_processor(ends: Sequence[int], prompt_len: int, min_new_tokens: int):
     """Bans the end tokens until min_new_tokens are generated (GLM-130B's min_gen_length)."""
     def proc(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -142,7 +135,7 @@ def generate_texts(model, tokenizer, texts: Sequence[str], *, max_new_tokens: in
     else:
         rows = [generation_prompt(model, tokenizer, t, blank=blank, unidirectional=unidirectional,
                                   max_prompt_tokens=max_length - max_new_tokens) for t in texts]
-    ends = end_token_ids(model, tokenizer)
+    ends = stop_token_ids(model, tokenizer)
     outs: list[list[int]] = [[] for _ in rows]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
     step = 1 if num_beams > 1 else batch_size

@@ -1,9 +1,8 @@
 """`GET /metrics` in Prometheus' text format (prometheus_client), one registry per served model.
 
 glmkit_queue_depth (requests waiting), glmkit_running_rows (rows being prefilled or decoded), glmkit_kv_blocks_used /
-glmkit_kv_blocks_free (the paged KV cache of the continuous engine; absent for the batch engine),
-glmkit_generated_tokens_total, glmkit_tokens_per_second (generated over the last WINDOW_S seconds),
-glmkit_requests_total{finish="stop|length|cancelled|timeout|error"} and glmkit_time_to_first_token_seconds (a
+glmkit_kv_blocks_free (the paged KV cache), glmkit_generated_tokens_total, glmkit_tokens_per_second (generated over
+the last WINDOW_S seconds), glmkit_requests_total{finish="stop|length|cancelled|timeout|error"} and glmkit_time_to_first_token_seconds (a
 histogram, from the request reaching the engine to its first token).
 """
 
@@ -31,11 +30,10 @@ class ServerMetrics:
             engine.queued)
         Gauge("glmkit_running_rows", "Requests being prefilled or decoded", registry=registry).set_function(
             lambda: engine.active)
-        if hasattr(engine, "kv_blocks"):
-            Gauge("glmkit_kv_blocks_used", "KV cache blocks held by requests", registry=registry).set_function(
-                lambda: engine.kv_blocks()[0])
-            Gauge("glmkit_kv_blocks_free", "KV cache blocks free", registry=registry).set_function(
-                lambda: engine.kv_blocks()[1])
+        Gauge("glmkit_kv_blocks_used", "KV cache blocks held by requests", registry=registry).set_function(
+            lambda: engine.kv_blocks()[0])
+        Gauge("glmkit_kv_blocks_free", "KV cache blocks free", registry=registry).set_function(
+            lambda: engine.kv_blocks()[1])
         self._tokens = Counter("glmkit_generated_tokens", "Tokens generated", registry=registry)
         Gauge("glmkit_tokens_per_second", f"Tokens generated per second over the last {WINDOW_S:g} s",
               registry=registry).set_function(self.tokens_per_second)

@@ -16,11 +16,11 @@ Routes
                              take api.py's defaults (2048, 0.7, 0.95). Unlike api.py, temperature 0 means greedy
                              (api.py silently replaced it by 0.95) and max_length is capped at the model's context.
   GET  /health               {"status": "ok", ...}; 503 once the decoding thread has died.
+  GET  /openapi.json         the OpenAPI document of these routes, request bodies included.
   GET  /metrics              Prometheus text: queue depth, running rows, KV blocks used/free, tokens/s, a
                              time-to-first-token histogram (glmkit.serving.metrics).
 
-Concurrent requests are decoded together: by default with continuous batching over a paged KV cache
-(glmkit.serving.scheduler), or one left-padded batch at a time (engine="batch", glmkit.serving.engine).
+Concurrent requests are decoded together, with continuous batching over a paged KV cache (glmkit.serving.scheduler).
 
 Errors are JSON in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for invalid JSON, wrong
 types, unknown roles, bad limits and over-long prompts, 401 for a wrong API key, 413 for a body over
@@ -46,15 +46,19 @@ from typing import Any, AsyncIterator
 # FastAPI resolves route annotations from module globals, so these imports live here.
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glmkit.core.chat import TextDelta
-from glmkit.serving.engine import MAX_BATCH_SIZE, MAX_QUEUE, ChatService, Update
+from glmkit.serving.jobs import MAX_BATCH_SIZE, MAX_QUEUE, generation_failed
 from glmkit.serving.metrics import CONTENT_TYPE, RETRY_AFTER_S
+from glmkit.serving.service import ChatService, Update
 from glmkit.serving.protocol import (
     MAX_BODY_BYTES,
     APIError,
+    ChatCompletionRequest,
     ChatRequest,
+    LegacyChatRequest,
     SamplingParams,
     parse_chat_request,
     parse_legacy_request,
@@ -66,20 +70,19 @@ log = logging.getLogger(__name__)
 
 def create_app(model: Any, tokenizer: Any, name: str, *, api_key: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, max_batch_size: int = MAX_BATCH_SIZE,
-               max_queue: int = MAX_QUEUE, engine: str = "continuous", request_timeout: float | None = None,
-               **engine_options: Any) -> FastAPI:
+               max_queue: int = MAX_QUEUE, request_timeout: float | None = None, **engine_options: Any) -> FastAPI:
     """The FastAPI app serving a loaded chat model (e.g. from glmkit.loading.tools.load_chat_model) as `name`.
 
     api_key: when set, every route but /health requires `Authorization: Bearer <api_key>`.
     max_body_bytes: largest request body accepted (413 above it).
     max_batch_size: most requests decoded together; max_queue: most requests waiting before new ones get 503
-    (with Retry-After). engine: "continuous" (continuous batching over a paged KV cache; engine_options:
-    kv_cache_memory bytes, block_size, prefill_chunk) or "batch" (one left-padded batch at a time).
-    request_timeout: seconds per request (504 past it; None = no limit).
+    (with Retry-After). engine_options: the continuous engine's kv_cache_memory (bytes), block_size, prefill_chunk,
+    prefix_caching (glmkit.serving.scheduler.ContinuousEngine). request_timeout: seconds per request (504 past it;
+    None = no limit).
     The app's lifespan starts and stops the decoding thread; its ChatService is `app.state.service`.
     """
     service = ChatService(model, tokenizer, name, max_batch_size=max_batch_size, max_queue=max_queue,
-                          engine=engine, request_timeout=request_timeout, **engine_options)
+                          request_timeout=request_timeout, **engine_options)
     api_key = api_key or None
 
     @asynccontextmanager
@@ -88,9 +91,11 @@ def create_app(model: Any, tokenizer: Any, name: str, *, api_key: str | None = N
         yield
         await asyncio.get_running_loop().run_in_executor(None, service.engine.close)
 
-    # no version: it would only show in the OpenAPI schema, which is off
-    app = FastAPI(title="glmkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # /openapi.json only: the docs pages would load their scripts from a CDN
+    app = FastAPI(title="glmkit", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")
     app.state.service = service
+    _document_bodies(app)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
@@ -168,7 +173,7 @@ def create_app(model: Any, tokenizer: Any, name: str, *, api_key: str | None = N
                            param="model", code="model_not_found")
         return model_card()
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)], openapi_extra=_body(ChatCompletionRequest))
     async def chat_completions(request: Request):
         body = await read_json(request)
         req = parse_chat_request(body, service.format)
@@ -200,7 +205,7 @@ def create_app(model: Any, tokenizer: Any, name: str, *, api_key: str | None = N
             "usage": usage(len(req.ids), sum(u.n_tokens for u in updates)),
         }
 
-    @app.post("/", dependencies=[Depends(authorize)])
+    @app.post("/", dependencies=[Depends(authorize)], openapi_extra=_body(LegacyChatRequest))
     async def legacy_chat(request: Request):
         body = await read_json(request)
         ids, params, query, history = parse_legacy_request(body, service.format)
@@ -214,6 +219,38 @@ def create_app(model: Any, tokenizer: Any, name: str, *, api_key: str | None = N
                 "time": now}
 
     return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("glmkit")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
+def _body(model: type[BaseModel]) -> dict:
+    """The OpenAPI requestBody of a route that reads its JSON itself (for the 413 / invalid-JSON errors)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def _document_bodies(app: FastAPI) -> None:
+    """Adds the request models' JSON Schemas to the app's OpenAPI document, where _body's references point."""
+    from fastapi.openapi.utils import get_openapi
+    from pydantic.json_schema import models_json_schema
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            _, defs = models_json_schema([(ChatCompletionRequest, "validation"), (LegacyChatRequest, "validation")],
+                                         ref_template="#/components/schemas/{model}")
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:
@@ -269,8 +306,7 @@ async def _sse(service: ChatService, req: ChatRequest, completion_id: str, creat
             await queue.put((i, err))
         except Exception as err:  # never leave the stream waiting for a choice that died
             log.exception("streaming a choice failed")
-            await queue.put((i, APIError(500, f"generation failed: {type(err).__name__}: {err}",
-                                         type="server_error", code="generation_failed")))
+            await queue.put((i, generation_failed(err)))
 
     for i in range(req.n):
         yield chunk(i, {"role": "assistant", "content": ""})
@@ -333,15 +369,15 @@ def _event(completion_id: str, created: int, model: str, choices: list, **extra:
 
 def serve(model: Any, tokenizer: Any, name: str, host: str = "127.0.0.1", port: int = 8000, *,
           api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES, max_batch_size: int = MAX_BATCH_SIZE,
-          max_queue: int = MAX_QUEUE, log_level: str = "info", engine: str = "continuous",
-          request_timeout: float | None = None, **engine_options: Any) -> None:
+          max_queue: int = MAX_QUEUE, log_level: str = "info", request_timeout: float | None = None,
+          **engine_options: Any) -> None:
     """Serves `create_app(model, tokenizer, name, ...)` on host:port with uvicorn until SIGINT/SIGTERM, which finish
     the requests in flight (up to 30 s) and return. Call it from the main thread."""
     import uvicorn
 
     app = create_app(model, tokenizer, name, api_key=api_key, max_body_bytes=max_body_bytes,
-                     max_batch_size=max_batch_size, max_queue=max_queue, engine=engine,
-                     request_timeout=request_timeout, **engine_options)
+                     max_batch_size=max_batch_size, max_queue=max_queue, request_timeout=request_timeout,
+                     **engine_options)
     print(f"glmkit serve: {name} on http://{host}:{port} "
           f"(OpenAI API at /v1, ChatGLM-6B API at /, health at /health"
           f"{', API key required' if api_key else ''}); Ctrl-C stops", file=sys.stderr, flush=True)

@@ -1,7 +1,9 @@
 """The HTTP API's shapes: OpenAI-shaped errors, request bodies validated into prompt token ids and sampling settings,
 and the model family's chat template both ways (messages -> prompt ids, answer tokens -> text or tool calls).
 
-Validation is explicit, so every error names the field and what was wrong.
+The request bodies are pydantic models (ChatCompletionRequest, LegacyChatRequest: the OpenAPI document at
+/openapi.json is generated from them); their field checks raise OpenAI-shaped errors that name the field and what
+was wrong.
 
 Tool calling (ChatGLM3, GLM-4): `tools` + `tool_choice` ("none" | "auto" | "required" | a named function) or the
 legacy `functions` + `function_call`; messages may hold assistant `tool_calls` and `tool` results. The conversation
@@ -19,7 +21,9 @@ import math
 import secrets
 import string
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SkipValidation, ValidationInfo
 
 from glmkit.core import chat
 from glmkit.core.chat import DEFAULTS, HF_DEFAULT_TOP_K, build_chat_input, family_of, fit_history
@@ -29,8 +33,8 @@ MAX_STOP_SEQUENCES = 4
 MAX_N = 16  # most choices per request
 MAX_TOP_LOGPROBS = 20
 MAX_BODY_BYTES = 1 << 20  # largest request body the server reads
-# ChatGLM-6B's api.py defaults for POST /
-LEGACY_DEFAULTS = {"max_length": 2048, "top_p": 0.7, "temperature": 0.95}
+# POST / is ChatGLM-6B's api.py, which calls ChatGLM-6B's chat() with that family's defaults, whatever the model
+LEGACY_DEFAULTS = DEFAULTS["chatglm"]
 
 
 class APIError(Exception):
@@ -183,26 +187,230 @@ class ChatFormat:
         return text.strip()
 
 
-# ---- field validators
-def _number(body: dict, name: str, lo: float, hi: float, default: float | None) -> float | None:
-    value = body.get(name)
+# ---- field checks: each raises the OpenAI-shaped 400 that names its field (pydantic's own messages would not)
+def _number(lo: float, hi: float) -> Any:
+    """A number in [lo, hi] (None: the default)."""
+    def check(value: Any, info: ValidationInfo) -> Any:
+        name = info.field_name
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise APIError(400, f"'{name}' must be a number, got {json.dumps(value)}", param=name,
+                           code="invalid_type")
+        if not lo <= value <= hi:
+            raise APIError(400, f"'{name}' must be between {lo} and {hi}, got {value}", param=name,
+                           code="invalid_value")
+        return float(value)
+
+    return Annotated[float | None, Field(ge=lo, le=hi), BeforeValidator(check)]
+
+
+def _integer(lo: int | None = None, hi: int | None = None, hi_text: str | None = None) -> Any:
+    """An integer, at least lo / at most hi when given (None: the default)."""
+    def check(value: Any, info: ValidationInfo) -> Any:
+        name = info.field_name
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise APIError(400, f"'{name}' must be an integer, got {json.dumps(value)}", param=name,
+                           code="invalid_type")
+        _in_range(name, value, lo, hi, hi_text)
+        return value
+
+    return Annotated[int | None, Field(ge=lo, le=hi), BeforeValidator(check)]
+
+
+def _in_range(name: str, value: int, lo: int | None, hi: int | None, hi_text: str | None = None) -> None:
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"between {lo} and {hi_text or hi}" if hi is not None else f"at least {lo}"
+        raise APIError(400, f"'{name}' must be {bounds}, got {value}", param=name, code="invalid_value")
+
+
+def _flag(show_value: bool = True) -> Any:
+    """true or false (None: the default)."""
+    def check(value: Any, info: ValidationInfo) -> Any:
+        if value is not None and not isinstance(value, bool):
+            got = f", got {json.dumps(value)}" if show_value else ""
+            raise APIError(400, f"'{info.field_name}' must be true or false{got}", param=info.field_name,
+                           code="invalid_type")
+        return value
+
+    return Annotated[bool | None, BeforeValidator(check)]
+
+
+def _model_name(value: Any) -> Any:
+    if value is not None and not isinstance(value, str):
+        raise APIError(400, "'model' must be a string", param="model", code="invalid_type")
+    return value
+
+
+def _stream_options(value: Any) -> Any:
+    if not value:
+        return None
+    if not isinstance(value, dict):
+        raise APIError(400, "'stream_options' must be an object", param="stream_options", code="invalid_type")
+    return value
+
+
+def _top_logprobs(value: Any, info: ValidationInfo) -> Any:
     if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise APIError(400, f"'{name}' must be a number, got {json.dumps(value)}", param=name, code="invalid_type")
-    if not lo <= value <= hi:
-        raise APIError(400, f"'{name}' must be between {lo} and {hi}, got {value}", param=name,
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise APIError(400, f"'top_logprobs' must be an integer, got {json.dumps(value)}", param="top_logprobs",
+                       code="invalid_type")
+    if not info.data.get("logprobs"):
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+    _in_range("top_logprobs", value, 0, MAX_TOP_LOGPROBS)
+    return value
+
+
+def _stop(value: Any) -> Any:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise APIError(400, "'stop' must be a string or a list of strings", param="stop", code="invalid_type")
+    if len(value) > MAX_STOP_SEQUENCES or any(not s for s in value):
+        raise APIError(400, f"'stop' takes up to {MAX_STOP_SEQUENCES} non-empty strings", param="stop",
                        code="invalid_value")
-    return float(value)
+    return value
 
 
-def _integer(body: dict, name: str) -> int | None:
-    value = body.get(name)
+def _max_tokens(value: Any, info: ValidationInfo) -> Any:
+    if info.field_name == "max_tokens" and info.data.get("max_completion_tokens") is not None:
+        return None  # max_completion_tokens, OpenAI's newer name, wins
+    return _integer_value(info.field_name, value, 1)
+
+
+def _integer_value(name: str, value: Any, lo: int | None = None) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise APIError(400, f"'{name}' must be an integer, got {json.dumps(value)}", param=name, code="invalid_type")
+    _in_range(name, value, lo, None)
     return value
+
+
+def _messages(value: Any, info: ValidationInfo) -> Any:
+    """The family's message rules (roles, content), before pydantic reads the messages."""
+    fmt = (info.context or {}).get("format")
+    if fmt is not None and fmt.has_tools:
+        check_tool_messages(value)
+    else:
+        parse_messages(value)
+    return value
+
+
+class TextPart(BaseModel):
+    """A content part; only text ones are supported."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: str
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(description="1-64 letters, digits, '_' or '-'")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON Schema object")
+
+
+class ToolDefinition(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class ChatMessage(BaseModel):
+    """One message. ChatGLM3 / GLM-4 also take role "tool" (or "function") results and assistant tool_calls; the
+    other families system, developer, user and assistant."""
+
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[TextPart] | None = Field(None, description="null only next to an assistant's tool_calls")
+    name: SkipValidation[str | None] = None
+    # checked against the conversation by glmkit.core.tools (its errors name the message)
+    tool_calls: SkipValidation[list[dict[str, Any]] | None] = None
+    tool_call_id: SkipValidation[str | None] = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: SkipValidation[bool] = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """The body of POST /v1/chat/completions, OpenAI's chat completion request. Unknown fields are ignored; missing
+    sampling settings take the model family's chat defaults (glmkit.core.chat.DEFAULTS). Fields are checked in this
+    order; the first wrong one is answered with a 400 naming it."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"required": ["messages"]})
+    model: Annotated[str | None, BeforeValidator(_model_name)] = None
+    stream: _flag() = None
+    stream_options: Annotated[StreamOptions | None, BeforeValidator(_stream_options)] = None
+    n: _integer(1, MAX_N) = None
+    logprobs: _flag() = None
+    top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS), BeforeValidator(_top_logprobs)] = None
+    parallel_tool_calls: _flag(show_value=False) = None
+    temperature: _number(0.0, 2.0) = Field(None, description="0 = greedy; default: the family's")
+    top_p: _number(0.0, 1.0) = Field(None, description="default: the family's")
+    presence_penalty: _number(-2.0, 2.0) = None
+    frequency_penalty: _number(-2.0, 2.0) = None
+    seed: _integer(0, 2**63 - 1, "2**63 - 1") = None
+    stop: Annotated[list[str] | str | None, BeforeValidator(_stop)] = Field(None, description="up to 4 strings")
+    # checked together by glmkit.core.tools (ChatGLM3 and GLM-4 only)
+    tools: SkipValidation[list[ToolDefinition] | None] = None
+    tool_choice: SkipValidation[Literal["none", "auto", "required"] | dict[str, Any] | None] = None
+    functions: SkipValidation[list[FunctionDefinition] | None] = Field(None, description="legacy: use tools")
+    function_call: SkipValidation[Literal["none", "auto"] | dict[str, Any] | None] = Field(
+        None, description="legacy: use tool_choice")
+    messages: Annotated[list[ChatMessage] | None, BeforeValidator(_messages)] = Field(None, validate_default=True)
+    max_completion_tokens: Annotated[int | None, Field(ge=1), BeforeValidator(_max_tokens)] = None
+    max_tokens: Annotated[int | None, Field(ge=1), BeforeValidator(_max_tokens)] = Field(
+        None, description="default: the rest of the context")
+
+
+def _legacy_history(value: Any) -> Any:
+    value = value or []
+    if not isinstance(value, list):
+        raise APIError(400, "'history' must be a list of [query, response] pairs", param="history",
+                       code="invalid_type")
+    pairs = []
+    for i, turn in enumerate(value):
+        if isinstance(turn, list) and not turn:
+            continue  # api.py's own default was [[]]
+        if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            raise APIError(400, f"history[{i}] must be a [query, response] pair of strings", param="history",
+                           code="invalid_type")
+        pairs.append(turn)
+    return pairs
+
+
+def _legacy_prompt(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise APIError(400, f"'prompt' must be a string, got {json.dumps(value)}", param="prompt",
+                       code="invalid_type")
+    return value
+
+
+def _legacy_max_length(value: Any) -> Any:
+    value = _integer_value("max_length", value)
+    if value is not None and value < 0:
+        raise APIError(400, f"'max_length' must be positive, got {value}", param="max_length",
+                       code="invalid_value")
+    return value or None  # 0, as null, takes the default (api.py's `max_length or 2048`)
+
+
+class LegacyChatRequest(BaseModel):
+    """The body of POST /, ChatGLM-6B's api.py; missing or null fields take its defaults (2048, 0.7, 0.95)."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"required": ["prompt"]})
+    prompt: Annotated[str | None, BeforeValidator(_legacy_prompt)] = Field(None, validate_default=True)
+    history: Annotated[list[tuple[str, str]], BeforeValidator(_legacy_history)] = Field(
+        default_factory=list, description="[[query, response], ...]")
+    max_length: Annotated[int | None, Field(ge=1), BeforeValidator(_legacy_max_length)] = None
+    top_p: _number(0.0, 1.0) = None
+    temperature: _number(0.0, 100.0) = None
 
 
 def _content(message: dict, index: int) -> str:
@@ -291,12 +499,12 @@ def check_tool_messages(messages: Any) -> list[dict]:
     return out
 
 
-def _tools_of(body: dict, fmt: ChatFormat) -> tuple[list[dict] | None, list[dict] | None, tuple[str, ...] | None,
-                                                    bool]:
+def _tools_of(req: ChatCompletionRequest, fmt: ChatFormat) -> tuple[list[dict] | None, list[dict] | None,
+                                                                      tuple[str, ...] | None, bool]:
     """(tools for the prompt, tools the answer may call, forced names, legacy functions) of `tools` / `tool_choice`
     or the legacy `functions` / `function_call`."""
-    tools, choice = body.get("tools"), body.get("tool_choice")
-    functions, function_call = body.get("functions"), body.get("function_call")
+    tools, choice = req.tools, req.tool_choice
+    functions, function_call = req.functions, req.function_call
     legacy = tools is None and functions is not None
     if tools is not None and functions is not None:
         raise APIError(400, "give 'tools' or the legacy 'functions', not both", param="functions",
@@ -350,79 +558,34 @@ class ChatRequest:
 
 
 def parse_chat_request(body: Any, fmt: ChatFormat) -> ChatRequest:
+    """A POST /v1/chat/completions body (parsed JSON) -> the prompt ids and settings of the request, or an APIError
+    naming what is wrong (ChatCompletionRequest checks the fields; the tools and the prompt follow)."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_type")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise APIError(400, "'model' must be a string", param="model", code="invalid_type")
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise APIError(400, f"'stream' must be true or false, got {json.dumps(stream)}", param="stream",
-                       code="invalid_type")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise APIError(400, "'stream_options' must be an object", param="stream_options", code="invalid_type")
-    n = _integer(body, "n")
-    if n is None:
-        n = 1
-    if not 1 <= n <= MAX_N:
-        raise APIError(400, f"'n' must be between 1 and {MAX_N}, got {n}", param="n", code="invalid_value")
-    logprobs = body.get("logprobs")
-    if logprobs is not None and not isinstance(logprobs, bool):
-        raise APIError(400, f"'logprobs' must be true or false, got {json.dumps(logprobs)}", param="logprobs",
-                       code="invalid_type")
-    top_logprobs = _integer(body, "top_logprobs")
-    if top_logprobs is not None:
-        if not logprobs:
-            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
-        if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
-            raise APIError(400, f"'top_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}, got {top_logprobs}",
-                           param="top_logprobs", code="invalid_value")
-    parallel = body.get("parallel_tool_calls")
-    if parallel is not None and not isinstance(parallel, bool):
-        raise APIError(400, "'parallel_tool_calls' must be true or false", param="parallel_tool_calls",
-                       code="invalid_type")
-    temperature = _number(body, "temperature", 0.0, 2.0, fmt.defaults["temperature"])
-    top_p = _number(body, "top_p", 0.0, 1.0, fmt.defaults["top_p"])
-    presence = _number(body, "presence_penalty", -2.0, 2.0, 0.0)
-    frequency = _number(body, "frequency_penalty", -2.0, 2.0, 0.0)
-    seed = _integer(body, "seed")
-    if seed is not None and not 0 <= seed < 2**63:
-        raise APIError(400, f"'seed' must be between 0 and 2**63 - 1, got {seed}", param="seed", code="invalid_value")
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise APIError(400, "'stop' must be a string or a list of strings", param="stop", code="invalid_type")
-    if len(stop) > MAX_STOP_SEQUENCES or any(not s for s in stop):
-        raise APIError(400, f"'stop' takes up to {MAX_STOP_SEQUENCES} non-empty strings", param="stop",
-                       code="invalid_value")
-
-    prompt_tools, callable_tools, forced, legacy = _tools_of(body, fmt)
+    req = ChatCompletionRequest.model_validate(body, context={"format": fmt})
+    prompt_tools, callable_tools, forced, legacy = _tools_of(req, fmt)
+    messages = [m.model_dump(exclude_unset=True) for m in req.messages]
     if fmt.has_tools:
-        ids = fmt.messages_ids(check_tool_messages(body.get("messages")), prompt_tools)
+        ids = fmt.messages_ids(check_tool_messages(messages), prompt_tools)
     else:
-        system, history, query = parse_messages(body.get("messages"))
+        system, history, query = parse_messages(messages)
         ids = fmt.prompt_ids(query, history, system)
     room = fmt.context - len(ids)
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _integer(body, name)
+    name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = getattr(req, name)
     if max_tokens is None:
         max_tokens = room
-    elif max_tokens < 1:
-        raise APIError(400, f"'{name}' must be at least 1, got {max_tokens}", param=name, code="invalid_value")
     elif max_tokens > room:
         raise APIError(400, f"'{name}' is {max_tokens}, but the prompt takes {len(ids)} of the model's "
                             f"{fmt.context} tokens, leaving {room}. Lower '{name}' or shorten the messages.",
                        param=name, code="context_length_exceeded")
-    params = sampling(max_tokens, temperature, top_p, seed, presence_penalty=presence, frequency_penalty=frequency,
-                      logprobs=(top_logprobs or 0) if logprobs else None, forced_tools=forced)
-    include_usage = bool(options.get("include_usage", False))
-    return ChatRequest(ids, params, stream, include_usage, stop, n, callable_tools, legacy)
+    temperature = fmt.defaults["temperature"] if req.temperature is None else req.temperature
+    top_p = fmt.defaults["top_p"] if req.top_p is None else req.top_p
+    params = sampling(max_tokens, temperature, top_p, req.seed, presence_penalty=req.presence_penalty or 0.0,
+                      frequency_penalty=req.frequency_penalty or 0.0,
+                      logprobs=(req.top_logprobs or 0) if req.logprobs else None, forced_tools=forced)
+    include_usage = bool(req.stream_options is not None and req.stream_options.include_usage)
+    return ChatRequest(ids, params, bool(req.stream), include_usage, req.stop, req.n or 1, callable_tools, legacy)
 
 
 def usage(prompt: int, completion: int) -> dict:
@@ -434,35 +597,14 @@ def parse_legacy_request(body: Any, fmt: ChatFormat) -> tuple[list[int], Samplin
     """ChatGLM-6B's POST / body -> prompt ids and settings; api.py's defaults where a field is missing or null."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object with at least 'prompt'", code="invalid_type")
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str):
-        raise APIError(400, f"'prompt' must be a string, got {json.dumps(prompt)}", param="prompt",
-                       code="invalid_type")
-    history = body.get("history") or []
-    if not isinstance(history, list):
-        raise APIError(400, "'history' must be a list of [query, response] pairs", param="history",
-                       code="invalid_type")
-    pairs: list[tuple[str, str]] = []
-    for i, turn in enumerate(history):
-        if isinstance(turn, list) and not turn:
-            continue  # api.py's own default was [[]]
-        if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
-            raise APIError(400, f"history[{i}] must be a [query, response] pair of strings", param="history",
-                           code="invalid_type")
-        pairs.append((turn[0], turn[1]))
-    max_length = _integer(body, "max_length") or LEGACY_DEFAULTS["max_length"]
-    if max_length < 1:
-        raise APIError(400, f"'max_length' must be positive, got {max_length}", param="max_length",
-                       code="invalid_value")
-    top_p = _number(body, "top_p", 0.0, 1.0, None)
-    temperature = _number(body, "temperature", 0.0, 100.0, None)
-    top_p = LEGACY_DEFAULTS["top_p"] if top_p is None else top_p
-    temperature = LEGACY_DEFAULTS["temperature"] if temperature is None else temperature
+    req = LegacyChatRequest.model_validate(body)
+    max_length = req.max_length or LEGACY_DEFAULTS["max_length"]
+    top_p = LEGACY_DEFAULTS["top_p"] if req.top_p is None else req.top_p
+    temperature = LEGACY_DEFAULTS["temperature"] if req.temperature is None else req.temperature
     # as model.chat does: history that does not fit is dropped oldest turn first (the reply keeps all of it)
-
     limit = min(max_length, fmt.context)
     try:
-        ids, _ = fit_history(fmt.tokenizer, prompt, pairs, limit)
+        ids, _ = fit_history(fmt.tokenizer, req.prompt, req.history, limit)
     except ValueError as err:
         raise APIError(400, str(err), param="prompt", code="context_length_exceeded") from None
-    return ids, sampling(limit - len(ids), temperature, top_p), prompt, pairs
+    return ids, sampling(limit - len(ids), temperature, top_p), req.prompt, req.history

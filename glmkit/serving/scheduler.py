@@ -1,4 +1,4 @@
-"""Continuous batching over a paged KV cache: the default decoding engine of `glmkit serve`.
+"""Continuous batching over a paged KV cache: the decoding engine of `glmkit serve`.
 
 One thread owns the model. Every step it
   1. retires cancelled requests (a client that left, a stop string, a timeout) and gives their KV blocks back;
@@ -24,17 +24,18 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from glmkit.core.chat import INVALID_SCORE_TOKEN_ID
+from glmkit.core.chat import INVALID_SCORE_TOKEN_ID, stop_token_ids
 from glmkit.core.generate import (
-    _frozen_rows,
-    _next_positions,
     apply_presence_frequency_penalty,
+    frozen_rows,
     invalid_score_guard,
+    next_positions,
     sample,
 )
 from glmkit.core.paged_cache import BlockPool, bytes_per_block
@@ -42,11 +43,10 @@ from glmkit.serving.jobs import (
     MAX_BATCH_SIZE,
     MAX_QUEUE,
     Job,
-    JobQueue,
+    generation_failed,
     logprob_entry,
     send_all,
     shutting_down,
-    stop_token_ids,
 )
 from glmkit.serving.protocol import APIError
 
@@ -59,8 +59,9 @@ CPU_RAM_FRACTION = 0.25  # default pool on CPU: at most this share of the availa
 
 
 @dataclass(eq=False)  # identity: the scheduler's `in` / remove() must not compare token lists field by field
-class Sequence:
-    """One admitted-or-waiting request: its tokens (prompt + generated), positions, blocks and cache progress."""
+class SeqState:
+    """The scheduler's state of one admitted-or-waiting request: its tokens (prompt + generated), positions, blocks
+    and cache progress."""
 
     job: Job
     tokens: list[int]
@@ -173,27 +174,33 @@ class PrefixCache:
         return self.pool.num_free + len(self.idle)
 
 
-class ContinuousEngine(JobQueue):
-    """The continuous-batching decoding thread; the same interface as engine.Engine (start, submit, close, alive,
-    queued, active, stats), plus `kv_blocks()` and `prefill_chunk`."""
+class ContinuousEngine:
+    """The decoding thread of the server and its queue. `submit` is called from the event loop (503 when the queue
+    is full or closing), everything else runs in the thread. Its counters: `queued()`, `active` (rows admitted),
+    `stats`, `kv_blocks()`."""
 
     def __init__(self, model: Any, tokenizer: Any, *, max_batch_size: int = MAX_BATCH_SIZE,
                  max_queue: int = MAX_QUEUE, kv_cache_memory: int | None = None, block_size: int = BLOCK_SIZE,
                  prefill_chunk: int = PREFILL_CHUNK, prefix_caching: bool = True) -> None:
         if prefill_chunk < 1 or block_size < 1:
             raise ValueError(f"need prefill_chunk >= 1 and block_size >= 1, got {prefill_chunk} and {block_size}")
-        super().__init__(max_queue, "glmkit-scheduler")
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
+        self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
         self.context = int(model.config.max_seq_len)
         self.eos_ids = set(stop_token_ids(model, tokenizer))
         self.device = model.device
-        self.pool = BlockPool(model.config, pool_size(model, block_size, kv_cache_memory, max_batch_size),
-                              block_size, dtype=model.dtype, device=self.device)
-        self.cache = PrefixCache(self.pool)  # with prefix_caching off it only allocates and frees
+        self.block_size = block_size
+        self.num_blocks = pool_size(model, block_size, kv_cache_memory, max_batch_size)
+        # the model's cache while the engine runs (a model call: every tensor-parallel rank mirrors it)
+        self.pool: BlockPool | None = None
+        self.cache: PrefixCache | None = None  # with prefix_caching off it only allocates and frees
         self.prefix_caching = prefix_caching
-        self._waiting: collections.deque[Sequence] = collections.deque()  # seen, waiting for a row (thread only)
-        self._running: list[Sequence] = []  # admitted: prefilling or decoding (thread only)
+        self._pending: collections.deque[Job] = collections.deque()  # submitted, not yet seen by the thread
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="glmkit-scheduler", daemon=True)
+        self._waiting: collections.deque[SeqState] = collections.deque()  # seen, waiting for a row (thread only)
+        self._running: list[SeqState] = []  # admitted: prefilling or decoding (thread only)
         self._outbox: list[tuple[Job, str, Any]] = []  # events of this step, delivered together at its end
         self._arrivals = 0
         self.active = 0  # rows admitted (prefilling or decoding)
@@ -201,22 +208,50 @@ class ContinuousEngine(JobQueue):
                       "cached_tokens": 0}
 
     # ---- event-loop side
+    def start(self) -> None:
+        """Sets the paged KV cache up as the model's cache and starts the decoding thread."""
+        # Here, not in the thread: a thread whose process has not yet run a parallel torch op on the main thread
+        # runs small ops many times slower (OpenMP), and allocating the pool is such an op.
+        self.pool = self.model.setup_paged_cache(self.num_blocks, self.block_size)
+        self.cache = PrefixCache(self.pool)
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closing
+
     def queued(self) -> int:
         return len(self._pending) + len(self._waiting)
 
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._closing:
+                raise shutting_down()
+            if self.queued() >= self.max_queue:
+                raise APIError(503, f"the server is busy ({self.max_queue} requests waiting); retry shortly",
+                               type="server_error", code="server_busy")
+            self._pending.append(job)
+            self._cond.notify()
+
     def kv_blocks(self) -> tuple[int, int]:
         """(used, free) KV blocks: held by requests / free or only cached (reusable at once)."""
-        return self.pool.num_blocks - self.cache.available, self.cache.available
+        if self.cache is None:
+            return 0, self.num_blocks
+        return self.num_blocks - self.cache.available, self.cache.available
 
     def close(self, timeout: float = 30.0) -> None:
         """Stops taking work, fails what waits with 503, ends running rows as cancelled, joins the thread."""
-        for job in self._stop():
+        with self._cond:
+            self._closing = True
+            waiting = list(self._pending)
+            self._pending.clear()
+            self._cond.notify_all()
+        for job in waiting:
             job.send("error", shutting_down())
-        self._join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     # ---- decoding-thread side
     def _run(self) -> None:
-        self.pool.attach(self.model)
         try:
             while True:
                 with self._cond:
@@ -231,8 +266,7 @@ class ContinuousEngine(JobQueue):
                         self._waiting.append(self._sequence(job))
                     except Exception as err:
                         log.exception("a request could not be set up")
-                        job.send("error", APIError(500, f"generation failed: {type(err).__name__}: {err}",
-                                                   type="server_error", code="generation_failed"))
+                        job.send("error", generation_failed(err))
                 try:
                     with torch.inference_mode():
                         self._step()
@@ -240,10 +274,8 @@ class ContinuousEngine(JobQueue):
                 except Exception as err:  # a failed step fails the requests in it, never the server
                     self._flush()  # what the step produced before it failed goes out first
                     log.exception("generation failed")
-                    error = APIError(500, f"generation failed: {type(err).__name__}: {err}", type="server_error",
-                                     code="generation_failed")
                     for seq in self._running:
-                        seq.job.send("error", error)
+                        seq.job.send("error", generation_failed(err))
                         self._release(seq)
                     self._running.clear()
                     self.active = 0
@@ -261,9 +293,9 @@ class ContinuousEngine(JobQueue):
             self._waiting.clear()
             self._running.clear()
             self.active = 0
-            BlockPool.detach(self.model)
+            self.model.clear_cache()
 
-    def _sequence(self, job: Job) -> Sequence:
+    def _sequence(self, job: Job) -> SeqState:
         ids = torch.tensor([job.input_ids], dtype=torch.long, device=self.device)
         positions = self.model.default_position_ids(ids)[0]  # (T,) or (2, T)
         positions = positions[None] if positions.dim() == 1 else positions
@@ -274,10 +306,10 @@ class ContinuousEngine(JobQueue):
         generator = None
         if job.params.do_sample and job.params.seed is not None:  # as generate_stream seeds it
             generator = torch.Generator(device=self.device).manual_seed(int(job.params.seed))
-        frozen = _frozen_rows(self.model, ids)  # as generate_stream reads it
+        frozen = frozen_rows(self.model, ids)  # as generate_stream reads it
         self._arrivals += 1
         self.stats["requests"] += 1
-        return Sequence(job, list(job.input_ids), len(job.input_ids), positions.tolist(), ctx, self._arrivals,
+        return SeqState(job, list(job.input_ids), len(job.input_ids), positions.tolist(), ctx, self._arrivals,
                         generator, frozen=bool(frozen[0]) if frozen is not None else False)
 
     def _step(self) -> None:
@@ -297,11 +329,11 @@ class ContinuousEngine(JobQueue):
         events, self._outbox = self._outbox, []
         send_all(events)
 
-    def _release(self, seq: Sequence) -> None:
+    def _release(self, seq: SeqState) -> None:
         self.cache.release(seq.blocks)
         seq.table = seq.table[:0]
 
-    def _finish(self, seq: Sequence, kind: str, value: Any) -> None:
+    def _finish(self, seq: SeqState, kind: str, value: Any) -> None:
         self._release(seq)
         if seq in self._running:
             self._running.remove(seq)
@@ -328,7 +360,7 @@ class ContinuousEngine(JobQueue):
                 seq.cached = len(seq.blocks) * self.pool.block_size
                 self.stats["cached_tokens"] = self.cache.hits
 
-    def _grow(self, seq: Sequence, n_tokens: int) -> bool:
+    def _grow(self, seq: SeqState, n_tokens: int) -> bool:
         """Gives `seq` blocks for n_tokens, preempting requests newer than it while none are free. False: it was
         itself the newest (and is now preempted) or nothing newer is left to free."""
         need = self.pool.blocks_for(n_tokens) - len(seq.blocks)
@@ -344,7 +376,7 @@ class ContinuousEngine(JobQueue):
             self._preempt(max(newer, key=lambda s: s.order))
         return True
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: SeqState) -> None:
         """Frees the request's blocks; it waits at the front of the queue and is recomputed from its tokens."""
         self._release(seq)
         seq.cached = 0
@@ -370,7 +402,7 @@ class ContinuousEngine(JobQueue):
                 self.cache.register(seq.tokens, seq.blocks, min(end, seq.prompt_len))
             budget -= end - start
 
-    def _forward(self, rows: list[Sequence], start: int | None = None, end: int | None = None) -> torch.Tensor:
+    def _forward(self, rows: list[SeqState], start: int | None = None, end: int | None = None) -> torch.Tensor:
         """One forward: with start/end, tokens [start, end) of one sequence (prefill); without, the token at
         `cached` of every row (decode). Returns the last position's logits [B, V]."""
         dev = self.device
@@ -398,7 +430,7 @@ class ContinuousEngine(JobQueue):
             mask = (torch.arange(S)[None] < lengths[:, None]).to(dev)[:, None, None]  # (B, 1, 1, S)
         if pos.shape[1] == 1:
             pos = pos[:, 0]  # (B, T) for 1-D positions
-        self.pool.bind(write, read, None if start is not None else lengths.tolist())
+        self.model.bind_paged_cache(write, read, None if start is not None else lengths.tolist())
         S = read.shape[1]
         logits = self.model(ids, pos, mask, input_pos=torch.arange(S - T, S, device=dev), last_logits_only=True)
         return logits[:, -1]  # (B, V)
@@ -420,9 +452,9 @@ class ContinuousEngine(JobQueue):
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
         last = torch.tensor([[p[seq.cached] for p in seq.positions] for seq in rows])  # (B, C)
         if last.shape[1] == 1:
-            following = _next_positions(last[:, 0], torch.tensor([seq.frozen for seq in rows]))
+            following = next_positions(last[:, 0], torch.tensor([seq.frozen for seq in rows]))
         else:
-            following = _next_positions(last)
+            following = next_positions(last)
         following = following[:, None] if following.dim() == 1 else following  # (B, C)
         tokens = self._choose(rows, logits)
         for b, seq in enumerate(rows):
@@ -438,7 +470,7 @@ class ContinuousEngine(JobQueue):
             if seq.generated >= seq.job.params.max_new_tokens or len(seq.tokens) >= self.context:
                 self._finish(seq, "end", "length")
 
-    def _choose(self, rows: list[Sequence], logits: torch.Tensor) -> list[tuple[int, dict | None]]:
+    def _choose(self, rows: list[SeqState], logits: torch.Tensor) -> list[tuple[int, dict | None]]:
         """Each row's next token under its own settings, in generate.py's order: presence/frequency penalties ->
         ChatGLM's NaN/inf guard -> the forced tool-call line -> (logprobs) -> temperature/top-k/top-p -> sample."""
         scores = logits.float()  # (B, V)

@@ -1,9 +1,10 @@
 """A Gradio chat page in the browser, the answer streamed as it is generated: `build_demo` builds it for a loaded
 model, `launch` serves it (`glmkit web` is glmkit.commands.web).
 
-The page names the model and has max_length / top_p / temperature sliders (ChatGLM-6B's web demo defaults:
-2048, 0.7, 0.95; temperature 0 = greedy) and a Clear button. All chat events share one concurrency slot, so only
-one answer is generated at a time (the model's KV cache is per model); other visitors wait in Gradio's queue.
+The page names the model and has max_length / top_p / temperature sliders set to the model family's chat
+defaults (glmkit.core.chat.DEFAULTS, max_length capped at the context; temperature 0 = greedy) and a Clear button.
+All chat events share one concurrency slot, so only one answer is generated at a time (the model's KV cache is per
+model); other visitors wait in Gradio's queue.
 
 Tool calls (ChatGLM3, GLM-4): with `tools` (`glmkit web --tools FILE.py`, glmkit.serving.toolbox) each call the model
 makes is run and shown as its own message titled "🛠️ name({...})" holding the result, and the answer continues
@@ -16,13 +17,11 @@ import os
 import sys
 from typing import Any, Iterator
 
-from glmkit.core.chat import response_text
+from glmkit.core.chat import DEFAULTS, family_of, response_text
 from glmkit.serving.toolbox import Toolbox, chat_with_tools, check_family, describe_call
 
 # Gradio phones home for analytics unless told not to; this tool runs offline.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
-DEFAULTS = {"max_length": 2048, "top_p": 0.7, "temperature": 0.95}
 
 
 def chat_kwargs(max_length: float, top_p: float, temperature: float, context: int) -> dict[str, Any]:
@@ -61,6 +60,7 @@ def build_demo(model: Any, tokenizer: Any, name: str, tools: Toolbox | None = No
     import gradio as gr
 
     context = int(model.config.max_seq_len)
+    defaults = DEFAULTS[family_of(tokenizer)]
     if tools is not None:
         check_family(tokenizer)
 
@@ -83,10 +83,10 @@ def build_demo(model: Any, tokenizer: Any, name: str, tools: Toolbox | None = No
                              elem_id="query", autofocus=True)
             send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
         with gr.Row():
-            max_length = gr.Slider(1, context, value=min(DEFAULTS["max_length"], context), step=1,
+            max_length = gr.Slider(1, context, value=min(defaults["max_length"], context), step=1,
                                    label="max_length", elem_id="max-length")
-            top_p = gr.Slider(0, 1, value=DEFAULTS["top_p"], step=0.01, label="top_p", elem_id="top-p")
-            temperature = gr.Slider(0, 1, value=DEFAULTS["temperature"], step=0.01,
+            top_p = gr.Slider(0, 1, value=defaults["top_p"], step=0.01, label="top_p", elem_id="top-p")
+            temperature = gr.Slider(0, 1, value=defaults["temperature"], step=0.01,
                                     label="temperature (0 = greedy)", elem_id="temperature")
         clear = gr.Button("Clear", elem_id="clear")
 

@@ -89,7 +89,7 @@ def test_grouped_kv_heads_are_refused():
 
 
 def test_serve_under_torchrun_rank0_serves_the_others_follow(checkpoints, tmp_path):
-    """`glmkit serve` under torchrun: rank 0 answers HTTP (batch engine), rank 1 mirrors its model calls; the
+    """`glmkit serve` under torchrun: rank 0 answers HTTP (the continuous engine), rank 1 mirrors its model calls; the
     answer is the single-process model's greedy answer."""
     import time
     import urllib.request

@@ -89,6 +89,21 @@ def test_models_and_health(server, client):
     assert health["status"] == "ok" and health["model"] == "tiny-chat"
 
 
+def test_openapi_document_describes_the_request_bodies(server):
+    doc = httpx.get(server.url + "/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    for path, name in (("/v1/chat/completions", "ChatCompletionRequest"), ("/", "LegacyChatRequest")):
+        body = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": f"#/components/schemas/{name}"}
+    chat = schemas["ChatCompletionRequest"]
+    assert chat["required"] == ["messages"]
+    assert {"messages", "temperature", "max_tokens", "tools", "stream"} <= set(chat["properties"])
+    assert chat["properties"]["n"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 16}
+    assert schemas["LegacyChatRequest"]["required"] == ["prompt"]
+    refs = re.findall(r'"\$ref": "#/components/schemas/(\w+)"', json.dumps(doc))
+    assert refs and all(name in schemas for name in refs)
+
+
 def test_plain_matches_library_and_stream_matches_plain(client, local):
     from glmkit.core.chat import build_chat_input
 

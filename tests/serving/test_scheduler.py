@@ -17,7 +17,8 @@ from glmkit.adapters.ptuning import attach_prefix
 from glmkit.core import paged_cache
 from glmkit.core.generate import generate
 from glmkit.core.paged_cache import BlockPool, bytes_per_block
-from glmkit.serving.jobs import Job, stop_token_ids
+from glmkit.core.chat import stop_token_ids
+from glmkit.serving.jobs import Job
 from glmkit.serving.protocol import ChatFormat, SamplingParams
 from glmkit.serving.scheduler import ContinuousEngine
 from tests.conftest import build_tiny_chat_model, build_tiny_glm4_model
