@@ -460,6 +460,8 @@ class MLAttention(nn.Module):
         cos, sin = cos_sin
         rotate = apply_rotary_interleaved if c.rope == "half_interleaved" else apply_rotary_partial_half_split
         q_rot, k_rot = rotate(q_rot, cos, sin), rotate(k_rot.view(B, T, 1, rope), cos, sin)
+        if type(self.kv_b) is not nn.Linear:  # a wrapper (LoRA, quantized) would be bypassed by reading .weight
+            raise TypeError(f"latent attention reads kv_b's weight directly; kv_b is a {type(self.kv_b).__name__}")
         w = self.kv_b.weight.view(H, nope + c.v_head_dim, R)
         q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w[:, :nope])  # (B, H, T, R)
         q = torch.cat((q_lat, q_rot.transpose(1, 2).to(q_lat.dtype)), dim=-1)  # (B, H, T, R + rope)

@@ -203,3 +203,47 @@ def test_yarn_and_mla_mscale_match_transformers(tmp_path):
     ours = glmkit.load_model(folder)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), ref(ids).logits, atol=3e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind,targets", [("glm4_moe", "attn.qkv,attn.proj,mlp.fc,mlp.proj"),
+                                          ("glm4_moe_lite", "attn.q_a,attn.q_b,attn.kv_a,attn.proj")])
+def test_lora_on_attention_and_dense_mlp_merges_exactly(tmp_path, kind, targets):
+    from glmkit.adapters.lora import apply_lora, load_lora_adapter, merge_lora, save_lora_adapter
+
+    _, folder = write_reference(tmp_path, kind)
+    model = glmkit.load_model(folder)
+    with torch.no_grad():
+        base = model(IDS)
+    apply_lora(model, rank=4, target_modules=targets)
+    model.eval()  # LoRA dropout off
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.1)
+        tuned = model(IDS)
+    assert (tuned - base).abs().max() > 1e-3
+    save_lora_adapter(model, tmp_path / "adapter")
+    again = load_lora_adapter(glmkit.load_model(folder), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(again(IDS), tuned, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merge_lora(model)(IDS), tuned, atol=1e-4, rtol=1e-4)
+
+
+def test_adapters_give_clear_errors_for_latent_attention(tmp_path):
+    from glmkit.adapters.lora import apply_lora
+    from glmkit.adapters.ptuning import attach_prefix
+
+    _, folder = write_reference(tmp_path, "glm4_moe_lite")
+    model = glmkit.load_model(folder)
+    with pytest.raises(ValueError, match="latent attention"):
+        apply_lora(model, target_modules="attn.qkv")
+    with pytest.raises(ValueError, match="latent attention"):
+        attach_prefix(model, 4)
+    _, folder = write_reference(tmp_path, "glm4_moe")
+    moe = glmkit.load_model(folder)
+    with pytest.raises(ValueError, match="do not exist"):
+        apply_lora(moe, target_modules="attn.kv_a")
+    attach_prefix(moe, 3)  # P-tuning v2 works on GLM-4.5's grouped-KV attention
+    with torch.no_grad():
+        moe.prefix_encoder.embedding.weight.normal_(0, 1.0)
+        assert torch.isfinite(moe(IDS)).all()
