@@ -27,7 +27,7 @@ GLM4_SPECIAL_TOKENS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>",
 GLM4_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 TOKENIZER_FILES = ["ice_text.model", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "config.json", "cog-pretrain.model", "vocab.json", "merges.txt", "added_tokens.json"]
+                   "config.json", "cog-pretrain.model", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.json"]
 
 
 class TokenizerError(ValueError):
