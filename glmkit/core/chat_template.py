@@ -179,6 +179,23 @@ def is_xml_tool_template(source: str) -> bool:
     return "<arg_key>" in source
 
 
+def answer_style(tokenizer) -> str | None:
+    """How this tokenizer's answers are read: "xml" (GLM-4.5/4.6/4.7: `<think>` reasoning and XML tool calls),
+    "think" (a GLM-4 template with `<think>` reasoning: GLM-Z1, whose generation prompt opens it), or None (the
+    answer is text or a GLM-4 metadata-line call)."""
+    if getattr(tokenizer, "family", None) != "glm4":
+        return None
+    source = chat_template_source(tokenizer)
+    if is_xml_tool_template(source):
+        return "xml"
+    return "think" if "<think>" in source else None
+
+
+def prompt_opens_thinking(prompt: str) -> bool:
+    """The prompt ends inside `<think>` (GLM-Z1, GLM-4.7): the answer starts with reasoning."""
+    return prompt.rstrip().endswith("<think>")
+
+
 def xml_template_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """OpenAI messages as GLM-4.5's template reads them: tool-call arguments as mappings (OpenAI sends JSON text)."""
     out = []
@@ -217,6 +234,9 @@ def render_glm4(tokenizer, messages: Sequence[dict[str, Any]], add_generation_pr
             value = [v.get("content") if isinstance(v, dict) else v for v in value]
         if value is not None:
             special[key] = value
+    reserved = {"messages", "tools", "documents", "add_generation_prompt", *special} & set(template_kwargs or {})
+    if reserved:
+        raise ValueError(f"template variables {sorted(reserved)} are set by the chat template itself")
     try:
         return compile_template(source).render(**(template_kwargs or {}), messages=list(messages), tools=tools,
                                                documents=None, add_generation_prompt=add_generation_prompt, **special)

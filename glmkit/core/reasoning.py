@@ -81,10 +81,22 @@ def parse_tool_calls(text: str, tools: Sequence[Any] | None = None) -> tuple[str
     return text[:start].rstrip(), calls
 
 
-def parse_answer(text: str, tools: Sequence[Any] | None = None, thinking_open: bool = False) -> ParsedAnswer:
+def parse_answer(text: str, tools: Sequence[Any] | None = None, thinking_open: bool = False, calls: bool = True,
+                 partial: bool = False) -> ParsedAnswer:
+    """calls=False: no tools were offered, so `<tool_call>` text stays in the reply (vLLM runs its tool parser only
+    for requests with tools). partial: `text` is still growing, so a tag cut in the middle (`</thi`, `<tool_ca`)
+    and a reply that may still open `<think>` are held back, as AnswerStream does."""
     reasoning, rest = split_reasoning(text, thinking_open)
-    content, calls = parse_tool_calls(rest, tools)
-    return ParsedAnswer(reasoning, content.strip(), calls)
+    if partial and reasoning is not None and THINK_CLOSE not in text:
+        reasoning = reasoning[:len(reasoning) - _partial_tail(reasoning, [THINK_CLOSE])]
+    if partial and reasoning is None and THINK_OPEN.startswith(rest.lstrip()):
+        rest = ""
+    found: list[dict[str, Any]] = []
+    if calls:
+        rest, found = parse_tool_calls(rest, tools)
+    if partial:
+        rest = rest[:len(rest) - _partial_tail(rest, [CALL_OPEN] if calls else [])]
+    return ParsedAnswer(reasoning, rest.strip(), found)
 
 
 def _partial_tail(text: str, tags: Sequence[str]) -> int:
@@ -103,8 +115,8 @@ class AnswerStream:
     completed since the last feed). A call is sent once its `</tool_call>` has arrived (as vLLM's glm45 parser
     buffers it); tags split across tokens are held back until they are whole."""
 
-    def __init__(self, tools: Sequence[Any] | None = None, thinking_open: bool = False) -> None:
-        self.tools, self.thinking_open = tools, thinking_open
+    def __init__(self, tools: Sequence[Any] | None = None, thinking_open: bool = False, calls: bool = True) -> None:
+        self.tools, self.thinking_open, self.calls = tools, thinking_open, calls
         self.reasoning_sent, self.content_sent, self.calls_sent = "", "", 0
 
     def feed(self, text: str, final: bool = False) -> tuple[str, str, list[dict[str, Any]]]:
@@ -116,9 +128,9 @@ class AnswerStream:
             r_piece, self.reasoning_sent = reasoning[len(self.reasoning_sent):], reasoning
         if reasoning is None and not final and THINK_OPEN.startswith(rest.lstrip()):
             rest = ""  # an answer that may still open <think>
-        start = rest.find(CALL_OPEN)
+        start = rest.find(CALL_OPEN) if self.calls else -1
         visible = rest if start < 0 else rest[:start]
-        if start < 0 and not final:
+        if start < 0 and not final and self.calls:
             visible = visible[:len(visible) - _partial_tail(visible, [CALL_OPEN])]
         if not self.content_sent:
             visible = visible.lstrip()

@@ -10,6 +10,12 @@ the answer is parsed with glmkit.core.tools.parse_tool_calls. With "auto" a call
 answered as text (as THUDM's servers do); with "required" or a named function the answer is forced to begin with a
 tool's name line (glmkit.core.tools.ForcedCall) and the call is returned even when its arguments are not valid JSON
 (they come back as the model wrote them: validate them, as OpenAI advises).
+
+Reasoning models (GLM-4.5/4.6/4.7 templates with XML calls, GLM-Z1 templates with `<think>`): the answer's
+reasoning comes back as `reasoning_content` and GLM-4.5's `<tool_call>` blocks as `tool_calls`, parsed by
+glmkit.core.reasoning as vLLM's glm45 reasoning and tool parsers do; `chat_template_kwargs` (e.g.
+{"enable_thinking": false}, as vLLM takes it) reaches the template. Forcing a call ("required", a named function)
+is not offered for XML calls (the forced name line is GLM-4's call format).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from typing import Any
 
 from glmkit.core import chat
 from glmkit.core.chat import DEFAULTS, HF_DEFAULT_TOP_K, build_chat_input, family_of, fit_history
+from glmkit.core.chat_template import answer_style, prompt_opens_thinking
+from glmkit.core.reasoning import parse_answer, split_reasoning
 from glmkit.core.tools import TOOL_FAMILIES, ToolError, parse_tool_calls, select_tools, tool_names, validate_tools
 
 MAX_STOP_SEQUENCES = 4
@@ -93,6 +101,7 @@ class Answer:
 
     content: str | None
     tool_calls: list[dict] = field(default_factory=list)
+    reasoning: str | None = None  # reasoning models: the <think> part (None: the answer had none)
 
 
 class ChatFormat:
@@ -103,6 +112,7 @@ class ChatFormat:
         self.tokenizer, self.context = tokenizer, context
         self.family = family_of(tokenizer)
         self.defaults = DEFAULTS[self.family]  # the family's chat temperature / top_p
+        self.style = answer_style(tokenizer)  # "xml" (GLM-4.5), "think" (GLM-Z1) or None
 
     @property
     def has_tools(self) -> bool:
@@ -118,10 +128,11 @@ class ChatFormat:
             raise APIError(400, str(err), code="invalid_prompt") from None
         return self._fits([int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)])
 
-    def messages_ids(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
+    def messages_ids(self, messages: list[dict], tools: list[dict] | None,
+                     template_kwargs: dict[str, Any] | None = None) -> list[int]:
         """ChatGLM3 / GLM-4: the prompt of OpenAI-shaped messages (and tools), through apply_chat_template."""
         try:
-            ids = self.tokenizer.apply_chat_template(messages, tools=tools or None)
+            ids = self.tokenizer.apply_chat_template(messages, tools=tools or None, **(template_kwargs or {}))
         except ToolError as err:
             raise APIError(400, str(err), param="messages", code="invalid_value") from None
         except ValueError as err:
@@ -143,9 +154,22 @@ class ChatFormat:
         text = self.tokenizer.decode(token_ids)
         return text.partition("\n")[0].strip() if "\n" in text else None
 
-    def answer(self, token_ids: list[int], text: str, tools: list[dict] | None, forced: bool) -> Answer:
+    def thinking_open(self, ids: list[int]) -> bool:
+        """The prompt ends inside `<think>` (GLM-Z1, GLM-4.7): the answer starts with reasoning."""
+        return self.style is not None and prompt_opens_thinking(self.tokenizer.decode(ids[-4:]))
+
+    def answer(self, token_ids: list[int], text: str, tools: list[dict] | None, forced: bool,
+               thinking_open: bool = False) -> Answer:
         """A finished choice: tool calls when `tools` were offered and the answer calls them (see the module
         docstring for "auto" vs forced), else `text` (the post-processed, stop-cut answer)."""
+        if self.style == "xml":  # `text` is the answer as written (see text())
+            parsed = parse_answer(text, tools, thinking_open, calls=bool(tools))
+            offered = tool_names(tools) if tools else []
+            calls = [c for c in parsed.tool_calls if c["function"]["name"] in offered]
+            return Answer(parsed.content or (None if calls else ""), calls, parsed.reasoning)
+        if self.style == "think":
+            reasoning, rest = split_reasoning(text, thinking_open)
+            return Answer(rest.strip(), [], reasoning)
         if not tools or not self.has_tools:
             return Answer(text)
         raw = self.tokenizer.decode(token_ids)
@@ -172,6 +196,8 @@ class ChatFormat:
         does it. ChatGLM3/GLM-4 answers start with a metadata line, empty for a plain answer; a non-empty one
         (a tool call) is returned as the model wrote it."""
         text = self.tokenizer.decode(token_ids)
+        if self.style is not None:  # reasoning and calls are parsed from the text as written (answer())
+            return text
         if self.family == "chatglm":
             return chat.process_chatglm_response(text)
         if self.family == "chatglm2":
@@ -342,6 +368,7 @@ class ChatRequest:
     n: int = 1
     tools: list[dict] | None = None  # what the answer may call (None: answer with text only)
     legacy_functions: bool = False  # the request used `functions`: answer with `function_call`
+    thinking_open: bool = False  # the prompt ends inside <think> (the answer starts with reasoning)
 
     @property
     def forced(self) -> bool:
@@ -402,8 +429,16 @@ def parse_chat_request(body: Any, fmt: ChatFormat) -> ChatRequest:
                        code="invalid_value")
 
     prompt_tools, callable_tools, forced, legacy = _tools_of(body, fmt)
+    if forced and fmt.style == "xml":
+        raise APIError(400, "this model writes XML tool calls: tool_choice 'auto' or 'none' only (a forced call is "
+                            "not supported for it)", param="tool_choice", code="invalid_value")
+    template_kwargs = body.get("chat_template_kwargs")
+    if template_kwargs is not None and (not isinstance(template_kwargs, dict) or not fmt.has_tools or
+                                        fmt.family != "glm4"):
+        raise APIError(400, "'chat_template_kwargs' must be an object, for a model with a jinja chat template "
+                            "(GLM-4 and later)", param="chat_template_kwargs", code="invalid_value")
     if fmt.has_tools:
-        ids = fmt.messages_ids(check_tool_messages(body.get("messages")), prompt_tools)
+        ids = fmt.messages_ids(check_tool_messages(body.get("messages")), prompt_tools, template_kwargs)
     else:
         system, history, query = parse_messages(body.get("messages"))
         ids = fmt.prompt_ids(query, history, system)
@@ -421,7 +456,7 @@ def parse_chat_request(body: Any, fmt: ChatFormat) -> ChatRequest:
     params = sampling(max_tokens, temperature, top_p, seed, presence_penalty=presence, frequency_penalty=frequency,
                       logprobs=(top_logprobs or 0) if logprobs else None, forced_tools=forced)
     include_usage = bool(options.get("include_usage", False))
-    return ChatRequest(ids, params, stream, include_usage, stop, n, callable_tools, legacy)
+    return ChatRequest(ids, params, stream, include_usage, stop, n, callable_tools, legacy, fmt.thinking_open(ids))
 
 
 def usage(prompt: int, completion: int) -> dict:

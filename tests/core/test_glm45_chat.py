@@ -22,13 +22,13 @@ GLM45_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>
                 "</arg_value>", "/nothink", "<tool_response>", "</tool_response>"]
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """(glmkit's tokenizer, transformers' tokenizer) over one GLM-4.5-style tokenizer.json folder."""
+def write_glm45_tokenizer(out: Path) -> Path:
+    """A GLM-4.5-style tokenizer folder (tokenizer.json + tokenizer_config.json with the published template) over
+    the test GLM-4 ranks, as transformers' TikTokenConverter builds it; returns `out`."""
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     src = DATA / "tool_calls" / "glm4"
-    out = tmp_path_factory.mktemp("glm45tok")
+    out.mkdir(parents=True, exist_ok=True)
     cfg = json.loads((src / "tokenizer_config.json").read_text())
     decoder = cfg["added_tokens_decoder"]
     nxt = max(int(i) for i in decoder) + 1
@@ -46,6 +46,13 @@ def folders(tmp_path_factory):
     cfg.pop("auto_map", None)
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False))
     assert not (out / "tokenizer.model").exists()
+    return out
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """(glmkit's tokenizer, transformers' tokenizer) over one GLM-4.5-style tokenizer.json folder."""
+    out = write_glm45_tokenizer(tmp_path_factory.mktemp("glm45tok"))
     theirs = transformers.PreTrainedTokenizerFast.from_pretrained(str(out))
     return load_tokenizer(out), theirs, out
 
