@@ -8,11 +8,12 @@ original GLM, whose hub configs also say `"model_type": "glm"`).
 from __future__ import annotations
 
 import json
+import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from glmkit.core.presets import PRESETS
+from glmkit.core.presets import HF_PRESETS, PRESETS
 
 # ChatGLM-6B's code computes DeepNorm's α from this default argument, never from config.num_layers.
 CHATGLM_V1_ALPHA_LAYERS = 28
@@ -227,8 +228,10 @@ class GLMConfig:
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> GLMConfig:
+        if name in HF_PRESETS:  # the newer generations: their config.json, read as a checkpoint's is
+            return dataclasses.replace(cls.from_hf_config(HF_PRESETS[name]), name=name, **overrides)
         if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+            raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted([*PRESETS, *HF_PRESETS]))}")
         return cls(**{**PRESETS[name], "name": name, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
