@@ -30,7 +30,10 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before each module name
 _THUDM_NAMES = {"query_key_value": "attn.qkv", "dense": "attn.proj", "dense_h_to_4h": "mlp.fc",
                 "dense_4h_to_h": "mlp.proj"}
-_GLMKIT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj", "lm_head")
+_GLMKIT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj", "lm_head",
+                   "attn.q_a", "attn.q_b", "attn.kv_a")  # the last three: GLM-4.7-Flash's latent attention
+# kv_b is no target: latent attention reads its weight directly (the absorbed form), which would skip a LoRA delta
+MLA_TARGETS = ("attn.q_a", "attn.q_b", "attn.kv_a", "attn.proj")
 
 
 def parse_targets(targets: str | Iterable[str] | None) -> list[str]:
@@ -83,9 +86,21 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 32.0, dropout: fl
     if has_lora(model):
         raise ValueError("this model already has LoRA layers; merge_lora() it first or load the base again")
     config = lora_config(rank, alpha, dropout, target_modules)
+    _check_targets(model, config.target_modules)
     _inject(config, model)
     mark_only_lora_as_trainable(model)
     return model
+
+
+def _check_targets(model: nn.Module, targets) -> None:
+    """Latent attention (GLM-4.7-Flash) has no fused attn.qkv, and the other families have no MLA projections."""
+    mla = bool(getattr(getattr(model, "config", None), "kv_lora_rank", None))
+    wrong = [t for t in targets if (t == "attn.qkv" if mla else t in MLA_TARGETS[:3])]
+    if wrong:
+        kind = "multi-head latent attention (GLM-4.7-Flash)" if mla else "this model's attention"
+        hint = ", ".join(MLA_TARGETS if mla else ("attn.qkv", "attn.proj"))
+        raise ValueError(f"LoRA targets {wrong} do not exist in {kind}; its attention targets are {hint} (plus "
+                         "mlp.fc, mlp.proj for its dense layers)")
 
 
 def _inject(config, model: nn.Module) -> None:
@@ -158,6 +173,7 @@ def load_lora_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool
     config.inference_mode = not trainable
     _register_quantized(config)
     weights = _read_adapter_weights(adapter_dir)
+    _check_targets(model, config.target_modules)
     _inject(config, model)
     state = {k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) else k: v for k, v in weights.items()}
     result = set_peft_model_state_dict(model, state)

@@ -56,6 +56,9 @@ def attach_prefix(model: nn.Module, pre_seq_len: int, prefix_projection: bool = 
                   prefix_hidden_size: int | None = None) -> PrefixEncoder:
     """Adds a (freshly initialised) prefix encoder to a GLM model and records it in model.config."""
     cfg: GLMConfig = model.config
+    if cfg.kv_lora_rank:
+        raise ValueError("P-tuning v2 prepends per-head keys and values to every layer; multi-head latent attention "
+                         "(GLM-4.7-Flash) has none: use LoRA (targets attn.q_a, attn.q_b, attn.kv_a, attn.proj)")
     device = model.device
     encoder = PrefixEncoder(cfg, pre_seq_len, prefix_projection, prefix_hidden_size)
     if not encoder.embedding.weight.is_meta:  # built under torch.device("meta") by the loader: filled later

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Python functions the model may call (ChatGLM3, GLM-4): the public functions of FILE.py "
                              "(or its TOOLS list), described by their signatures and docstrings; each call is shown, "
                              "run, and its result fed back")
+    parser.add_argument("--no-thinking", dest="thinking", action="store_const", const=False, default=None,
+                        help="switch thinking off (GLM-4.5/4.6/4.7: /nothink and an empty <think></think>)")
     return parser
 
 
@@ -80,7 +82,8 @@ def cli_main(argv: list[str]) -> int:
                             max_length=args.max_length, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                             tools=toolbox, stop=args.stop,
-                            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
+                            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                            thinking=args.thinking)
     except ValueError as err:
         print(f"glmkit chat: {err}", file=sys.stderr)
         return 2

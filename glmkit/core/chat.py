@@ -40,8 +40,16 @@ from typing import Any
 
 import torch
 
-from glmkit.core.chat_template import apply_chat_template, chatglm2_prompt, chatglm3_ids, chatglm_prompt
+from glmkit.core.chat_template import (
+    answer_style,
+    apply_chat_template,
+    chatglm2_prompt,
+    chatglm3_ids,
+    chatglm_prompt,
+    prompt_opens_thinking,
+)
 from glmkit.core.generate import beam_search, generate_stream, invalid_score_guard
+from glmkit.core.reasoning import parse_answer, split_reasoning
 from glmkit.core.tokenizer import load_tokenizer
 from glmkit.core.tools import TOOL_FAMILIES, ToolError, parse_tool_calls, to_native_messages, validate_tools
 
@@ -62,7 +70,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 HF_DEFAULT_TOP_K = 50
 INVALID_SCORE_TOKEN_ID = 5
-ROLES = ("system", "user", "assistant", "observation")
+ROLES = ("system", "user", "assistant", "observation", "tool")
 
 _PUNCT = [(",", "，"), ("!", "！"), (":", "："), (";", "；"), ("?", "？")]
 
@@ -151,7 +159,11 @@ def with_tools(family: str, messages: list[dict[str, Any]], tools: list[Any] | N
 
 
 def _ids_for(tokenizer, family: str, query: str, history: Sequence[Any], system: str | None,
-             role: str = "user", tools: list[Any] | None = None) -> list[int]:
+             role: str = "user", tools: list[Any] | None = None,
+             template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    if template_kwargs and family != "glm4":
+        raise ValueError(f"{family} has no jinja chat template to pass {sorted(template_kwargs)} to (enable_thinking "
+                         "is for GLM-4.5/4.6/4.7)")
     if family == "glm130b":
         if system is not None or role != "user" or tools is not None:
             raise ValueError("GLM-130B has no system prompt, roles or tools (it has no chat format)")
@@ -168,22 +180,45 @@ def _ids_for(tokenizer, family: str, query: str, history: Sequence[Any], system:
         return tokenizer.encode(prompt)
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if family == "glm4" and answer_style(tokenizer) == "xml":  # GLM-4.5: OpenAI messages, tools at the top level
+        messages = _as_messages(history)
+        if system is not None:
+            messages = [{"role": "system", "content": system}] + messages
+        messages.append({"role": _xml_role(role), "content": query})
+        return apply_chat_template(tokenizer, messages, tools=validate_tools(tools, strict=False) if tools else None,
+                                   template_kwargs=template_kwargs)
     messages = with_tools(family, _as_messages(history), tools)
     if system is not None:
         messages = [{"role": "system", "content": system}] + messages
     messages = messages + [{"role": role, "content": query}]
     if family == "chatglm3":
         return chatglm3_ids(tokenizer, messages)
-    return apply_chat_template(tokenizer, messages)
+    return apply_chat_template(tokenizer, messages, template_kwargs=template_kwargs)
+
+
+def _xml_role(role: str) -> str:
+    """GLM-4.5's template names a tool result "tool" (glmkit's chat() calls it "observation" for every family)."""
+    return "tool" if role == "observation" else role
+
+
+def _template_kwargs(enable_thinking: bool | None) -> dict[str, Any] | None:
+    if enable_thinking is None:
+        return None
+    if not isinstance(enable_thinking, bool):
+        raise TypeError(f"enable_thinking must be True, False or None, got {enable_thinking!r}")
+    return {"enable_thinking": enable_thinking}
 
 
 def build_chat_input(tokenizer, query: str, history: Sequence[Any] | None = None, system: str | None = None,
-                     role: str = "user", tools: list[Any] | None = None) -> list[int]:
-    """The prompt ids the family's original chat() feeds the model (no truncation)."""
+                     role: str = "user", tools: list[Any] | None = None,
+                     enable_thinking: bool | None = None) -> list[int]:
+    """The prompt ids the family's original chat() feeds the model (no truncation). enable_thinking: GLM-4.5's
+    switch (False: `/nothink` and an empty `<think></think>`; None: the template's default)."""
     if not isinstance(query, str):
         raise TypeError(f"query must be a string, got {type(query).__name__}")
     tokenizer = as_glmkit_tokenizer(tokenizer)
-    return _ids_for(tokenizer, family_of(tokenizer), query, list(history or []), system, role, tools)
+    return _ids_for(tokenizer, family_of(tokenizer), query, list(history or []), system, role, tools,
+                    _template_kwargs(enable_thinking))
 
 
 def _drop_oldest(history: list[Any]) -> list[Any]:
@@ -199,13 +234,14 @@ def _drop_oldest(history: list[Any]) -> list[Any]:
 
 
 def fit_history(tokenizer, query: str, history: Sequence[Any] | None, limit: int, system: str | None = None,
-                role: str = "user", tools: list[Any] | None = None) -> tuple[list[int], list[Any]]:
+                role: str = "user", tools: list[Any] | None = None,
+                template_kwargs: dict[str, Any] | None = None) -> tuple[list[int], list[Any]]:
     """Prompt ids and the history they hold, dropping the oldest turns until the prompt leaves room for at
     least one new token within `limit` (prompt + answer)."""
     family = family_of(tokenizer)
     kept = list(history or [])
     while True:
-        ids = _ids_for(tokenizer, family, query, kept, system, role, tools)
+        ids = _ids_for(tokenizer, family, query, kept, system, role, tools, template_kwargs)
         if len(ids) < limit:
             return ids, kept
         non_system = [m for m in kept if not (isinstance(m, dict) and m.get("role") == "system")]
@@ -328,8 +364,12 @@ def _cut(state: tuple[Any, list[Any]], end: int) -> tuple[Any, list[Any]]:
 
 
 def _response_state(family: str, tokenizer, out: list[int], query: str, history: list[Any], role: str,
-                    as_tuples: bool) -> tuple[Any, list[Any]]:
-    """(response, new history) for the tokens generated so far, as each family's chat() post-processes them."""
+                    as_tuples: bool, reading: tuple[str, bool, Any] | None = None,
+                    final: bool = True) -> tuple[Any, list[Any]]:
+    """(response, new history) for the tokens generated so far, as each family's chat() post-processes them.
+    reading: (answer style, prompt opens <think>, tools) for answers with reasoning (see _reasoning_state)."""
+    if reading is not None:
+        return _reasoning_state(family, tokenizer.decode(out[:-1]), query, history, role, as_tuples, reading, final)
     if family == "glm130b":
         response = tokenizer.decode(out, skip_special_tokens=True).strip()
         return response, history + [(query, response)]
@@ -348,11 +388,49 @@ def _response_state(family: str, tokenizer, out: list[int], query: str, history:
     return response, new_messages
 
 
+def _reasoning_state(family: str, text: str, query: str, history: list[Any], role: str, as_tuples: bool,
+                     reading: tuple[str, bool, Any], final: bool) -> tuple[Any, list[Any]]:
+    """GLM-4.5/4.6/4.7 ("xml") and GLM-Z1 ("think") answers: the reasoning goes to the assistant message's
+    `reasoning_content`, the reply is the response; GLM-4.5's calls become the message's OpenAI `tool_calls` and the
+    response is the first call as {"name", "parameters"} (every family's chat() shape). While the answer grows
+    (final=False), tags cut in the middle are held back."""
+    style, thinking_open, tools = reading
+    if style == "xml":
+        parsed = parse_answer(text, tools, thinking_open, calls=tools is not None, partial=not final)
+        message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+        if parsed.reasoning is not None:
+            message["reasoning_content"] = parsed.reasoning
+        response: Any = parsed.content
+        if parsed.tool_calls:
+            message["tool_calls"] = parsed.tool_calls
+            first = parsed.tool_calls[0]["function"]
+            response = {"name": first["name"], "parameters": json.loads(first["arguments"])}
+        messages = _as_messages(history) + [{"role": _xml_role(role), "content": query}, message]
+        for k, call in enumerate(parsed.tool_calls):  # ids stable while the answer streams, unique in the history
+            call["id"] = f"call_{len(messages) - 1}_{k}"
+    else:  # GLM-Z1: reasoning, then a GLM-4 answer (metadata line first)
+        reasoning = parse_answer(text, thinking_open=thinking_open, calls=False, partial=not final).reasoning
+        rest = split_reasoning(text, thinking_open)[1] if reasoning is None or "</think>" in text else ""
+        messages = _as_messages(history) + [{"role": role, "content": query}]
+        response, messages = process_chatglm3_response("\n" + rest, messages, family)
+        if reasoning is not None:
+            messages[-1] = {**messages[-1], "reasoning_content": reasoning}
+    if as_tuples:
+        answer = response if isinstance(response, str) else json.dumps(response, ensure_ascii=False)
+        return response, history + [(query, answer)]
+    return response, messages
+
+
+def _has_reasoning(state: tuple[Any, list[Any]]) -> bool:
+    last = state[1][-1] if state[1] else None
+    return isinstance(last, dict) and bool(last.get("reasoning_content"))
+
+
 def stream_chat(model, tokenizer, query: str, history: Sequence[Any] | None = None, max_length: int | None = None,
                 do_sample: bool = True, top_p: float | None = None, temperature: float | None = None,
                 system: str | None = None, logits_processor: Sequence[Callable] | None = None, num_beams: int = 1,
                 role: str = "user", tools: list[Any] | None = None, stop: str | Sequence[str] | None = None,
-                **gen_kwargs: Any) -> Iterator[tuple[Any, list[Any]]]:
+                enable_thinking: bool | None = None, **gen_kwargs: Any) -> Iterator[tuple[Any, list[Any]]]:
     """Yields (response so far, history + this turn) as tokens arrive; the last item equals chat()'s result.
 
     A response whose text ends in an incomplete UTF-8 character ("\\ufffd") is held back until it completes (as
@@ -361,7 +439,11 @@ def stream_chat(model, tokenizer, query: str, history: Sequence[Any] | None = No
     tools (ChatGLM3, GLM-4): OpenAI tools or bare function dicts, described to the model in the family's tool
     system message (which replaces one the history holds); a call comes back as {"name", "parameters"}, to be
     answered with chat(..., query=result, history=history, role="observation").
-    stop: strings that end the answer (cut before the first one), matched across token boundaries."""
+    stop: strings that end the answer (cut before the first one), matched across token boundaries.
+
+    GLM-4.5/4.6/4.7 and GLM-Z1 (templates with `<think>`): the history's new assistant message carries the
+    reasoning as `reasoning_content` (streamed as it grows) and GLM-4.5's calls as OpenAI `tool_calls`; tools are
+    not stored in the history (pass them every turn); enable_thinking=False switches GLM-4.5's thinking off."""
     tokenizer = as_glmkit_tokenizer(tokenizer)
     family = family_of(tokenizer)
     if not isinstance(num_beams, int) or num_beams < 1:
@@ -376,8 +458,12 @@ def stream_chat(model, tokenizer, query: str, history: Sequence[Any] | None = No
     if tools is not None and as_tuples and family in TOOL_FAMILIES:
         raise ValueError("tools need a role-dict history (the (query, response) pairs cannot hold tool calls)")
     limit = _limits(model, family, max_length)
-    ids, _ = fit_history(tokenizer, query, history, limit, system, role, tools)
-    if tools is not None:
+    ids, _ = fit_history(tokenizer, query, history, limit, system, role, tools, _template_kwargs(enable_thinking))
+    style = answer_style(tokenizer)
+    reading = None
+    if style is not None:
+        reading = (style, prompt_opens_thinking(tokenizer.decode(ids[-4:])), tools)
+    if tools is not None and style != "xml":
         history = with_tools(family, history, tools)
     if system is not None and family in ("chatglm3", "glm4") and not as_tuples:
         history = [{"role": "system", "content": system}] + history
@@ -392,7 +478,7 @@ def stream_chat(model, tokenizer, query: str, history: Sequence[Any] | None = No
         beams = beam_search(model, torch.tensor([ids], dtype=torch.long, device=device), num_beams=num_beams,
                             max_length=limit, eos_token_id=gen_kwargs["eos_token_id"], logits_processors=processors,
                             repetition_penalty=gen_kwargs.get("repetition_penalty", 1.0))
-        state = _response_state(family, tokenizer, beams[0].tolist(), query, history, role, as_tuples)
+        state = _response_state(family, tokenizer, beams[0].tolist(), query, history, role, as_tuples, reading)
         cut = find_stop(state[0], stop) if stop and isinstance(state[0], str) else None
         yield state if cut is None else _cut(state, cut)
         return
@@ -405,7 +491,7 @@ def stream_chat(model, tokenizer, query: str, history: Sequence[Any] | None = No
     yielded = False
     for step in stream:
         out.append(int(step[0]))
-        last = _response_state(family, tokenizer, out, query, history, role, as_tuples)
+        last = _response_state(family, tokenizer, out, query, history, role, as_tuples, reading, final=False)
         text = last[0]
         if stop and isinstance(text, str):
             cut = find_stop(text, stop)
@@ -414,7 +500,8 @@ def stream_chat(model, tokenizer, query: str, history: Sequence[Any] | None = No
                 yield _cut(last, cut)
                 return
         # hold back an unfinished character; ChatGLM2/3 also wait for a non-empty response
-        if isinstance(text, str) and (text.endswith("\ufffd") or (not text and family != "chatglm")):
+        if isinstance(text, str) and (text.endswith("\ufffd") or (not text and family != "chatglm"
+                                                                  and not _has_reasoning(last))):
             yielded = False
             continue
         held = partial_stop(text, stop) if stop and isinstance(text, str) else 0
@@ -424,9 +511,10 @@ def stream_chat(model, tokenizer, query: str, history: Sequence[Any] | None = No
             continue
         yielded = True
         yield last
-    if last is None:  # no room to generate: an empty answer
-        last = _response_state(family, tokenizer, out, query, history, role, as_tuples)
-        yielded = False
+    if last is None or reading is not None:  # no room to generate (an empty answer), or held-back tags to release
+        final = _response_state(family, tokenizer, out, query, history, role, as_tuples, reading)
+        yielded = yielded and final == last
+        last = final
     if not yielded:
         yield last
 
@@ -435,7 +523,7 @@ def chat(model, tokenizer, query: str, history: Sequence[Any] | None = None, max
          num_beams: int = 1, do_sample: bool = True, top_p: float | None = None, temperature: float | None = None,
          system: str | None = None, logits_processor: Sequence[Callable] | None = None, role: str = "user",
          tools: list[Any] | None = None, stop: str | Sequence[str] | None = None,
-         **gen_kwargs: Any) -> tuple[Any, list[Any]]:
+         enable_thinking: bool | None = None, **gen_kwargs: Any) -> tuple[Any, list[Any]]:
     """response, history = chat(model, tokenizer, "你好", history=[]), with the family's template, defaults,
     stop tokens and post-processing (see the module docstring; tools and stop as in stream_chat; other keyword
     arguments such as presence_penalty, frequency_penalty, repetition_penalty, top_k, seed, max_new_tokens reach
@@ -443,7 +531,8 @@ def chat(model, tokenizer, query: str, history: Sequence[Any] | None = None, max
     result = None
     for result in stream_chat(model, tokenizer, query, history, max_length=max_length, do_sample=do_sample,
                               top_p=top_p, temperature=temperature, system=system, logits_processor=logits_processor,
-                              num_beams=num_beams, role=role, tools=tools, stop=stop, **gen_kwargs):
+                              num_beams=num_beams, role=role, tools=tools, stop=stop,
+                              enable_thinking=enable_thinking, **gen_kwargs):
         pass
     assert result is not None  # stream_chat always yields its final state
     return result

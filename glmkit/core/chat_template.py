@@ -173,8 +173,52 @@ def chat_template_source(tokenizer, tools: Any = None) -> str:
     return template
 
 
+def is_xml_tool_template(source: str) -> bool:
+    """GLM-4.5/4.6/4.7's template family: OpenAI-shaped messages (role "tool", assistant tool_calls and
+    reasoning_content), `tools` read at the top level, calls written as <tool_call>name<arg_key>..</tool_call>."""
+    return "<arg_key>" in source
+
+
+def answer_style(tokenizer) -> str | None:
+    """How this tokenizer's answers are read: "xml" (GLM-4.5/4.6/4.7: `<think>` reasoning and XML tool calls),
+    "think" (a GLM-4 template with `<think>` reasoning: GLM-Z1, whose generation prompt opens it), or None (the
+    answer is text or a GLM-4 metadata-line call)."""
+    if getattr(tokenizer, "family", None) != "glm4":
+        return None
+    source = chat_template_source(tokenizer)
+    if is_xml_tool_template(source):
+        return "xml"
+    return "think" if "<think>" in source else None
+
+
+def prompt_opens_thinking(prompt: str) -> bool:
+    """The prompt ends inside `<think>` (GLM-Z1, GLM-4.7): the answer starts with reasoning."""
+    return prompt.rstrip().endswith("<think>")
+
+
+def xml_template_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI messages as GLM-4.5's template reads them: tool-call arguments as mappings (OpenAI sends JSON text)."""
+    out = []
+    for i, m in enumerate(messages):
+        calls = m.get("tool_calls")
+        if calls:
+            fixed = []
+            for j, call in enumerate(calls):
+                fn = dict(call.get("function", call))
+                if isinstance(fn.get("arguments"), str):
+                    try:
+                        fn["arguments"] = json.loads(fn["arguments"] or "{}")
+                    except json.JSONDecodeError:
+                        raise ValueError(f"messages[{i}].tool_calls[{j}].function.arguments is not JSON") from None
+                fixed.append({**call, "function": fn} if "function" in call else fn)
+            m = {**m, "tool_calls": fixed}
+        out.append(m)
+    return out
+
+
 def render_glm4(tokenizer, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-                tools: list[Any] | None = None, source: str | None = None) -> str:
+                tools: list[Any] | None = None, source: str | None = None,
+                template_kwargs: dict[str, Any] | None = None) -> str:
     """GLM-4's prompt text: the chat template rendered over native messages (tools already in a system message,
     unless the template reads `tools` itself)."""
     import jinja2
@@ -190,16 +234,20 @@ def render_glm4(tokenizer, messages: Sequence[dict[str, Any]], add_generation_pr
             value = [v.get("content") if isinstance(v, dict) else v for v in value]
         if value is not None:
             special[key] = value
+    reserved = {"messages", "tools", "documents", "add_generation_prompt", *special} & set(template_kwargs or {})
+    if reserved:
+        raise ValueError(f"template variables {sorted(reserved)} are set by the chat template itself")
     try:
-        return compile_template(source).render(messages=list(messages), tools=tools, documents=None,
-                                               add_generation_prompt=add_generation_prompt, **special)
+        return compile_template(source).render(**(template_kwargs or {}), messages=list(messages), tools=tools,
+                                               documents=None, add_generation_prompt=add_generation_prompt, **special)
     except jinja2.TemplateError as err:
         raise ValueError(f"the chat template failed on these messages: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------- all families
 def apply_chat_template(tokenizer, messages: Sequence[dict[str, Any]], tools: list[Any] | None = None,
-                        add_generation_prompt: bool = True, tokenize: bool = True) -> list[int] | str:
+                        add_generation_prompt: bool = True, tokenize: bool = True,
+                        template_kwargs: dict[str, Any] | None = None) -> list[int] | str:
     """The prompt the family's original builds for `messages` (native or OpenAI-shaped role dicts), as ids or, with
     tokenize=False, as text. `tools` (OpenAI tools or bare function dicts) are described to the model the family's
     way; ChatGLM-6B and ChatGLM2 have no tools, system role or tool messages (a ValueError says so)."""
@@ -229,9 +277,14 @@ def apply_chat_template(tokenizer, messages: Sequence[dict[str, Any]], tools: li
             return chatglm3_ids(tokenizer, native, add_generation_prompt)
         return chatglm3_text(native, add_generation_prompt)
     source = chat_template_source(tokenizer, tools)
+    if is_xml_tool_template(source):  # GLM-4.5/4.6/4.7: the template takes OpenAI messages and tools as they are
+        text = render_glm4(tokenizer, xml_template_messages(messages), add_generation_prompt, tools, source,
+                           template_kwargs)
+        return tokenizer.encode(text, add_special_tokens=False) if tokenize else text
     own_tools = bool(tools) and template_reads_tools(source)
     native = to_native_messages(family, messages, None if own_tools else tools)
     if own_tools and has_tools_message(native):
         raise ToolError("the tools are given twice: as `tools` and in a system message of the conversation")
-    text = render_glm4(tokenizer, native, add_generation_prompt, tools if own_tools else None, source)
+    text = render_glm4(tokenizer, native, add_generation_prompt, tools if own_tools else None, source,
+                       template_kwargs)
     return tokenizer.encode(text, add_special_tokens=False) if tokenize else text

@@ -8,11 +8,12 @@ original GLM, whose hub configs also say `"model_type": "glm"`).
 from __future__ import annotations
 
 import json
+import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from glmkit.core.presets import PRESETS
+from glmkit.core.presets import HF_PRESETS, PRESETS
 
 # ChatGLM-6B's code computes DeepNorm's α from this default argument, never from config.num_layers.
 CHATGLM_V1_ALPHA_LAYERS = 28
@@ -62,9 +63,14 @@ class GLMConfig:
     # "half_interleaved": ChatGLM2+/GLM-4: rotary on the first `rotary_dim` dims, interleaved pairs (x[2i], x[2i+1]).
     # "none":             the original GLM (no rotary; learned position tables, see position_embedding).
     # "1d":               GLM-130B: the whole head rotated by 1-D positions, GPT-NeoX half-split layout.
-    rope: Literal["2d", "half_interleaved", "none", "1d"] = "2d"
+    # "half_split":       GLM-4.5/4.6/4.7 (glm4_moe): rotary on the first `rotary_dim` dims, GPT-NeoX half-split
+    #                     layout (x[i] with x[i + rotary_dim/2]); the rest pass.
+    rope: Literal["2d", "half_interleaved", "none", "1d", "half_split"] = "2d"
     rope_base: float = 10000.0
-    rotary_dim: int | None = None  # half_interleaved only; None = head_dim // 2
+    rotary_dim: int | None = None  # half_interleaved / half_split; None = head_dim // 2
+    # transformers' rope_parameters when they are not the default rotary: {"rope_type": "yarn", "factor": ...,
+    # "original_max_position_embeddings": ..., optional beta_fast/beta_slow/mscale/mscale_all_dim/attention_factor}.
+    rope_scaling: dict[str, Any] | None = None
     # ChatGLM-6B (and GLM-130B's SAT RotaryEmbedding) rounds inv_freq to fp16 and builds its cos/sin table in the
     # dtype that buffer has: fp16 as published ("table"), fp32 after .float() ("inv_freq": only inv_freq rounded),
     # bf16 after .bfloat16() ("table_bf16": positions, angles and table in bf16). The loader picks the one matching
@@ -79,6 +85,33 @@ class GLMConfig:
     # keeps such rows finite too, their output is never used); "uniform" averages all values with equal weights,
     # as the original GLM's arithmetic mask S·M - 65504·(1 - M) makes every score of such a row the same.
     masked_row: Literal["all", "uniform"] = "all"
+
+    # --- newer generations: GLM-4-0414 / Z1 (glm4), GLM-4.5/4.6/4.7 (glm4_moe), GLM-4.7-Flash (glm4_moe_lite) ---
+    # Sandwich norms (GLM-4-0414): the attention and MLP outputs pass an RMSNorm before the residual add.
+    sandwich_norm: bool = False
+    qk_norm: bool = False  # per-head RMSNorm of q and k before the rotary (GLM-4.5 `use_qk_norm`)
+    # Mixture of experts (0 experts = every layer dense). Layer i is MoE where mlp_layer_types[i] == "sparse".
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_ffn_hidden_size: int = 0  # one routed expert's width; the shared expert is n_shared_experts times it
+    n_shared_experts: int = 0
+    n_group: int = 1  # experts are chosen from the topk_group best of n_group groups (group score: sum of top-2)
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    mlp_layer_types: list[str] | None = None  # "dense" | "sparse" per layer; None = all dense
+    # Multi-token-prediction layers the checkpoint holds after the last layer (`num_nextn_predict_layers`); glmkit
+    # reads and skips them (they are not used for plain decoding).
+    num_mtp_layers: int = 0
+    # Multi-head latent attention (kv_lora_rank set; GLM-4.7-Flash): q through an optional q_lora_rank bottleneck,
+    # keys/values from one kv_lora_rank latent plus a shared rotary key of qk_rope_head_dim. The KV cache holds the
+    # latent row [latent | rotary key], so for MLA num_kv_heads is 1 and head_dim is kv_lora_rank + qk_rope_head_dim
+    # (the from_hf_config reader sets both).
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
 
     # --- head ---
     tie_word_embeddings: bool = False
@@ -130,11 +163,52 @@ class GLMConfig:
             raise ConfigError(f"pre_seq_len must be >= 0, got {self.pre_seq_len}")
         if self.alpha_num_layers is not None and self.alpha_num_layers <= 0:
             raise ConfigError(f"alpha_num_layers must be positive, got {self.alpha_num_layers}")
+        self._check_newer_generations()
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
 
+    def _check_newer_generations(self) -> None:
+        if self.num_experts:
+            if not 0 < self.num_experts_per_tok <= self.num_experts:
+                raise ConfigError(f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], got "
+                                  f"{self.num_experts_per_tok}")
+            if self.moe_ffn_hidden_size <= 0:
+                raise ConfigError("an MoE config needs moe_ffn_hidden_size > 0")
+            if self.n_group <= 0 or self.num_experts % self.n_group or not 0 < self.topk_group <= self.n_group:
+                raise ConfigError(f"n_group {self.n_group} must divide num_experts {self.num_experts} and topk_group "
+                                  f"{self.topk_group} lie in [1, n_group]")
+            if self.num_experts // self.n_group < 2:
+                raise ConfigError("each expert group needs at least 2 experts (group scores sum the top 2)")
+            if self.topk_group * (self.num_experts // self.n_group) < self.num_experts_per_tok:
+                raise ConfigError("topk_group groups hold fewer experts than num_experts_per_tok")
+        if self.mlp_layer_types is not None:
+            if len(self.mlp_layer_types) != self.num_layers or set(self.mlp_layer_types) - {"dense", "sparse"}:
+                raise ConfigError(f"mlp_layer_types must list 'dense' or 'sparse' for each of the {self.num_layers} "
+                                  f"layers, got {self.mlp_layer_types}")
+            if "sparse" in self.mlp_layer_types and not self.num_experts:
+                raise ConfigError("mlp_layer_types has sparse layers but num_experts is 0")
+        if self.kv_lora_rank is not None:
+            if min(self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim) <= 0:
+                raise ConfigError("multi-head latent attention needs positive kv_lora_rank, qk_nope_head_dim, "
+                                  "qk_rope_head_dim and v_head_dim")
+            if self.num_kv_heads != 1 or self.head_dim != self.kv_lora_rank + self.qk_rope_head_dim:
+                raise ConfigError("with multi-head latent attention the cache holds one latent row: num_kv_heads "
+                                  "must be 1 and head_dim kv_lora_rank + qk_rope_head_dim")
+            if self.rotary_dim != self.qk_rope_head_dim:
+                raise ConfigError(f"MLA rotates qk_rope_head_dim={self.qk_rope_head_dim} dims; rotary_dim is "
+                                  f"{self.rotary_dim}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind != "yarn" or "factor" not in self.rope_scaling or \
+                    "original_max_position_embeddings" not in self.rope_scaling:
+                raise ConfigError(f"rope_scaling supports YaRN ({{'rope_type': 'yarn', 'factor', "
+                                  f"'original_max_position_embeddings'}}), got {self.rope_scaling}")
+
     # ------------------------------------------------------------------ derived
+    def is_moe_layer(self, i: int) -> bool:
+        return self.mlp_layer_types is not None and self.mlp_layer_types[i] == "sparse"
+
     @property
     def deepnorm_alpha(self) -> float:
         if self.residual != "deepnorm":
@@ -154,8 +228,10 @@ class GLMConfig:
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> GLMConfig:
+        if name in HF_PRESETS:  # the newer generations: their config.json, read as a checkpoint's is
+            return dataclasses.replace(cls.from_hf_config(HF_PRESETS[name]), name=name, **overrides)
         if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+            raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted([*PRESETS, *HF_PRESETS]))}")
         return cls(**{**PRESETS[name], "name": name, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,11 +265,14 @@ class GLMConfig:
                 return _from_chatglm1(hf)
             raise ConfigError("config.json says model_type 'chatglm' but matches neither the ChatGLM-6B nor the "
                               "ChatGLM2/3/GLM-4 layout (no position_encoding_2d / multi_query_attention fields)")
+        if model_type in ("glm4", "glm4_moe", "glm4_moe_lite"):
+            return _from_glm4x(hf, model_type)
         if model_type == "glmkit":
             return cls.from_dict({k: v for k, v in hf.items() if k != "model_type"})
         raise ConfigError(f"unsupported model_type {model_type!r} (architectures {archs}); glmkit loads 'chatglm' "
-                          "(ChatGLM-6B, ChatGLM2/3-6B, GLM-4 THUDM layout) and 'glm' (transformers GlmForCausalLM, "
-                          "or THUDM's original GLM: glm-large-chinese, glm-2b, glm-10b, glm-10b-chinese)")
+                          "(ChatGLM-6B, ChatGLM2/3-6B, GLM-4 THUDM layout), 'glm' (transformers GlmForCausalLM, "
+                          "or THUDM's original GLM: glm-large-chinese, glm-2b, glm-10b, glm-10b-chinese), 'glm4' "
+                          "(GLM-4-0414, GLM-Z1), 'glm4_moe' (GLM-4.5/4.6/4.7) and 'glm4_moe_lite' (GLM-4.7-Flash)")
 
     @classmethod
     def from_file(cls, path: str | Path) -> GLMConfig:
@@ -338,6 +417,86 @@ def _from_transformers_glm(hf: dict[str, Any]) -> GLMConfig:
         pre_seq_len=None, bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
         pad_token_id=hf.get("pad_token_id"), mask_token_id=None, gmask_token_id=None, torch_dtype=_dtype_name(hf),
         family="glm4", extra={"hf_layout": "glm"},
+    )
+
+
+GLM4X_LAYOUTS = ("glm4", "glm4_moe", "glm4_moe_lite")  # transformers' model types of the newer generations
+
+
+def _rope_fields(hf: dict[str, Any], default_factor: float) -> tuple[float, float, dict[str, Any] | None]:
+    """(rope_theta, partial_rotary_factor, YaRN parameters or None) from transformers' rope_parameters (5.x) or the
+    older top-level rope_theta / partial_rotary_factor / rope_scaling."""
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    factor = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", default_factor)))
+    if kind in ("default", None):
+        return theta, factor, None
+    if kind != "yarn":
+        raise ConfigError(f"rope_type {kind!r} is not supported (the default rotary embedding and YaRN are)")
+    scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor", "type")}
+    scaling["rope_type"] = "yarn"
+    if scaling.get("factor") is None:
+        scaling["factor"] = hf.get("max_position_embeddings") / scaling["original_max_position_embeddings"]
+    return theta, factor, scaling
+
+
+def _from_glm4x(hf: dict[str, Any], model_type: str) -> GLMConfig:
+    """transformers' glm4 (GLM-4-0414, GLM-Z1), glm4_moe (GLM-4.5/4.6/4.7) and glm4_moe_lite (GLM-4.7-Flash), with
+    transformers 5.25's defaults for fields a config.json leaves out (configuration_glm4*.py)."""
+    _require(hf, "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"hidden_act {hf['hidden_act']!r} is not supported (GLM uses silu)")
+    moe, lite = model_type != "glm4", model_type == "glm4_moe_lite"
+    layers, heads = hf["num_hidden_layers"], hf["num_attention_heads"]
+    theta, factor, yarn = _rope_fields(hf, 1.0 if lite else 0.5)
+    fields: dict[str, Any] = {}
+    if lite:
+        _require(hf, "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+        rope_dim = hf["qk_rope_head_dim"]
+        fields.update(q_lora_rank=hf.get("q_lora_rank", 768), kv_lora_rank=hf["kv_lora_rank"],
+                      qk_nope_head_dim=hf["qk_nope_head_dim"], qk_rope_head_dim=rope_dim, v_head_dim=hf["v_head_dim"],
+                      num_kv_heads=1, head_dim=hf["kv_lora_rank"] + rope_dim, rotary_dim=int(rope_dim * factor),
+                      rope="half_interleaved" if hf.get("rope_interleave", True) else "half_split")
+        if fields["rotary_dim"] != rope_dim:
+            raise ConfigError("multi-head latent attention with partial_rotary_factor != 1 is not a published model")
+        if hf.get("first_k_dense_replace") is not None and hf.get("mlp_layer_types") is None:
+            types = ["dense"] * hf["first_k_dense_replace"] + ["sparse"] * (layers - hf["first_k_dense_replace"])
+        else:
+            types = hf.get("mlp_layer_types") or ["dense"] + ["sparse"] * (layers - 1)
+    else:
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        rotary_dim = int(head_dim * factor)
+        fields.update(num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
+                      rotary_dim=rotary_dim - rotary_dim % 2, rope="half_split" if moe else "half_interleaved",
+                      qk_norm=bool(hf.get("use_qk_norm", False)), sandwich_norm=not moe)
+        dense = hf.get("first_k_dense_replace", 1)
+        types = ["dense"] * min(dense, layers) + ["sparse"] * max(layers - dense, 0) if moe else None
+    if moe:
+        fields.update(num_experts=hf.get("n_routed_experts", 64 if lite else 128),
+                      num_experts_per_tok=hf.get("num_experts_per_tok", 4 if lite else 8),
+                      moe_ffn_hidden_size=hf.get("moe_intermediate_size", 1536 if lite else 1408),
+                      n_shared_experts=hf.get("n_shared_experts", 1), n_group=hf.get("n_group", 1),
+                      topk_group=hf.get("topk_group", 1), norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+                      routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.8 if lite else 1.0)),
+                      mlp_layer_types=types, num_mtp_layers=int(hf.get("num_nextn_predict_layers", 0) or 0))
+    if model_type == "glm4":
+        eos = hf.get("eos_token_id", [151329, 151336, 151338])
+    else:
+        eos = hf.get("eos_token_id", 1 if lite else None)
+    return GLMConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=layers, num_heads=heads,
+        ffn_hidden_size=hf.get("intermediate_size", 10240 if lite else 10944),
+        max_seq_len=hf.get("max_position_embeddings", 202752 if lite else 131072), norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-5 if moe else 1.5625e-7), residual="prenorm", mlp="swiglu",
+        qkv_bias=bool(hf.get("attention_bias", not moe)), proj_bias=lite and bool(hf.get("attention_bias", False)),
+        mlp_bias=False, qkv_layout="grouped", rope_base=theta, rope_scaling=yarn, rope_fp16="none",
+        attention="causal", tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), pre_seq_len=None,
+        bos_token_id=hf.get("bos_token_id", 0 if lite else None), eos_token_id=eos,
+        pad_token_id=hf.get("pad_token_id", 151329 if model_type == "glm4" else None), mask_token_id=None,
+        gmask_token_id=None, torch_dtype=_dtype_name(hf), family="glm4",
+        extra={"hf_layout": model_type, "hf_config": {k: v for k, v in hf.items() if k != "transformers_version"}},
+        **fields,
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from glmkit.core.config import GLMConfig
+from glmkit.core.config import GLM4X_LAYOUTS, GLMConfig
 
 # Each entry: source prefix/key -> target prefix/key. Keys ending in "." map every attribute under them.
 CHATGLM_V1: dict[str, str | None] = {
@@ -90,6 +90,46 @@ HF_GLM: dict[str, str | None] = {  # transformers GlmForCausalLM; q/k/v are fuse
 }
 
 
+# transformers' glm4 / glm4_moe / glm4_moe_lite (GLM-4-0414, GLM-4.5/4.6/4.7, GLM-4.7-Flash), as on the hub and as
+# save_pretrained writes them. q/k/v and every gate/up pair are fused by Glm4xConverter (FUSED below).
+HF_GLM4X: dict[str, str | None] = {
+    "model.embed_tokens.": "wte.",
+    "model.layers.{}.input_layernorm.weight": "h.{}.ln_1.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "h.{}.ln_2.weight",  # the pre-MLP norm, despite its name
+    "model.layers.{}.post_self_attn_layernorm.weight": "h.{}.ln_attn_out.weight",  # GLM-4-0414 sandwich norms
+    "model.layers.{}.post_mlp_layernorm.weight": "h.{}.ln_mlp_out.weight",
+    "model.layers.{}.self_attn.o_proj.": "h.{}.attn.proj.",
+    "model.layers.{}.self_attn.q_norm.weight": "h.{}.attn.q_norm.weight",  # GLM-4.5 use_qk_norm
+    "model.layers.{}.self_attn.k_norm.weight": "h.{}.attn.k_norm.weight",
+    "model.layers.{}.self_attn.q_a_proj.": "h.{}.attn.q_a.",  # multi-head latent attention (GLM-4.7-Flash)
+    "model.layers.{}.self_attn.q_a_layernorm.weight": "h.{}.attn.q_a_norm.weight",
+    "model.layers.{}.self_attn.q_b_proj.": "h.{}.attn.q_b.",
+    "model.layers.{}.self_attn.q_proj.weight": "h.{}.attn.q.weight",  # MLA without q_lora_rank (else fused q/k/v)
+    "model.layers.{}.self_attn.kv_a_proj_with_mqa.": "h.{}.attn.kv_a.",
+    "model.layers.{}.self_attn.kv_a_layernorm.weight": "h.{}.attn.kv_a_norm.weight",
+    "model.layers.{}.self_attn.kv_b_proj.": "h.{}.attn.kv_b.",
+    "model.layers.{}.mlp.gate_up_proj.weight": "h.{}.mlp.fc.weight",  # GLM-4-0414: [gate | up] already fused
+    "model.layers.{}.mlp.down_proj.weight": "h.{}.mlp.proj.weight",
+    "model.layers.{}.mlp.experts.{}.down_proj.": "h.{}.mlp.experts.{}.proj.",
+    "model.layers.{}.mlp.shared_experts.down_proj.": "h.{}.mlp.shared.proj.",
+    "model.layers.{}.mlp.gate.weight": "h.{}.mlp.router.weight",  # fp32 on the hub
+    "model.layers.{}.mlp.gate.e_score_correction_bias": "h.{}.mlp.router.bias",
+    "model.norm.weight": "ln_f.weight",
+    "lm_head.": "lm_head.",
+}
+# (pattern, the part names in fused order, the glmkit name with {0}.. = the pattern's groups)
+GLM4X_FUSED: list[tuple[re.Pattern, tuple[str, ...], str]] = [
+    (re.compile(r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$"), ("q", "k", "v"),
+     "h.{0}.attn.qkv.{2}"),
+    (re.compile(r"model\.layers\.(\d+)\.mlp\.(gate|up)_proj\.(weight)$"), ("gate", "up"), "h.{0}.mlp.fc.{2}"),
+    (re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up)_proj\.(weight)$"), ("gate", "up"),
+     "h.{0}.mlp.experts.{1}.fc.{3}"),
+    (re.compile(r"model\.layers\.(\d+)\.mlp\.shared_experts\.(gate|up)_proj\.(weight)$"), ("gate", "up"),
+     "h.{0}.mlp.shared.fc.{2}"),
+]
+MTP_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
 class UnexpectedWeightError(KeyError):
     pass
 
@@ -119,7 +159,7 @@ class Converter:
                 return None
             groups = list(m.groups())
             rest = groups.pop() if prefix else ""
-            return dst.replace("{}", groups[0]) + rest if groups else dst + rest
+            return _fill(dst, groups) + rest
         raise UnexpectedWeightError(name)
 
     def passthrough_target(self, name: str) -> str | None:
@@ -137,6 +177,142 @@ class Converter:
 
     def leftovers(self) -> list[str]:
         return []
+
+
+def _fill(template: str, groups: list[str]) -> str:
+    """'h.{}.mlp.experts.{}.' with ['3', '7'] -> 'h.3.mlp.experts.7.' (one {} per captured index, in order)."""
+    for g in groups:
+        template = template.replace("{}", g, 1)
+    return template
+
+
+class Glm4xConverter(Converter):
+    """transformers' glm4 / glm4_moe / glm4_moe_lite layouts: the table above, q/k/v and gate/up pairs fused as
+    glmkit's Attention.qkv and MLP.fc hold them, and the multi-token-prediction layers (indices num_layers ..
+    num_layers + num_mtp_layers - 1, GLM-4.5's `model.layers.46.*` / `92.*`) read and dropped: they are counted in
+    `skipped_mtp`, and a layer index past them is an error."""
+
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__(HF_GLM4X)
+        self.num_layers, self.num_mtp = config.num_layers, config.num_mtp_layers
+        self.fused = GLM4X_FUSED[1:] if config.kv_lora_rank else GLM4X_FUSED  # MLA has no q/k/v projections
+        self.pending: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        self.skipped_mtp: list[str] = []
+
+    def _fused(self, name: str):
+        for pattern, parts, target in self.fused:
+            m = pattern.match(name)
+            if m:
+                groups = m.groups()
+                return parts, next(g for g in groups if g in parts), target.format(*groups)
+        return None
+
+    def _is_mtp(self, name: str) -> bool:
+        m = MTP_LAYER.match(name)
+        if not m or int(m.group(1)) < self.num_layers:
+            return False
+        if int(m.group(1)) < self.num_layers + self.num_mtp:
+            return True
+        raise UnexpectedWeightError(name)
+
+    def passthrough_target(self, name: str) -> str | None:
+        if self._fused(name) is not None or MTP_LAYER.match(name) and int(MTP_LAYER.match(name).group(1)) >= \
+                self.num_layers:
+            return None
+        return super().passthrough_target(name)
+
+    def feed(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        if self._is_mtp(name):
+            self.skipped_mtp.append(name)
+            return
+        fused = self._fused(name)
+        if fused is None:
+            yield from super().feed(name, tensor)
+            return
+        order, part, target = fused
+        parts = self.pending.setdefault((order, target), {})
+        if part in parts:
+            raise UnexpectedWeightError(f"{name} (twice)")
+        parts[part] = tensor
+        if len(parts) == len(order):
+            del self.pending[(order, target)]
+            yield target, torch.cat([parts[p] for p in order], dim=0)
+
+    def leftovers(self) -> list[str]:
+        return [f"{target} (only {sorted(parts)} of {list(order)} present)"
+                for (order, target), parts in self.pending.items()]
+
+
+def to_hf_glm4x_state_dict(state_dict: dict[str, torch.Tensor], config: GLMConfig) -> dict[str, torch.Tensor]:
+    """glmkit names -> transformers' glm4 / glm4_moe / glm4_moe_lite names (what from_pretrained and the hub use):
+    the table reversed, fused q/k/v and gate/up split back."""
+    c = config
+    rules = _compile({dst: src for src, dst in HF_GLM4X.items() if dst is not None})
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    out = {}
+    for name, t in state_dict.items():
+        m = re.match(r"h\.(\d+)\.attn\.qkv\.(weight|bias)$", name)
+        if m:
+            for part, piece in zip("qkv", t.split([q, kv, kv], dim=0)):
+                out[f"model.layers.{m[1]}.self_attn.{part}_proj.{m[2]}"] = piece.contiguous()
+            continue
+        m = re.match(r"h\.(\d+)\.mlp\.(experts\.\d+\.|shared\.|)fc\.weight$", name)
+        if m and not (c.sandwich_norm and not m[2]):  # GLM-4-0414 keeps its dense gate_up_proj fused
+            where = {"shared.": "shared_experts."}.get(m[2], m[2])
+            gate, up = t.chunk(2, dim=0)
+            out[f"model.layers.{m[1]}.mlp.{where}gate_proj.weight"] = gate.contiguous()
+            out[f"model.layers.{m[1]}.mlp.{where}up_proj.weight"] = up.contiguous()
+            continue
+        for pattern, dst, prefix in rules:
+            m = pattern.match(name)
+            if m:
+                groups = list(m.groups())
+                rest = groups.pop() if prefix else ""
+                out[_fill(dst, groups) + rest] = t
+                break
+        else:
+            raise UnexpectedWeightError(f"no transformers name for glmkit weight {name!r}")
+    return out
+
+
+def to_hf_glm4x_config(config: GLMConfig) -> dict[str, Any]:
+    """transformers' config.json for a glm4 / glm4_moe / glm4_moe_lite model (over the one it was read from)."""
+    c = config
+    layout = c.extra.get("hf_layout")
+    arch = {"glm4": "Glm4ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "glm4_moe_lite": "Glm4MoeLiteForCausalLM"}
+    rope: dict[str, Any] = {"rope_theta": c.rope_base, "rope_type": "default"}
+    if c.rope_scaling is not None:
+        rope.update(c.rope_scaling)
+    hf = {**c.extra.get("hf_config", {}), "model_type": layout, "architectures": [arch[layout]],
+          "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_layers,
+          "num_attention_heads": c.num_heads, "intermediate_size": c.ffn_hidden_size,
+          "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps, "hidden_act": "silu",
+          "tie_word_embeddings": c.tie_word_embeddings, "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
+          "pad_token_id": c.pad_token_id, "torch_dtype": c.torch_dtype}
+    hf.pop("dtype", None)
+    if layout == "glm4_moe_lite":
+        hf.update(q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank, qk_nope_head_dim=c.qk_nope_head_dim,
+                  qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim, attention_bias=c.qkv_bias,
+                  rope_interleave=c.rope == "half_interleaved")
+        hf.setdefault("num_key_value_heads", c.num_heads)
+    else:
+        rope["partial_rotary_factor"] = c.rotary_dim / c.head_dim
+        hf.update(num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, attention_bias=c.qkv_bias)
+    if layout == "glm4_moe":
+        hf["use_qk_norm"] = c.qk_norm
+        hf["first_k_dense_replace"] = c.mlp_layer_types.index("sparse") if "sparse" in c.mlp_layer_types else \
+            c.num_layers
+    if layout in ("glm4_moe", "glm4_moe_lite"):
+        hf.update(n_routed_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+                  moe_intermediate_size=c.moe_ffn_hidden_size, n_shared_experts=c.n_shared_experts,
+                  n_group=c.n_group, topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob,
+                  routed_scaling_factor=c.routed_scaling_factor, num_nextn_predict_layers=c.num_mtp_layers)
+        if layout == "glm4_moe_lite":
+            hf["mlp_layer_types"] = c.mlp_layer_types
+    hf["rope_parameters"] = rope
+    for old in ("rope_theta", "rope_scaling", "partial_rotary_factor"):
+        hf.pop(old, None)
+    return hf
 
 
 class HFGlmConverter(Converter):
@@ -183,6 +359,8 @@ def converter_for(config: GLMConfig, hf_config: dict[str, Any]) -> Converter:
         return OriginalGLMConverter()
     if config.family == "glm130b":
         return Converter(GLM130B_SAT)
+    if config.extra.get("hf_layout") in GLM4X_LAYOUTS:
+        return Glm4xConverter(config)
     if hf_config.get("model_type") == "glm" or config.extra.get("hf_layout") == "glm":
         return HFGlmConverter()
     if config.family == "chatglm":

@@ -69,6 +69,8 @@ class Rotary(nn.Module):
     def inv_freq(self, device=None) -> torch.Tensor:
         # Computed per call (dim/2 values): no buffer to materialise after meta-device construction.
         inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, self.dim, 2, device=device).float() / self.dim))
+        if self.config.rope_scaling is not None:  # the newer generations' YaRN (see yarn_inv_freq)
+            inv_freq = yarn_inv_freq(self.config, self.dim, device)[0]
         if self.config.rope_fp16 != "none":
             inv_freq = inv_freq.half().float()
         return inv_freq
@@ -83,9 +85,12 @@ class Rotary(nn.Module):
         else:  # the original's arange(seq_len, dtype) x inv_freq, each product rounded to that dtype
             t = positions.to(table_dtype).float()
             angles = (t[..., None] * inv_freq.to(table_dtype).float()).to(table_dtype).float()
-        if self.config.rope in ("2d", "1d"):
+        if self.config.rope in ("2d", "1d", "half_split"):
             angles = torch.cat((angles, angles), dim=-1)  # (B, T, dim)
         cos, sin = angles.cos(), angles.sin()
+        if self.config.rope_scaling is not None:  # YaRN scales cos and sin by its attention factor
+            factor = yarn_inv_freq(self.config, self.dim, positions.device)[1]
+            cos, sin = cos * factor, sin * factor
         if table_dtype is not None:
             cos, sin = cos.to(table_dtype).float(), sin.to(table_dtype).float()
         return cos, sin
@@ -171,6 +176,8 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads = config.num_heads, config.num_kv_heads
         self.qkv = nn.Linear(config.hidden_size, config.qkv_out_features, bias=config.qkv_bias)
         self.proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=config.proj_bias)
+        if config.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(config.head_dim, config.norm_eps), RMSNorm(config.head_dim, config.norm_eps)
         self.kv_cache: LayerCache | None = None
 
     def forward(self, x, cos_sin, mask, input_pos=None, prefix_kv=None, uniform_rows=None):
@@ -192,7 +199,14 @@ class Attention(nn.Module):
         elif c.rope == "1d":
             cos, sin = cos_sin  # (B, T, D)
             q, k = apply_rotary_half_split(q, cos, sin), apply_rotary_half_split(k, cos, sin)
+        elif c.rope == "half_split":
+            if c.qk_norm:  # GLM-4.5 `use_qk_norm`: per-head RMSNorm before the rotary
+                q, k = self.q_norm(q), self.k_norm(k)
+            cos, sin = cos_sin
+            q, k = apply_rotary_partial_half_split(q, cos, sin), apply_rotary_partial_half_split(k, cos, sin)
         else:
+            if c.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
             cos, sin = cos_sin
             q, k = apply_rotary_interleaved(q, cos, sin), apply_rotary_interleaved(k, cos, sin)
 
@@ -245,12 +259,13 @@ class MLP(nn.Module):
     original GLM's hub code). swiglu: silu(first half) * second half. geglu (GLM-130B): first half * erf-GELU(second
     half)."""
 
-    def __init__(self, config: GLMConfig) -> None:
+    def __init__(self, config: GLMConfig, ffn_hidden_size: int | None = None) -> None:
         super().__init__()
         self.kind = config.mlp
-        fc_out = config.ffn_hidden_size * (2 if config.mlp in ("swiglu", "geglu") else 1)
+        ffn = ffn_hidden_size or config.ffn_hidden_size  # MoE experts are narrower MLPs
+        fc_out = ffn * (2 if config.mlp in ("swiglu", "geglu") else 1)
         self.fc = nn.Linear(config.hidden_size, fc_out, bias=config.mlp_bias)
-        self.proj = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.mlp_bias)
+        self.proj = nn.Linear(ffn, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
@@ -273,9 +288,11 @@ class Block(nn.Module):
         self.residual = config.residual
         self.alpha = config.deepnorm_alpha
         self.ln_1 = make_norm(config)
-        self.attn = Attention(config, layer_idx)
+        self.attn = MLAttention(config, layer_idx) if config.kv_lora_rank else Attention(config, layer_idx)
         self.ln_2 = make_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config)
+        if config.sandwich_norm:  # GLM-4-0414: post_self_attn_layernorm, post_mlp_layernorm
+            self.ln_attn_out, self.ln_mlp_out = make_norm(config), make_norm(config)
 
     def forward(self, x, cos_sin, mask, input_pos=None, prefix_kv=None, uniform_rows=None):
         if self.residual == "deepnorm":  # ChatGLM-6B / GLM-130B: x = α·LN(x) + f(LN(x))
@@ -283,8 +300,213 @@ class Block(nn.Module):
             h = a * self.alpha + self.attn(a, cos_sin, mask, input_pos, prefix_kv, uniform_rows)
             m = self.ln_2(h)
             return m * self.alpha + self.mlp(m)
+        if hasattr(self, "ln_attn_out"):  # sandwich norms: x = x + norm(f(norm(x)))
+            x = x + self.ln_attn_out(self.attn(self.ln_1(x), cos_sin, mask, input_pos, prefix_kv, uniform_rows))
+            return x + self.ln_mlp_out(self.mlp(self.ln_2(x)))
         x = x + self.attn(self.ln_1(x), cos_sin, mask, input_pos, prefix_kv, uniform_rows)
         return x + self.mlp(self.ln_2(x))
+
+
+# ---------------------------------------------------------------- newer generations: YaRN, MoE, latent attention
+# GLM-4-0414 (glm4), GLM-4.5/4.6/4.7 (glm4_moe) and GLM-4.7-Flash (glm4_moe_lite), as transformers 5.x computes them
+# (models/glm4*/modeling_*.py, modeling_rope_utils.py).
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_inv_freq(config: GLMConfig, dim: int, device=None) -> tuple[torch.Tensor, float]:
+    """YaRN's inv_freq over `dim` rotary dims and its cos/sin attention factor (transformers'
+    _compute_yarn_parameters): low frequencies interpolated by `factor`, high ones kept, a linear ramp between."""
+    p = config.rope_scaling
+    base, factor = config.rope_base, float(p["factor"])
+    original = p["original_max_position_embeddings"]
+    attention_factor = p.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all = p.get("mscale"), p.get("mscale_all_dim")
+        attention_factor = (yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all)
+                            if mscale and mscale_all else yarn_get_mscale(factor))
+    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    pos_freqs = base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float) / dim)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+def apply_rotary_partial_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """GLM-4.5's rotary: x (B, T, H, D); cos/sin (B, T, r). The first r dims rotate in the GPT-NeoX half-split
+    layout (x[i] with x[i + r/2]), the rest pass."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return apply_rotary_half_split(x, cos, sin)
+    return torch.cat((apply_rotary_half_split(x[..., :r], cos, sin), x[..., r:]), dim=-1)
+
+
+class Router(nn.Module):
+    """GLM-4.5's top-k router: sigmoid scores in fp32; experts chosen on scores + e_score_correction_bias within
+    the topk_group best groups (a group scores the sum of its two best), weighted by the unbiased scores,
+    renormalised if norm_topk_prob, times routed_scaling_factor. Its weight and bias stay fp32 whatever the model's
+    dtype, as transformers keeps them (_keep_in_fp32_modules_strict)."""
+
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(config.num_experts, dtype=torch.float32))
+
+    def load_weight_tensor(self, attr: str, tensor: torch.Tensor) -> None:
+        """The checkpoint loader's hook: keep the router in fp32."""
+        current = getattr(self, attr, None)
+        if attr not in ("weight", "bias"):
+            raise KeyError(attr)
+        if tuple(current.shape) != tuple(tensor.shape):
+            raise ValueError(f"router {attr}: checkpoint has shape {tuple(tensor.shape)}, the config implies "
+                             f"{tuple(current.shape)}")
+        if not current.is_meta:
+            raise ValueError(f"router {attr} appears twice in the checkpoint")
+        value = tensor.to(torch.float32).contiguous()
+        if attr == "weight":
+            self.weight = nn.Parameter(value, requires_grad=current.requires_grad)
+        else:
+            self.register_buffer("bias", value)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, hidden) -> weights (N, k) fp32, expert ids (N, k)."""
+        c = self.config
+        E, G = c.num_experts, c.n_group
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # (N, E)
+        choice = scores + self.bias
+        # the same ops as transformers' Glm4MoeTopkRouter, so ties resolve to the same experts
+        group_scores = choice.view(-1, G, E // G).topk(2, dim=-1)[0].sum(dim=-1)  # (N, G)
+        group_idx = torch.topk(group_scores, k=c.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, G, E // G).reshape(-1, E)
+        choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+        idx = torch.topk(choice, k=c.num_experts_per_tok, dim=-1, sorted=False)[1]  # (N, k)
+        weights = scores.gather(1, idx)
+        if c.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * c.routed_scaling_factor, idx
+
+
+class MoE(nn.Module):
+    """Routed experts (SwiGLU MLPs of moe_ffn_hidden_size) plus the always-on shared expert. Each token runs only
+    its k experts: a decode step reads k experts' weights per layer, not all of them."""
+
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        self.router = Router(config)
+        self.experts = nn.ModuleList(MLP(config, config.moe_ffn_hidden_size) for _ in range(config.num_experts))
+        self.shared = (MLP(config, config.moe_ffn_hidden_size * config.n_shared_experts)
+                       if config.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (N, hidden)
+        weights, idx = self.router(flat)  # (N, k)
+        out = torch.zeros_like(flat)
+        if flat.shape[0] == 1:  # decoding one token: its k experts, no grouping
+            for slot, e in enumerate(idx[0].tolist()):
+                out += (self.experts[e](flat) * weights[:, slot, None]).to(out.dtype)
+        else:
+            for e in torch.unique(idx).tolist():  # each hit expert once, over the tokens routed to it
+                tokens, slot = (idx == e).nonzero(as_tuple=True)
+                y = self.experts[e](flat[tokens]) * weights[tokens, slot, None]
+                out.index_add_(0, tokens, y.to(out.dtype))
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        return out.view(shape)
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (GLM-4.7-Flash, DeepSeek-V2's design): q = q_b(norm(q_a(x))) (or q(x)) per head
+    [nope | rope]; one latent c = norm(kv_a(x)[:kv_lora_rank]) and one rotary key k_rot = kv_a(x)[kv_lora_rank:]
+    shared by all heads; kv_b(c) gives each head's k_nope and v.
+
+    Computed in the absorbed form: q_nope·(W_uk c) = (W_ukᵀ q_nope)·c, so every head attends over the latent rows
+    [c | k_rot] (one KV head, head_dim = kv_lora_rank + qk_rope_head_dim) and its output W_uv (Σ p·c) is expanded
+    after attention. The same scores and outputs as expanding k and v first, in another summation order; the KV
+    cache holds the latent rows, not per-head keys and values (its v slot holds the same rows as k)."""
+
+    def __init__(self, config: GLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        c = config
+        self.config, self.layer_idx = config, layer_idx
+        self.n_heads, self.n_kv_heads = c.num_heads, 1
+        qk = c.qk_nope_head_dim + c.qk_rope_head_dim
+        if c.q_lora_rank:
+            self.q_a = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.qkv_bias)
+            self.q_a_norm = RMSNorm(c.q_lora_rank, MLA_NORM_EPS)
+            self.q_b = nn.Linear(c.q_lora_rank, c.num_heads * qk, bias=False)
+        else:
+            self.q = nn.Linear(c.hidden_size, c.num_heads * qk, bias=False)
+        self.kv_a = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=c.qkv_bias)
+        self.kv_a_norm = RMSNorm(c.kv_lora_rank, MLA_NORM_EPS)
+        self.kv_b = nn.Linear(c.kv_lora_rank, c.num_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
+        self.proj = nn.Linear(c.num_heads * c.v_head_dim, c.hidden_size, bias=c.proj_bias)
+        scale = qk ** -0.5
+        if c.rope_scaling is not None and c.rope_scaling.get("mscale_all_dim"):  # yarn_apply_mscale
+            m = yarn_get_mscale(float(c.rope_scaling["factor"]), c.rope_scaling["mscale_all_dim"])
+            scale = scale * m * m
+        self.scale = scale
+        self.kv_cache: LayerCache | None = None
+
+    def forward(self, x, cos_sin, mask, input_pos=None, prefix_kv=None, uniform_rows=None):
+        c = self.config
+        if prefix_kv is not None:
+            raise ValueError("P-tuning v2 prefixes are per-head keys/values; multi-head latent attention has none")
+        B, T, _ = x.shape
+        H, nope, rope, R = self.n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank
+        q = self.q_b(self.q_a_norm(self.q_a(x))) if c.q_lora_rank else self.q(x)
+        q_nope, q_rot = q.view(B, T, H, nope + rope).split([nope, rope], dim=-1)
+        latent, k_rot = self.kv_a(x).split([R, rope], dim=-1)
+        latent = self.kv_a_norm(latent)  # (B, T, R)
+        cos, sin = cos_sin
+        rotate = apply_rotary_interleaved if c.rope == "half_interleaved" else apply_rotary_partial_half_split
+        q_rot, k_rot = rotate(q_rot, cos, sin), rotate(k_rot.view(B, T, 1, rope), cos, sin)
+        if type(self.kv_b) is not nn.Linear:  # a wrapper (LoRA, quantized) would be bypassed by reading .weight
+            raise TypeError(f"latent attention reads kv_b's weight directly; kv_b is a {type(self.kv_b).__name__}")
+        w = self.kv_b.weight.view(H, nope + c.v_head_dim, R)
+        q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w[:, :nope])  # (B, H, T, R)
+        q = torch.cat((q_lat, q_rot.transpose(1, 2).to(q_lat.dtype)), dim=-1)  # (B, H, T, R + rope)
+        k = torch.cat((latent, k_rot.view(B, T, rope)), dim=-1)[:, None]  # (B, 1, T, R + rope)
+        if self.kv_cache is not None and input_pos is None:
+            raise ValueError("a KV cache is set up: pass input_pos (the cache slots of these tokens)")
+        if hasattr(self.kv_cache, "attend"):  # the paged cache: attention per group of rows of similar length
+            def attend_rows(rows, q_rows, k_rows, _v_rows):
+                m = mask if mask is None or rows is None or mask.shape[0] == 1 else mask[rows]
+                return self._attention(q_rows, k_rows, None if m is None else m[..., : k_rows.shape[2]])
+
+            y = self.kv_cache.attend(input_pos, q, k, k, attend_rows)
+        else:
+            if self.kv_cache is not None:
+                k, _ = self.kv_cache.update(input_pos, k, k)  # (B, 1, S, R + rope)
+            y = self._attention(q, k, mask)
+        y = torch.einsum("bhtr,hvr->bthv", y[..., :R], w[:, nope:])  # (B, T, H, v_head_dim)
+        return self.proj(y.reshape(B, T, H * c.v_head_dim))
+
+    def _attention(self, q, k, mask):
+        """q (B, H, T, R + rope) over latent rows k (B, 1, S, R + rope); values are the rows themselves."""
+        dtype = q.dtype
+        if q.device.type == "cpu" and dtype != torch.float32 and q.shape[2] <= DECODE_ROWS:
+            q, k = q.float(), k.float()  # as Attention._attention: CPU decode attends in fp32
+        k = k.to(q.dtype)
+        y = F.scaled_dot_product_attention(q, k, k, attn_mask=mask, scale=self.scale, enable_gqa=q.shape[1] > 1)
+        return y.to(dtype)
+
+
+MLA_NORM_EPS = 1e-6  # transformers' Glm4MoeLiteRMSNorm default, which q_a_layernorm and kv_a_layernorm use
 
 
 # ------------------------------------------------------------------------------------------------------------ model
@@ -535,7 +757,7 @@ class GLM(nn.Module):
             if p.dim() >= 2:
                 s = out_std if name.endswith(("attn.proj.weight", "mlp.proj.weight")) else std
                 p.copy_(torch.randn(p.shape, generator=generator) * s)
-            elif "ln" in name and name.endswith("weight"):
+            elif ("ln" in name or name.endswith("norm.weight")) and name.endswith("weight"):
                 p.fill_(1.0)
             else:
                 p.zero_()

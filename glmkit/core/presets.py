@@ -70,3 +70,36 @@ PRESETS: dict[str, dict] = {
         pad_token_id=151329, mask_token_id=None, gmask_token_id=None, family="glm4", torch_dtype="bfloat16",
     ),
 }
+
+
+# The newer generations, as their published config.json files give them (read by GLMConfig.from_hf_config, so a
+# preset is exactly what loading the checkpoint's config gives). Sources: zai-org/GLM-4.5 and GLM-4.5-Air
+# config.json (NVIDIA-NeMo/Megatron-Bridge docs/models/llm/glm45.md and THUDM/slime's glm4.5 model scripts give
+# the same shapes), zai-org/GLM-4.7-Flash config.json.
+_GLM45_COMMON = dict(
+    model_type="glm4_moe", architectures=["Glm4MoeForCausalLM"], vocab_size=151552, head_dim=128,
+    num_key_value_heads=8, num_attention_heads=96, partial_rotary_factor=0.5, rope_theta=1000000,
+    max_position_embeddings=131072, rms_norm_eps=1e-5, attention_bias=True, n_shared_experts=1,
+    num_experts_per_tok=8, n_group=1, topk_group=1, norm_topk_prob=True, num_nextn_predict_layers=1,
+    tie_word_embeddings=False, eos_token_id=[151329, 151336, 151338], pad_token_id=151329, torch_dtype="bfloat16",
+)
+HF_PRESETS: dict[str, dict] = {
+    # GLM-4.5 (355B-A32B): 92 layers, the first 3 dense, 160 routed experts, QK-norm
+    "glm-4.5": dict(_GLM45_COMMON, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536,
+                    num_hidden_layers=92, first_k_dense_replace=3, n_routed_experts=160, routed_scaling_factor=2.5,
+                    use_qk_norm=True),
+    # GLM-4.5-Air (106B-A12B): 46 layers, the first dense, 128 routed experts
+    "glm-4.5-air": dict(_GLM45_COMMON, hidden_size=4096, intermediate_size=10944, moe_intermediate_size=1408,
+                        num_hidden_layers=46, first_k_dense_replace=1, n_routed_experts=128,
+                        routed_scaling_factor=1.0, use_qk_norm=False),
+    # GLM-4.7-Flash (30B-A3B): latent attention, 47 layers, the first dense, 64 routed experts
+    "glm-4.7-flash": dict(
+        model_type="glm4_moe_lite", architectures=["Glm4MoeLiteForCausalLM"], vocab_size=154880, hidden_size=2048,
+        intermediate_size=10240, moe_intermediate_size=1536, num_hidden_layers=47, num_attention_heads=20,
+        num_key_value_heads=20, q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=192, qk_rope_head_dim=64,
+        v_head_dim=256, n_routed_experts=64, n_shared_experts=1, num_experts_per_tok=4, first_k_dense_replace=1,
+        routed_scaling_factor=1.8, n_group=1, topk_group=1, norm_topk_prob=True, partial_rotary_factor=1.0,
+        rope_theta=1000000, max_position_embeddings=202752, rms_norm_eps=1e-5, attention_bias=False,
+        num_nextn_predict_layers=1, tie_word_embeddings=False, eos_token_id=[154820, 154827, 154829],
+        pad_token_id=154820, dtype="bfloat16"),
+}

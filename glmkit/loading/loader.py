@@ -8,6 +8,7 @@ at a time, so peak memory stays near the final model size (below it when quantiz
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -31,8 +32,14 @@ from glmkit.core.checkpoint import (
     stream_into,
     weight_files,
 )
-from glmkit.core.config import CHATGLM_V1_ALPHA_LAYERS, ConfigError, GLMConfig
-from glmkit.core.convert import converter_for, to_hf_config, to_thudm_state_dict
+from glmkit.core.config import CHATGLM_V1_ALPHA_LAYERS, GLM4X_LAYOUTS, ConfigError, GLMConfig
+from glmkit.core.convert import (
+    converter_for,
+    to_hf_config,
+    to_hf_glm4x_config,
+    to_hf_glm4x_state_dict,
+    to_thudm_state_dict,
+)
 from glmkit.core.hub import resolve_model_dir
 from glmkit.core.sat import is_sat_checkpoint, iter_sat_tensors, read_sat_config, sat_quantization
 from glmkit.quant.quantize import (
@@ -114,6 +121,10 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None
               and saved_layout_is_native(quant_spec) and bool(hf.get(QUANT_KEY) or _glmkit_metadata(files)))
     tensors = iter_sat_tensors(folder) if sat else iter_tensors(files, defer, mapped=mapped)
     stream_into(model, converter, tensors, target_dtype, source=folder)
+    if getattr(converter, "skipped_mtp", None):  # GLM-4.5's multi-token-prediction layers: read, not used
+        config.extra["mtp_tensors_skipped"] = len(converter.skipped_mtp)
+        logging.getLogger("glmkit").info("%s: skipped %d tensors of %d multi-token-prediction layer(s) (not used "
+                                         "for decoding)", folder, len(converter.skipped_mtp), config.num_mtp_layers)
     if config.rope in ("2d", "1d"):  # ChatGLM-6B's and SAT's fp16 inv_freq buffer, as the model's dtype makes it
         config.rope_fp16 = chatglm_rope_mode(target_dtype)
     tie_quantized_head(model)
@@ -213,9 +224,13 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, dty
         if config.tie_word_embeddings and name == "lm_head.weight":
             continue
         t = t.detach().cpu()
-        sd[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
-    sd = to_thudm_state_dict(sd, config)
-    if config.family == "chatglm" and config.alpha_num_layers != CHATGLM_V1_ALPHA_LAYERS:
+        keep_fp32 = ".mlp.router." in name  # GLM-4.5's router stays fp32, as on the hub
+        sd[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() and not keep_fp32 else t).contiguous()
+    glm4x = config.extra.get("hf_layout") in GLM4X_LAYOUTS  # transformers' layout: there is no THUDM one
+    sd = to_hf_glm4x_state_dict(sd, config) if glm4x else to_thudm_state_dict(sd, config)
+    if glm4x:
+        hf = to_hf_glm4x_config(config)
+    elif config.family == "chatglm" and config.alpha_num_layers != CHATGLM_V1_ALPHA_LAYERS:
         # ChatGLM-6B's code fixes α at √56 (GLMBlock's num_layers=28 default), so its config.json cannot state another α: such a
         # model is written with glmkit's own config (model_type "glmkit"), which only glmkit loads.
         hf = {"model_type": "glmkit", **config.to_dict()}

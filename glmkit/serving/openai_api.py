@@ -9,7 +9,10 @@ Routes
                              and role "tool" results (glmkit.serving.protocol). A tool call comes back as
                              message.tool_calls with finish_reason "tool_calls"; streamed, as tool_calls deltas
                              (name first, then the arguments) once the call is complete; a plain answer streams as
-                             text as soon as its first line shows it is not a call.
+                             text as soon as its first line shows it is not a call. Reasoning models (GLM-4.5
+                             /4.6/4.7, GLM-Z1): message.reasoning_content and XML calls as tool_calls, streamed as
+                             reasoning_content / content / tool_calls deltas (glmkit.core.reasoning.AnswerStream);
+                             chat_template_kwargs (e.g. {"enable_thinking": false}) reach the template.
   GET  /v1/models            the one model served (GET /v1/models/{id} too).
   POST /                     ChatGLM-6B's api.py: {prompt, history, max_length, top_p, temperature} ->
                              {response, history, status: 200, time: "YYYY-MM-DD HH:MM:SS"}; missing or null fields
@@ -50,6 +53,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glmkit.core.chat import TextDelta
+from glmkit.core.reasoning import AnswerStream
+from glmkit.core.tools import tool_names
 from glmkit.serving.jobs import MAX_BATCH_SIZE, MAX_QUEUE, generation_failed
 from glmkit.serving.metrics import CONTENT_TYPE, RETRY_AFTER_S
 from glmkit.serving.service import ChatService, Update
@@ -261,11 +266,12 @@ def choice_params(params: SamplingParams, index: int) -> SamplingParams:
 
 
 def _message(req: ChatRequest, answer) -> dict:
+    reasoning = {} if answer.reasoning is None else {"reasoning_content": answer.reasoning}
     if not answer.tool_calls:
-        return {"role": "assistant", "content": answer.content}
+        return {"role": "assistant", "content": answer.content, **reasoning}
     if req.legacy_functions:
-        return {"role": "assistant", "content": None, "function_call": answer.tool_calls[0]["function"]}
-    return {"role": "assistant", "content": None, "tool_calls": answer.tool_calls}
+        return {"role": "assistant", "content": None, "function_call": answer.tool_calls[0]["function"], **reasoning}
+    return {"role": "assistant", "content": answer.content, "tool_calls": answer.tool_calls, **reasoning}
 
 
 def _finish_reason(req: ChatRequest, answer, reason: str) -> str:
@@ -275,7 +281,7 @@ def _finish_reason(req: ChatRequest, answer, reason: str) -> str:
 
 
 def choice_body(service: ChatService, req: ChatRequest, index: int, update: Update) -> dict:
-    answer = service.format.answer(update.tokens, update.text, req.tools, req.forced)
+    answer = service.format.answer(update.tokens, update.text, req.tools, req.forced, req.thinking_open)
     return {"index": index, "message": _message(req, answer),
             "logprobs": {"content": update.logprobs} if req.params.logprobs is not None else None,
             "finish_reason": _finish_reason(req, answer, update.reason or "stop")}
@@ -288,6 +294,26 @@ class _ChoiceStream:
     delta: TextDelta = dataclasses.field(default_factory=TextDelta)
     mode: str | None = None  # "text": streaming text; "hold": a possible tool call, kept until the answer ends
     logprobs_sent: int = 0
+    answer: AnswerStream | None = None  # reasoning models: reasoning, text and XML calls as they complete
+    calls_sent: int = 0
+
+
+def _reasoning_deltas(req: ChatRequest, state: _ChoiceStream, update: Update, style: str) -> list[dict]:
+    """The deltas one update adds to a reasoning model's streamed choice: reasoning_content, content, then each
+    tool call once its </tool_call> arrived (name and arguments, as vLLM's glm45 tool parser sends them)."""
+    if state.answer is None:
+        state.answer = AnswerStream(req.tools, req.thinking_open, calls=style == "xml" and bool(req.tools))
+    reasoning, content, calls = state.answer.feed(update.text, final=update.reason is not None)
+    deltas = ([{"reasoning_content": reasoning}] if reasoning else []) + ([{"content": content}] if content else [])
+    offered = tool_names(req.tools) if req.tools else []
+    for call in calls:
+        if call["function"]["name"] not in offered:
+            continue
+        k, state.calls_sent = state.calls_sent, state.calls_sent + 1
+        deltas.append({"tool_calls": [{"index": k, "id": call["id"], "type": "function",
+                                       "function": {"name": call["function"]["name"], "arguments": ""}}]})
+        deltas.append({"tool_calls": [{"index": k, "function": {"arguments": call["function"]["arguments"]}}]})
+    return deltas
 
 
 async def _sse(service: ChatService, req: ChatRequest, completion_id: str, created: int) -> AsyncIterator[str]:
@@ -324,6 +350,17 @@ async def _sse(service: ChatService, req: ChatRequest, completion_id: str, creat
             new_logprobs = None
             if req.params.logprobs is not None:
                 new_logprobs = update.logprobs[state.logprobs_sent:]
+            if service.format.style is not None:
+                for delta in _reasoning_deltas(req, state, update, service.format.style):
+                    state.logprobs_sent = len(update.logprobs)
+                    yield chunk(i, delta, logprobs=new_logprobs)
+                    new_logprobs = [] if new_logprobs is not None else None
+                if update.reason is not None:
+                    finished += 1
+                    total_tokens += update.n_tokens
+                    reason = "tool_calls" if state.calls_sent and update.reason != "length" else update.reason
+                    yield chunk(i, {}, reason, logprobs=new_logprobs)
+                continue
             if state.mode is None:
                 line = service.format.tool_line(update.tokens) if req.tools else ""
                 state.mode = None if line is None else ("text" if line == "" else "hold")
@@ -336,7 +373,7 @@ async def _sse(service: ChatService, req: ChatRequest, completion_id: str, creat
                 continue
             finished += 1
             total_tokens += update.n_tokens
-            answer = service.format.answer(update.tokens, update.text, req.tools, req.forced)
+            answer = service.format.answer(update.tokens, update.text, req.tools, req.forced, req.thinking_open)
             if answer.tool_calls:
                 for k, call in enumerate(answer.tool_calls):
                     fn = call["function"]

@@ -12,6 +12,12 @@ the answer is parsed with glmkit.core.tools.parse_tool_calls. With "auto" a call
 answered as text (as THUDM's servers do); with "required" or a named function the answer is forced to begin with a
 tool's name line (glmkit.core.tools.ForcedCall) and the call is returned even when its arguments are not valid JSON
 (they come back as the model wrote them: validate them, as OpenAI advises).
+
+Reasoning models (GLM-4.5/4.6/4.7 templates with XML calls, GLM-Z1 templates with `<think>`): the answer's
+reasoning comes back as `reasoning_content` and GLM-4.5's `<tool_call>` blocks as `tool_calls`, parsed by
+glmkit.core.reasoning as vLLM's glm45 reasoning and tool parsers do; `chat_template_kwargs` (e.g.
+{"enable_thinking": false}, as vLLM takes it) reaches the template. Forcing a call ("required", a named function)
+is not offered for XML calls (the forced name line is GLM-4's call format).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SkipValidati
 
 from glmkit.core import chat
 from glmkit.core.chat import DEFAULTS, HF_DEFAULT_TOP_K, build_chat_input, family_of, fit_history
+from glmkit.core.chat_template import answer_style, prompt_opens_thinking
+from glmkit.core.reasoning import parse_answer, split_reasoning
 from glmkit.core.tools import TOOL_FAMILIES, ToolError, parse_tool_calls, select_tools, tool_names, validate_tools
 
 MAX_STOP_SEQUENCES = 4
@@ -98,6 +106,7 @@ class Answer:
 
     content: str | None
     tool_calls: list[dict] = field(default_factory=list)
+    reasoning: str | None = None  # reasoning models: the <think> part (None: the answer had none)
 
 
 class ChatFormat:
@@ -108,6 +117,7 @@ class ChatFormat:
         self.tokenizer, self.context = tokenizer, context
         self.family = family_of(tokenizer)
         self.defaults = DEFAULTS[self.family]  # the family's chat temperature / top_p
+        self.style = answer_style(tokenizer)  # "xml" (GLM-4.5), "think" (GLM-Z1) or None
 
     @property
     def has_tools(self) -> bool:
@@ -123,10 +133,11 @@ class ChatFormat:
             raise APIError(400, str(err), code="invalid_prompt") from None
         return self._fits([int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)])
 
-    def messages_ids(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
+    def messages_ids(self, messages: list[dict], tools: list[dict] | None,
+                     template_kwargs: dict[str, Any] | None = None) -> list[int]:
         """ChatGLM3 / GLM-4: the prompt of OpenAI-shaped messages (and tools), through apply_chat_template."""
         try:
-            ids = self.tokenizer.apply_chat_template(messages, tools=tools or None)
+            ids = self.tokenizer.apply_chat_template(messages, tools=tools or None, **(template_kwargs or {}))
         except ToolError as err:
             raise APIError(400, str(err), param="messages", code="invalid_value") from None
         except ValueError as err:
@@ -148,9 +159,22 @@ class ChatFormat:
         text = self.tokenizer.decode(token_ids)
         return text.partition("\n")[0].strip() if "\n" in text else None
 
-    def answer(self, token_ids: list[int], text: str, tools: list[dict] | None, forced: bool) -> Answer:
+    def thinking_open(self, ids: list[int]) -> bool:
+        """The prompt ends inside `<think>` (GLM-Z1, GLM-4.7): the answer starts with reasoning."""
+        return self.style is not None and prompt_opens_thinking(self.tokenizer.decode(ids[-4:]))
+
+    def answer(self, token_ids: list[int], text: str, tools: list[dict] | None, forced: bool,
+               thinking_open: bool = False) -> Answer:
         """A finished choice: tool calls when `tools` were offered and the answer calls them (see the module
         docstring for "auto" vs forced), else `text` (the post-processed, stop-cut answer)."""
+        if self.style == "xml":  # `text` is the answer as written (see text())
+            parsed = parse_answer(text, tools, thinking_open, calls=bool(tools))
+            offered = tool_names(tools) if tools else []
+            calls = [c for c in parsed.tool_calls if c["function"]["name"] in offered]
+            return Answer(parsed.content or (None if calls else ""), calls, parsed.reasoning)
+        if self.style == "think":
+            reasoning, rest = split_reasoning(text, thinking_open)
+            return Answer(rest.strip(), [], reasoning)
         if not tools or not self.has_tools:
             return Answer(text)
         raw = self.tokenizer.decode(token_ids)
@@ -177,6 +201,8 @@ class ChatFormat:
         does it. ChatGLM3/GLM-4 answers start with a metadata line, empty for a plain answer; a non-empty one
         (a tool call) is returned as the model wrote it."""
         text = self.tokenizer.decode(token_ids)
+        if self.style is not None:  # reasoning and calls are parsed from the text as written (answer())
+            return text
         if self.family == "chatglm":
             return chat.process_chatglm_response(text)
         if self.family == "chatglm2":
@@ -365,6 +391,8 @@ class ChatCompletionRequest(BaseModel):
     function_call: SkipValidation[Literal["none", "auto"] | dict[str, Any] | None] = Field(
         None, description="legacy: use tool_choice")
     messages: Annotated[list[ChatMessage] | None, BeforeValidator(_messages)] = Field(None, validate_default=True)
+    # reaches the chat template (GLM-4 and later), e.g. {"enable_thinking": false} as vLLM takes it
+    chat_template_kwargs: SkipValidation[dict[str, Any] | None] = None
     max_completion_tokens: Annotated[int | None, Field(ge=1), BeforeValidator(_max_tokens)] = None
     max_tokens: Annotated[int | None, Field(ge=1), BeforeValidator(_max_tokens)] = Field(
         None, description="default: the rest of the context")
@@ -551,6 +579,7 @@ class ChatRequest:
     n: int = 1
     tools: list[dict] | None = None  # what the answer may call (None: answer with text only)
     legacy_functions: bool = False  # the request used `functions`: answer with `function_call`
+    thinking_open: bool = False  # the prompt ends inside <think> (the answer starts with reasoning)
 
     @property
     def forced(self) -> bool:
@@ -564,9 +593,17 @@ def parse_chat_request(body: Any, fmt: ChatFormat) -> ChatRequest:
         raise APIError(400, "the request body must be a JSON object", code="invalid_type")
     req = ChatCompletionRequest.model_validate(body, context={"format": fmt})
     prompt_tools, callable_tools, forced, legacy = _tools_of(req, fmt)
+    if forced and fmt.style == "xml":
+        raise APIError(400, "this model writes XML tool calls: tool_choice 'auto' or 'none' only (a forced call is "
+                            "not supported for it)", param="tool_choice", code="invalid_value")
+    template_kwargs = req.chat_template_kwargs
+    if template_kwargs is not None and (not isinstance(template_kwargs, dict) or not fmt.has_tools or
+                                        fmt.family != "glm4"):
+        raise APIError(400, "'chat_template_kwargs' must be an object, for a model with a jinja chat template "
+                            "(GLM-4 and later)", param="chat_template_kwargs", code="invalid_value")
     messages = [m.model_dump(exclude_unset=True) for m in req.messages]
     if fmt.has_tools:
-        ids = fmt.messages_ids(check_tool_messages(messages), prompt_tools)
+        ids = fmt.messages_ids(check_tool_messages(messages), prompt_tools, template_kwargs)
     else:
         system, history, query = parse_messages(messages)
         ids = fmt.prompt_ids(query, history, system)
@@ -585,7 +622,8 @@ def parse_chat_request(body: Any, fmt: ChatFormat) -> ChatRequest:
                       frequency_penalty=req.frequency_penalty or 0.0,
                       logprobs=(req.top_logprobs or 0) if req.logprobs else None, forced_tools=forced)
     include_usage = bool(req.stream_options is not None and req.stream_options.include_usage)
-    return ChatRequest(ids, params, bool(req.stream), include_usage, req.stop, req.n or 1, callable_tools, legacy)
+    return ChatRequest(ids, params, bool(req.stream), include_usage, req.stop, req.n or 1, callable_tools, legacy,
+                       fmt.thinking_open(ids))
 
 
 def usage(prompt: int, completion: int) -> dict:

@@ -10,6 +10,10 @@ With tools (`glmkit chat --tools FILE.py`, glmkit.serving.toolbox; ChatGLM3 and 
 is shown as `[tool call] name({...})`, run, and its result shown as `[tool result] ...` and fed back to the model,
 until it answers in text (at most 5 calls in a row). Through a pipe those lines go to stderr.
 
+Reasoning models (GLM-4.5/4.6/4.7, GLM-Z1): the reasoning streams first, after `[thinking] `, then the answer on a
+new line; through a pipe the reasoning goes to stderr. `thinking=False` (`glmkit chat --no-thinking`) switches
+GLM-4.5's thinking off.
+
 From Python: `TerminalChat(model, tokenizer, "name").run_pipe(sys.stdin)` (or `.run_interactive()`, `.answer(q)`).
 """
 
@@ -32,7 +36,7 @@ class TerminalChat:
                  max_length: int | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, seed: int | None = None, out: TextIO = sys.stdout,
                  tools: Toolbox | None = None, stop: list[str] | None = None, presence_penalty: float | None = None,
-                 frequency_penalty: float | None = None) -> None:
+                 frequency_penalty: float | None = None, thinking: bool | None = None) -> None:
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.history: list = []
         self.out = out
@@ -56,6 +60,9 @@ class TerminalChat:
                 self.gen_kwargs["temperature"] = temperature
         if top_p is not None:
             self.gen_kwargs["top_p"] = top_p
+        if thinking is not None:
+            build_chat_input(tokenizer, "", [], enable_thinking=thinking)  # fails early for a family without it
+            self.gen_kwargs["enable_thinking"] = thinking
         if seed is not None:
             self.gen_kwargs["seed"] = seed
         if stop:
@@ -70,7 +77,7 @@ class TerminalChat:
     def answer(self, query: str) -> bool:
         """Streams one answer to `out` (running tool calls, if any); False when Ctrl-C interrupted it (the partial
         answer stays in history)."""
-        delta = TextDelta()
+        delta, thought = TextDelta(), TextDelta()
         response, history = "", self.history
         kwargs = dict(self.gen_kwargs)
         if self.history:
@@ -80,11 +87,12 @@ class TerminalChat:
             for kind, value, history in events:
                 if kind == "answer":
                     response = value
+                    self._think(thought, history, bool(value))
                     if isinstance(value, str):  # a call (a dict) is shown once it is complete
                         self._write(delta.update(value))
                     continue
                 self._write(delta.finish(response) if isinstance(response, str) else "")
-                delta = TextDelta()
+                delta, thought = TextDelta(), TextDelta()
                 if kind == "call":
                     self._tool_line(f"[tool call] {describe_call(value)}")
                 elif kind == "result":
@@ -105,6 +113,26 @@ class TerminalChat:
         except ValueError as err:  # e.g. a query too long for max_length: say so and keep chatting
             self._write(f"[error: {err}]")
             return True
+
+    def _think(self, thought: TextDelta, history: list, answering: bool) -> None:
+        """Shows the reasoning of the answer being written (history's last message) as it grows; once the reply
+        begins, the reasoning is finished and closed with a newline (thought.sent then ends in "\0")."""
+        last = history[-1] if history else None
+        reasoning = last.get("reasoning_content") if isinstance(last, dict) else None
+        if not reasoning or thought.sent.endswith("\0"):
+            return
+        started = bool(thought.sent)
+        piece = thought.finish(reasoning) if answering else thought.update(reasoning)
+        text = ("" if started or not piece else "[thinking] ") + piece
+        if answering:
+            text += "\n"
+            thought.sent += "\0"
+        if not text:
+            return
+        if self.tool_out is self.out:
+            self._write(text)
+        else:
+            print(text, end="", file=self.tool_out, flush=True)
 
     def _tool_line(self, line: str) -> None:
         if self.tool_out is self.out:

@@ -146,6 +146,10 @@ def load_tokenizer(path_or_id: str | os.PathLike, family: str | None = None) -> 
             return GLM4Tokenizer(model, cfg)
         fam = family or _chatglm2_or_3(folder, cfg)
         return ChatGLM2Tokenizer(model, cfg, family=fam)
+    if (folder / "tokenizer.json").is_file():  # GLM-4-0414, GLM-Z1, GLM-4.5/4.6/4.7: transformers' fast layout
+        if family not in (None, "glm4"):
+            raise ValueError(f"{folder} holds a GLM-4 tokenizer.json, not family {family!r}")
+        return GLM4Tokenizer(folder / "tokenizer.json", cfg)
     raise FileNotFoundError(f"no tokenizer in {folder}: expected ice_text.model (ChatGLM-6B), tokenizer.model "
-                            "(ChatGLM2/3 SentencePiece, GLM-4 tiktoken ranks), cog-pretrain.model or vocab.json + "
+                            "(ChatGLM2/3 SentencePiece, GLM-4 tiktoken ranks), tokenizer.json (GLM-4-0414, GLM-4.5), cog-pretrain.model or vocab.json + "
                             "merges.txt (the original GLM)")

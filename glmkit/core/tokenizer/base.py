@@ -27,7 +27,7 @@ GLM4_SPECIAL_TOKENS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>",
 GLM4_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 TOKENIZER_FILES = ["ice_text.model", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "config.json", "cog-pretrain.model", "vocab.json", "merges.txt", "added_tokens.json"]
+                   "config.json", "cog-pretrain.model", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.json"]
 
 
 class TokenizerError(ValueError):
@@ -248,13 +248,15 @@ class GLMTokenizerBase(abc.ABC):
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], tools: list[Any] | None = None,
                             add_generation_prompt: bool = True, tokenize: bool = True,
-                            return_tensors: str | None = None, return_dict: bool = False) -> Any:
+                            return_tensors: str | None = None, return_dict: bool = False,
+                            **template_kwargs: Any) -> Any:
         """The family's chat prompt for `messages` (role dicts, native or OpenAI-shaped) and `tools`, exactly as the
         original tokenizer builds it: ids, or the prompt text with tokenize=False (glmkit.core.chat_template).
         As in transformers, return_tensors="pt" gives a [1, T] tensor and return_dict=True
-        {"input_ids", "attention_mask"}."""
+        {"input_ids", "attention_mask"}. Other keyword arguments reach a jinja template as variables (as in
+        transformers: `enable_thinking=False` for GLM-4.5)."""
         out = _apply_chat_template(self, messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                                   tokenize=tokenize)
+                                   tokenize=tokenize, template_kwargs=template_kwargs or None)
         if not tokenize:
             return out
         if return_tensors not in (None, "pt"):

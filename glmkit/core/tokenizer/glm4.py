@@ -33,17 +33,24 @@ class GLM4Tokenizer(GLMTokenizerBase):
         super().__init__(vocab_file, config)
         import tiktoken
 
-        self.mergeable_ranks = read_tiktoken_ranks(vocab_file)
+        self.hf_json = Path(vocab_file).name == "tokenizer.json"  # GLM-4-0414 / GLM-4.5 ship only tokenizer.json
+        if self.hf_json:
+            self.vocab_file_name = "tokenizer.json"
+            self.mergeable_ranks, added, self.tokenizer = read_tokenizer_json(vocab_file)
+        else:
+            self.mergeable_ranks, added = read_tiktoken_ranks(vocab_file), {}
         self.decoder = {rank: token for token, rank in self.mergeable_ranks.items()}
         self.n_words = len(self.decoder)
         self.clean_up_tokenization_spaces = bool(self.init_kwargs.get("clean_up_tokenization_spaces", False))
-        self.special_tokens = self._read_special_tokens()
+        self.special_tokens = self._read_special_tokens() if not added or self.init_kwargs.get(
+            "added_tokens_decoder") else added
         self.index_special_tokens = {i: t for t, i in self.special_tokens.items()}
         clash = [i for i in self.index_special_tokens if i in self.decoder]
         if clash:
             raise TokenizerError(f"special token ids {clash[:5]} collide with ranks in {vocab_file}")
-        self.tokenizer = tiktoken.Encoding(name=f"glmkit-glm4-{id(self)}", pat_str=GLM4_PATTERN,
-                                           mergeable_ranks=self.mergeable_ranks, special_tokens={})
+        if not self.hf_json:
+            self.tokenizer = tiktoken.Encoding(name=f"glmkit-glm4-{id(self)}", pat_str=GLM4_PATTERN,
+                                               mergeable_ranks=self.mergeable_ranks, special_tokens={})
         cfg = self.init_kwargs
         self.eos_token = token_str(cfg.get("eos_token"), "<|endoftext|>")
         self.pad_token = token_str(cfg.get("pad_token"), "<|endoftext|>")
@@ -164,6 +171,8 @@ class GLM4Tokenizer(GLMTokenizerBase):
         return self.special_tokens[key]
 
     def _config_to_save(self) -> dict[str, Any]:
+        if self.hf_json:  # transformers' fast-tokenizer layout: its own config, as read
+            return dict(self.init_kwargs)
         cfg = {
             "tokenizer_class": "ChatGLM4Tokenizer",
             "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLM4Tokenizer", None]},
@@ -200,3 +209,53 @@ def write_tiktoken_ranks(ranks: dict[bytes, int], path: str | Path) -> None:
     with open(path, "wb") as f:
         for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
             f.write(base64.b64encode(tok) + b" " + str(rank).encode() + b"\n")
+
+
+class _FastOrdinary:
+    """tokenizers' byte-level BPE behind tiktoken's `encode_ordinary` surface: text without special tokens (GLM4Tokenizer
+    cuts those out first) to ids, exactly as transformers' fast tokenizer encodes it."""
+
+    def __init__(self, path: str | Path) -> None:
+        from tokenizers import Tokenizer
+
+        self.fast = Tokenizer.from_file(str(path))
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self.fast.encode(text, add_special_tokens=False).ids if text else []
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the printable character each byte is spelled as -> the byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def read_tokenizer_json(path: str | Path) -> tuple[dict[bytes, int], dict[str, int], _FastOrdinary]:
+    """A transformers `tokenizer.json` of GLM-4-0414 / GLM-4.5 (byte-level BPE): (token bytes -> id for the BPE
+    vocabulary, added token -> id, the encoder)."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        model = data["model"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TokenizerError(f"{path} is not a tokenizers JSON file ({e})") from None
+    if model.get("type") != "BPE":
+        raise TokenizerError(f"{path} holds a {model.get('type')} model; GLM-4's tokenizer.json is byte-level BPE")
+    added = {t["content"]: int(t["id"]) for t in data.get("added_tokens") or []}
+    table = _byte_decoder()
+    ranks: dict[bytes, int] = {}
+    for token, i in model["vocab"].items():
+        if token in added:
+            continue
+        try:
+            ranks[bytes(table[ch] for ch in token)] = int(i)
+        except KeyError:
+            raise TokenizerError(f"{path}: vocabulary entry {token!r} is not byte-level BPE") from None
+    return ranks, added, _FastOrdinary(path)
