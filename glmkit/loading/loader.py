@@ -115,7 +115,7 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None
     tensors = iter_sat_tensors(folder) if sat else iter_tensors(files, defer, mapped=mapped)
     stream_into(model, converter, tensors, target_dtype, source=folder)
     if config.rope in ("2d", "1d"):  # ChatGLM-6B's and SAT's fp16 inv_freq buffer, as the model's dtype makes it
-        config.rope_fp16 = chatglm_rope_mode(target_dtype)
+        config.rope_fp16 = chatglm_rope_mode(target_dtype, config.rope)
     tie_quantized_head(model)
     finish(model, converter, folder)
 
