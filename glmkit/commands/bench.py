@@ -24,7 +24,8 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--group-size", type=int, default=None, help="INT4 group size (default: glmkit's)")
     parser.add_argument("--model", default="chatglm-6b", help="preset shape (default chatglm-6b)")
     parser.add_argument("--head", default=None, choices=("int8", "int4", "none"),
-                        help="output layer / embedding of the int8 and int4 runs (default int8, as load_model)")
+                        help="output layer / embedding of the int8 and int4 runs (default as load_model: floating "
+                             "point for int8, int8 for int4)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds over all precisions, interleaved; each figure is its best round (on a shared "
                              "machine, 2-3 rounds steady the ratios; default 1)")

@@ -18,8 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog='example: glmkit fill "床前明月[MASK]，疑是地上霜。"')
     p.add_argument("text", help="text with [MASK] / [sMASK] / [gMASK] blanks")
     p.add_argument("--model", default="glm-tiny", help="model folder, bundled name or hub id (default glm-tiny)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="limit per [MASK]/[sMASK] blank (default 64)")
-    p.add_argument("--gmask-max-new-tokens", type=int, default=128, help="limit for a [gMASK] blank (default 128)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="limit per blank, [gMASK] included (default: 64, and 128 for a [gMASK] blank)")
+    p.add_argument("--gmask-max-new-tokens", type=int, default=None,
+                   help="a separate limit for [gMASK] blanks (default: --max-new-tokens)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)

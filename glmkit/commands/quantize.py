@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from glmkit.loading.tools import quantize_checkpoint
-from glmkit.quant.quantize import DEFAULT_GROUP_SIZE, DEFAULT_HEAD, GROUP_SIZES, HEADS, SCHEMES, default_spec
+from glmkit.quant.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, HEADS, SCHEMES, default_head, default_spec
 
 
 def cli_main(argv: list[str]) -> int:
@@ -15,7 +15,8 @@ def cli_main(argv: list[str]) -> int:
         description="Write an INT8/INT4 weight-only quantized copy of a checkpoint (config.json + model.safetensors "
                     "with the scheme in its metadata, plus the tokenizer files). The copy loads with "
                     "glmkit.load_model(DST) without quantizing again (memory-mapped). The output layer and the "
-                    "embedding are INT8 unless --head says otherwise; norms and biases stay in "
+                    "embedding stay in floating point for --bits 8 (as the original's quantize(8)) and are INT8 "
+                    "for --bits 4, unless --head says otherwise; norms and biases stay in "
                     "floating point.")
     parser.add_argument("src", metavar="SRC", help="source checkpoint folder, bundled name or hub id")
     parser.add_argument("dst", metavar="DST", help="output folder")
@@ -27,9 +28,9 @@ def cli_main(argv: list[str]) -> int:
                         help=f"inputs per scale for --scheme group (default {DEFAULT_GROUP_SIZE})")
     parser.add_argument("--symmetric", action="store_true", help="group scheme without zero points")
     parser.add_argument("--head", choices=HEADS, default=None,
-                        help=f"output layer and embedding: int8 (default: little error, half of bf16's bytes), "
+                        help=f"output layer and embedding: int8 (default with --bits 4: little error, half of bf16's bytes), "
                              "int4 (group 32: fastest decode, about 2-4x the INT4 model's logits error on "
-                             "glm-tiny), none (floating point)")
+                             "glm-tiny), none (floating point; default with --bits 8)")
     parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                         help="dtype of the unquantized parts (default: the checkpoint's; with --calibrate, "
                              "bfloat16 for a float16 checkpoint)")
@@ -66,5 +67,5 @@ def cli_main(argv: list[str]) -> int:
     print(f"wrote {out} (INT{spec['bits']} {spec['scheme']}"
           + (f", group size {spec['group_size']}" if spec["group_size"] else "")
           + (", GPTQ-calibrated" if args.calibrate else "")
-          + f", output layer {args.head or DEFAULT_HEAD})")
+          + f", output layer {args.head or default_head(spec['bits'])})")
     return 0

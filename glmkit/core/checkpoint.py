@@ -258,10 +258,17 @@ def assign(model: nn.Module, target: str, tensor: torch.Tensor, dtype: torch.dty
         module.register_buffer(attr, value.contiguous())
 
 
-def chatglm_rope_mode(dtype: torch.dtype) -> str:
-    """ChatGLM-6B's rotary table follows its fp16 inv_freq buffer through .float()/.half()/.bfloat16(): an fp32
-    model uses fp16-rounded inv_freq with an fp32 table; fp16 and bf16 models build the table in their dtype."""
-    return {torch.float32: "inv_freq", torch.float16: "table", torch.bfloat16: "table_bf16"}[dtype]
+def chatglm_rope_mode(dtype: torch.dtype, rope: str = "2d") -> str:
+    """The rotary table of the originals' fp16 inv_freq buffer for a model loaded in `dtype`.
+
+    ChatGLM-6B ("2d") as published is fp16 and builds its table in fp16; its CPU path is `.float()`, which keeps
+    fp16-rounded inv_freq with an fp32 table. glmkit's bf16 load is its own speed choice, not the original's
+    `.bfloat16()`: a bf16 table would round the positions themselves (8 mantissa bits: steps of 2 from 256 on), so
+    bf16 uses the published fp16 table. GLM-130B ("1d") was trained and is deployed only in fp16: its fp16 table in
+    every dtype."""
+    if rope == "2d" and dtype == torch.float32:
+        return "inv_freq"
+    return "table"
 
 
 def finish(model, converter, folder) -> None:

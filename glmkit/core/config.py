@@ -73,8 +73,9 @@ class GLMConfig:
     rope_scaling: dict[str, Any] | None = None
     # ChatGLM-6B (and GLM-130B's SAT RotaryEmbedding) rounds inv_freq to fp16 and builds its cos/sin table in the
     # dtype that buffer has: fp16 as published ("table"), fp32 after .float() ("inv_freq": only inv_freq rounded),
-    # bf16 after .bfloat16() ("table_bf16": positions, angles and table in bf16). The loader picks the one matching
-    # the load dtype.
+    # bf16 after .bfloat16() ("table_bf16": positions, angles and table in bf16). The loader picks "inv_freq" for
+    # an fp32 ChatGLM-6B and the published "table" otherwise (bf16 and GLM-130B in every dtype included, see
+    # checkpoint.chatglm_rope_mode); "table_bf16" is only ever set by hand.
     rope_fp16: Literal["none", "inv_freq", "table", "table_bf16"] = "none"
     # "learned_2d": the original GLM (<= 10B): learned absolute + learned block-position tables (`max_seq_len + 1`
     # rows each, as THUDM's block_position_encoding builds them) added to the word embeddings; positions [B, 2, T].

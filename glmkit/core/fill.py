@@ -70,14 +70,31 @@ def _encode_piece(tokenizer, text: str, first: bool) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def fill(model, tokenizer, text: str, *, max_new_tokens: int = 64, gmask_max_new_tokens: int = 128,
+DEFAULT_MAX_NEW_TOKENS, DEFAULT_GMASK_MAX_NEW_TOKENS = 64, 128
+
+
+def _limits(max_new_tokens: int | None, gmask_max_new_tokens: int | None) -> tuple[int, int]:
+    """(limit per [MASK]/[sMASK] blank, limit per [gMASK] blank). An explicit max_new_tokens caps every blank, as the
+    original's generate(max_length=len(prompt) + N) does; gmask_max_new_tokens, when given, overrides it for [gMASK]."""
+    for name, v in (("max_new_tokens", max_new_tokens), ("gmask_max_new_tokens", gmask_max_new_tokens)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    span = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+    if gmask_max_new_tokens is not None:
+        return span, gmask_max_new_tokens
+    return span, DEFAULT_GMASK_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+
+
+def fill(model, tokenizer, text: str, *, max_new_tokens: int | None = None, gmask_max_new_tokens: int | None = None,
          **generate_kwargs) -> FillResult:
     """Fills each blank of `text` left to right; a text without blanks is continued (a trailing [gMASK]).
 
     generate_kwargs go to glmkit.core.generate.generate_stream (do_sample, temperature, top_p, top_k, seed,
-    repetition_penalty, ...). [gMASK] blanks get up to `gmask_max_new_tokens` tokens, the others `max_new_tokens`.
+    repetition_penalty, ...). `max_new_tokens` caps every blank, [gMASK] included; `gmask_max_new_tokens` is an
+    explicit override for [gMASK] blanks. With neither given, a [MASK]/[sMASK] blank gets up to 64 tokens and a
+    [gMASK] blank up to 128.
     """
-
+    max_new_tokens, gmask_max_new_tokens = _limits(max_new_tokens, gmask_max_new_tokens)
     if model.config.family == "glm":
         return _fill_original_glm(model, tokenizer, text, max_new_tokens, gmask_max_new_tokens, generate_kwargs)
     if model.config.rope != "2d":

@@ -53,7 +53,8 @@ class Rotary(nn.Module):
     unless the model was `.float()`-ed, also builds positions × inv_freq and cos/sin in fp16 (`rope_fp16`).
     half_interleaved (ChatGLM2+, GLM-4): dims [0, rotary_dim) rotate in pairs (x[2i], x[2i+1]); the rest pass.
     1d (GLM-130B): one table of D dims over the whole head, GPT-NeoX half-split layout, 1-D positions. SAT's
-    RotaryEmbedding rounds inv_freq to fp16 like ChatGLM-6B and builds the table in that buffer's dtype.
+    RotaryEmbedding rounds inv_freq to fp16 like ChatGLM-6B and builds the table in that buffer's dtype (fp16).
+    A table built in fp16 (or bf16) is returned in fp32, and applied in fp32 whatever the compute dtype.
     """
 
     def __init__(self, config: GLMConfig) -> None:
@@ -82,17 +83,16 @@ class Rotary(nn.Module):
         inv_freq = self.inv_freq(positions.device)
         if table_dtype is None:
             angles = positions.float()[..., None] * inv_freq  # (B, T, dim/2)
-        else:  # the original's arange(seq_len, dtype) x inv_freq, each product rounded to that dtype
-            t = positions.to(table_dtype).float()
-            angles = (t[..., None] * inv_freq.to(table_dtype).float()).to(table_dtype).float()
+        else:  # the original's ops in that dtype: arange(seq_len, dtype) x inv_freq, then cos/sin of those angles
+            angles = positions.to(table_dtype)[..., None] * inv_freq.to(table_dtype)
         if self.config.rope in ("2d", "1d", "half_split"):
             angles = torch.cat((angles, angles), dim=-1)  # (B, T, dim)
-        cos, sin = angles.cos(), angles.sin()
+        # cos/sin taken in the table's own dtype, as the original does: fp32 cos/sin rounded to fp16 afterwards can
+        # round the other way where a value sits on an fp16 rounding boundary
+        cos, sin = angles.cos().float(), angles.sin().float()
         if self.config.rope_scaling is not None:  # YaRN scales cos and sin by its attention factor
             factor = yarn_inv_freq(self.config, self.dim, positions.device)[1]
             cos, sin = cos * factor, sin * factor
-        if table_dtype is not None:
-            cos, sin = cos.to(table_dtype).float(), sin.to(table_dtype).float()
         return cos, sin
 
 

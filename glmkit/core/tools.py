@@ -5,7 +5,7 @@ How each family writes a tool call (the text after `<|assistant|>`; the first li
 
 | family   | tool description (native)                                           | a call                                                 | a result               |
 |----------|---------------------------------------------------------------------|--------------------------------------------------------|------------------------|
-| chatglm3 | system message: CHATGLM3_TOOL_PROMPT + "\\n" + json.dumps(tools, indent=4) | `name\\n```python\\ntool_call(a=1, b="x")\\n```` | `<|observation|>` msg  |
+| chatglm3 | system message: CHATGLM3_TOOL_PROMPT + "\\n" + json.dumps(tools, indent=4) | `name\\n```python\\ntool_call(a=1, b='x')\\n```` | `<|observation|>` msg  |
 | glm4     | system message `{"content": None, "tools": [...]}` the chat template renders as `# 可用工具` | `name\\n{"a": 1, "b": "x"}`           | `<|observation|>` msg  |
 
 A plain answer has an empty metadata line (it starts with "\\n").
@@ -19,7 +19,7 @@ OpenAI messages -> native messages, as THUDM's own OpenAI servers map them (GLM-
 | `tools` (tool_choice not "none")                    | first: system, content CHATGLM3_TOOL_PROMPT, `tools` as given | first: system, content None, `tools` (bare function dicts wrapped as `{"type": "function", "function": ...}`) |
 | system / developer                                  | system                                            | system                                           |
 | user                                                | user                                              | user                                             |
-| assistant, plain content                            | assistant, metadata ""                            | assistant, metadata ""                           |
+| assistant, plain content                            | assistant, metadata ""                            | assistant, metadata "", content stripped         |
 | assistant `tool_calls` (arguments: a JSON string)   | per call: assistant, metadata = name, content = "```python\\ntool_call(k=v, ...)\\n```" (the form the model writes) | per call: assistant, metadata = name, content = the arguments string |
 | assistant legacy `function_call`                    | the same, from `function_call`; a content holding the model's raw output is split at `<|assistant|>` into metadata/content as the demo does | the same, from `function_call` |
 | tool (`tool_call_id`) / legacy function             | observation                                       | observation                                      |
@@ -48,6 +48,7 @@ from __future__ import annotations
 import ast
 import inspect
 import json
+import math
 import re
 import typing
 from collections.abc import Callable, Sequence
@@ -285,22 +286,25 @@ def _arguments(value: Any, where: str) -> tuple[str, dict[str, Any] | None]:
 
 
 def _python_literal(value: Any) -> str:
-    """A Python literal of a JSON value, as ChatGLM3 writes `tool_call(...)` arguments."""
-    if value is None or isinstance(value, bool):
-        return repr(value)
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_python_literal(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_python_literal(str(k))}: {_python_literal(v)}" for k, v in value.items()) + "}"
-    raise ToolError(f"cannot write {type(value).__name__} as a Python literal")
+    """A Python literal of a JSON value, as ChatGLM3 writes `tool_call(...)` arguments and THUDM's OpenAI demo sends
+    them back: `repr` of the value (`city='Beijing'`, `days=3`, `ok=True`, `tags=['a', {'b': 1}]`)."""
+    def check(v: Any) -> None:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ToolError(f"cannot write {v!r} as a Python literal")
+        if isinstance(v, list):
+            for item in v:
+                check(item)
+        elif isinstance(v, dict):
+            for item in v.values():
+                check(item)
+        elif not (v is None or isinstance(v, (bool, int, float, str))):
+            raise ToolError(f"cannot write {type(v).__name__} as a Python literal")
+    check(value)
+    return repr(value)
 
 
 def chatglm3_call_content(arguments: dict[str, Any]) -> str:
-    """The content of a ChatGLM3 tool-call message: "```python\\ntool_call(a=1, b=\\"x\\")\\n```"."""
+    """The content of a ChatGLM3 tool-call message: "```python\\ntool_call(a=1, b='x')\\n```"."""
     for key in arguments:
         if not (isinstance(key, str) and key.isidentifier()):
             raise ToolError(f"ChatGLM3 writes tool arguments as Python keywords; {key!r} is not an identifier")
@@ -346,6 +350,11 @@ def to_native_messages(family: str, messages: Sequence[Any], tools: list[Any] | 
                                 "observation")
             if family not in TOOL_FAMILIES and (role == "observation" or message.get("metadata") or "tools" in message):
                 raise ToolError(f"{where}: {family} has no tool messages (no observation role, metadata or tools)")
+            if family == "glm4" and role == "assistant" and "metadata" not in message \
+                    and isinstance(message.get("content"), str):
+                # an OpenAI-shaped plain reply: GLM-4's server strips it (process_messages: sub_content.strip());
+                # user, system and observation contents go through as they are, there and in the template
+                message = {**message, "content": message["content"].strip()}
             out.append(message)
             continue
         if family not in TOOL_FAMILIES:
@@ -394,6 +403,8 @@ def _assistant_calls(family: str, message: dict[str, Any], where: str, call_ids:
         if not isinstance(legacy, dict):
             raise ToolError(f"{where}.function_call must be an object with 'name' and 'arguments'")
         entries.append((legacy.get("name"), legacy.get("arguments")))
+    if family == "glm4":
+        text = text.strip()  # as a plain reply (above)
     out = [{"role": "assistant", "metadata": "", "content": text}] if text else []
     for j, (name, arguments) in enumerate(entries):
         cw = f"{where}.tool_calls[{j}].function"

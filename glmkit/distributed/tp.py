@@ -264,7 +264,7 @@ def load_tensor_parallel(folder: str | Path, *, dtype: str | torch.dtype | None 
     if missing:
         raise CheckpointError(f"{folder}: weights missing from the checkpoint: {', '.join(missing[:8])}")
     if config.rope in ("2d", "1d"):
-        config.rope_fp16 = chatglm_rope_mode(target_dtype)
+        config.rope_fp16 = chatglm_rope_mode(target_dtype, config.rope)
     model.eval()
     model.tensor_parallel = {"world_size": world, "rank": rank, "mesh": mesh}
     return model

@@ -71,7 +71,7 @@ def _build_model(precision: str, layers: int, group_size: int | None, seed: int 
     if precision != "bf16":
         bits = 8 if precision == "int8" else 4
         spec = default_spec(bits, group_size if bits == 4 else None)
-        spec["head"] = head_spec(head)
+        spec["head"] = head_spec(head, bits)
         prepare_model(model, spec)
 
     def rand_float(shape, std):
@@ -199,7 +199,8 @@ def run_benchmark(precisions: Sequence[str] = PRECISIONS, *, layers: int = 28, p
                   model: str = "chatglm-6b", repeats: int = 1, head: str | None = None) -> tuple[float, list[dict]]:
     """`glmkit bench`: (read bandwidth in bytes/s, one result per precision). Each precision runs in a fresh
     process (so peak RSS is its own), rounds interleaved over the precisions, each figure its best round.
-    head: how the quantized precisions store the output layer and embedding ("int8" default, "int4", "none")."""
+    head: how the quantized precisions store the output layer and embedding ("int8", "int4", "none"; default:
+    floating point for int8, "int8" for int4)."""
     head_spec(head)  # a bad value fails here, not in every child
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad:

@@ -66,8 +66,8 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None
     torch_dtype="auto", except that a float16 checkpoint loaded onto the CPU runs in bfloat16 (see
     `default_dtype`); an explicit dtype= always wins. adapter: a P-tuning or LoRA folder applied on top.
     quantize: "int8" | "int4" quantizes the four linears of every layer while loading, shard by shard, and the
-    output layer and embedding as quantize_head says: "int8" (the default), "int4", or "none" (kept in floating
-    point). A checkpoint saved quantized (`glmkit quantize`, save_model) loads as it was saved, memory-mapped.
+    output layer and embedding as quantize_head says: "int8", "int4", or "none" (kept in floating point); by default
+    "none" for int8 (the original's quantize(8) keeps them in floating point) and "int8" for int4. A checkpoint saved quantized (`glmkit quantize`, save_model) loads as it was saved, memory-mapped.
     GLM-130B's SwissArmyTransformer folders (`latest` + `<iteration>/mp_rank_XX_model_states.pt`, any
     tensor-parallel degree, float or quantized by its convert_tp.py) load merged (glmkit.core.sat).
     tensor_parallel=True (under torchrun, one process per device): each rank loads only its shard of the heads, MLP
@@ -126,7 +126,7 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None
         logging.getLogger("glmkit").info("%s: skipped %d tensors of %d multi-token-prediction layer(s) (not used "
                                          "for decoding)", folder, len(converter.skipped_mtp), config.num_mtp_layers)
     if config.rope in ("2d", "1d"):  # ChatGLM-6B's and SAT's fp16 inv_freq buffer, as the model's dtype makes it
-        config.rope_fp16 = chatglm_rope_mode(target_dtype)
+        config.rope_fp16 = chatglm_rope_mode(target_dtype, config.rope)
     tie_quantized_head(model)
     finish(model, converter, folder)
 
@@ -184,7 +184,7 @@ def _quantization_spec(hf, files, quantize, group_size, scheme, quantize_head=No
     if bits is None:
         raise ValueError(f"quantize must be 'int8' or 'int4', got {quantize!r}")
     spec = default_spec(bits, group_size=group_size, scheme=scheme)
-    spec["head"] = head_spec(quantize_head)
+    spec["head"] = head_spec(quantize_head, bits)
     return spec
 
 

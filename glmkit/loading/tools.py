@@ -16,7 +16,7 @@ from glmkit.core.tokenizer import load_tokenizer
 from glmkit.distributed.tp import end_worker, lockstep
 from glmkit.loading.loader import load_model, save_model
 from glmkit.quant.calibrate import calibrate_and_quantize
-from glmkit.quant.quantize import default_spec, head_spec, quantize_head, save_quantized
+from glmkit.quant.quantize import default_head, default_spec, head_spec, quantize_head, save_quantized
 
 DEFAULT_MODEL = "glm-tiny"  # the bundled model: every command works with no download
 
@@ -71,9 +71,10 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, bits: in
                         calibration_length: int = 256, head: str | None = None) -> Path:
     """`glmkit quantize`: writes an INT8/INT4 copy of `src` (config.json + model.safetensors with the scheme in
     its metadata, plus the tokenizer files) that load_model maps without quantizing again. `head`: the output layer
-    and embedding, "int8" (default), "int4" or "none". With `calibrate`, the float model is loaded whole and its
+    and embedding, "int8", "int4" or "none" (default: "none" for INT8 layers, "int8" for INT4). With `calibrate`, the float model is loaded whole and its
     layers rounded with GPTQ on `calibration_text` (default: the bundled sample); the head is rounded to nearest."""
     spec = default_spec(bits, group_size, scheme, symmetric or None)
+    head = head or default_head(spec["bits"])
     head_spec(head)  # a bad value fails before any loading
     src_dir = resolve_model_dir(src)
     if calibrate:
@@ -85,5 +86,5 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, bits: in
     else:
         name = "group-symmetric" if spec["scheme"] == "group" and spec["symmetric"] else spec["scheme"]
         model = load_model(src_dir, dtype=dtype, quantize=f"int{spec['bits']}", group_size=spec["group_size"],
-                           scheme=name, quantize_head=head or "int8")
+                           scheme=name, quantize_head=head)
     return save_quantized(model, dst, src_dir=src_dir)

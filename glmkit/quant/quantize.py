@@ -2,8 +2,8 @@
 
 What is quantized: the four linears of every layer (`attn.qkv`, `attn.proj`, `mlp.fc`, `mlp.proj`; THUDM's
 query_key_value, dense, dense_h_to_4h, dense_4h_to_h), as in GLM-130B and ChatGLM-6B, and by default also the
-output layer and the embedding (the "head", INT8 by default whatever the layers' bits; ``head="int4"`` or
-``"none"`` to choose). The output layer is read whole for every token: ChatGLM-6B's 130528x4096 one is 1.07 GB
+output layer and the embedding (the "head": INT8 by default under INT4 layers, floating point under INT8 layers
+as in the original's quantize(8); ``head="int8"``, ``"int4"`` or ``"none"`` to choose). The output layer is read whole for every token: ChatGLM-6B's 130528x4096 one is 1.07 GB
 in bf16, more than a quarter of an INT4 model's bytes per token. A tied model (ChatGLM-6B) keeps one quantized
 table (`QuantizedEmbedding`) that serves the lookup (rows dequantized) and the logits matmul (the INT8/INT4
 kernels). INT8 is the default because the output layer sets the next token directly: an INT4 head adds several
@@ -61,7 +61,13 @@ GROUP_SIZES = (32, 64, 128, 256)
 MSE_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85)
 MSE_REFIT_ROUNDS = 2
 HEADS = ("int8", "int4", "none")  # how the output layer and the embedding are stored
-DEFAULT_HEAD = "int8"
+DEFAULT_HEAD = "int8"  # with INT4 layers; INT8 layers keep them in floating point (default_head)
+
+
+def default_head(bits: int) -> str:
+    """The head's default for layers of `bits`: INT8 layers keep it in floating point, as the original's quantize(8)
+    does (an INT8 head on top raised the logits error past the original's); INT4 layers get an INT8 head."""
+    return "none" if bits == 8 else DEFAULT_HEAD
 
 
 # ================================================================================================ specs
@@ -91,11 +97,11 @@ def default_spec(bits: int, group_size: int | None = None, scheme: str | None = 
     return {"bits": bits, "scheme": "rowwise", "group_size": None, "symmetric": True, "layout": "glmkit"}
 
 
-def head_spec(head: str | dict | None = None) -> dict[str, Any] | None:
-    """The spec of the output layer and embedding: "int8" (default; ChatGLM-6B's per-row scheme), "int4" (group
-    32, as the layers' default) or "none" (kept in floating point, None returned)."""
+def head_spec(head: str | dict | None = None, bits: int = 4) -> dict[str, Any] | None:
+    """The spec of the output layer and embedding: "int8" (ChatGLM-6B's per-row scheme), "int4" (group 32, as the
+    layers' default) or "none" (kept in floating point, None returned); None = default_head(bits) of the layers."""
     if head is None:
-        head = DEFAULT_HEAD
+        head = default_head(bits)
     if isinstance(head, dict):
         spec = default_spec(int(head["bits"]), head.get("group_size"), head.get("scheme"), head.get("symmetric"))
         return {k: spec[k] for k in ("bits", "scheme", "group_size", "symmetric")}
@@ -159,12 +165,16 @@ def quantize_rowwise(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
     original's quantize() writes, and on our test models a least-squares refit of the scale lowered the weight
     error but not the logits error (it clips each row's largest weight, which matters most)."""
     qmax = 2 ** (bits - 1) - 1
+    half = w.dtype == torch.float16  # the original divides an fp16 weight by its fp16 scale in fp16
     w = w.to(torch.float32, copy=True)  # worked on in place below (fewer passes: the 6B embedding is 535M weights)
     lo, hi = torch.aminmax(w, dim=-1)
     scale = (torch.maximum(hi, -lo) / qmax).half()  # max |w| of the row
     s = scale.float()
     s = torch.where(s == 0, torch.ones_like(s), s)  # an all-zero row: q = 0 whatever the scale
-    q = w.div_(s[:, None]).round_().clamp_(-qmax, qmax)
+    q = w.div_(s[:, None])
+    if half:  # the quotient rounded to fp16 before round(), as fp16 division leaves it
+        q = q.half().float()
+    q = q.round_().clamp_(-qmax, qmax)
     return q.to(torch.int8), scale
 
 
@@ -837,10 +847,10 @@ def tie_quantized_head(model: nn.Module) -> bool:
     return True
 
 
-def quantize_head(model: nn.Module, head: str | dict | None = None) -> nn.Module:
-    """Quantizes the embedding and output layer of a materialised model in place (`head` as in head_spec:
-    "int8" default, "int4", "none"); tied ones become one QuantizedEmbedding."""
-    spec = head_spec(head)
+def quantize_head(model: nn.Module, head: str | dict | None = None, bits: int = 4) -> nn.Module:
+    """Quantizes the embedding and output layer of a materialised model in place (`head` as in head_spec: "int8",
+    "int4", "none", or None for the default of `bits`-bit layers); tied ones become one QuantizedEmbedding."""
+    spec = head_spec(head, bits)
     if spec is None:
         return model
     wte, lm_head = model.wte, model.lm_head
@@ -870,7 +880,7 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = None, s
                    symmetric: bool = False, head: str | dict | None = None) -> nn.Module:
     """Quantizes the four linears of every layer of a materialised float model in place (one layer at a time,
     each float weight freed as soon as its quantized form exists), and the embedding / output layer as `head`
-    says (default INT8, as load_model's quantize= does; "none" keeps them in floating point)."""
+    says (default as load_model's quantize= does: floating point under INT8 layers, INT8 under INT4)."""
     spec = default_spec(bits, group_size, scheme, symmetric)
     for name, parent, attr, linear in _layer_linears(model):
         if isinstance(linear, QuantizedLinear):
@@ -885,7 +895,7 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = None, s
         del linear
     spec["head"] = None
     _record_spec(model, spec)
-    quantize_head(model, head)
+    quantize_head(model, head, bits)
     return model
 
 

@@ -113,3 +113,29 @@ def test_bundled_model_fills():
     tok = load_tokenizer("glm-tiny")
     res = fill(model, tok, "床前明月[MASK]，疑是地上霜。", max_new_tokens=8)
     assert res.answers[0] and res.text.startswith("床前明月") and res.text.endswith("，疑是地上霜。")
+
+
+def test_max_new_tokens_caps_every_blank_gmask_included(tiny):
+    """fill(max_new_tokens=N) stops a [gMASK] blank at N, as the original's generate(max_length=len(ids) + N) does;
+    gmask_max_new_tokens is only an explicit override, and with neither a [gMASK] blank keeps its longer default."""
+    model, tok, _ = tiny
+    ids = _encode_piece(tok, "春眠不覺曉，", first=True)
+    prompt = ids + [tok.gmask_token_id, tok.sop_token_id]
+    longest = manual_greedy(model, prompt, len(ids), 70, tok.eop_token_id)
+    assert len(longest) > 64, "the fixture must write past the caps checked here"
+    for text in ("春眠不覺曉，", "春眠不覺曉，[gMASK]"):
+        assert fill(model, tok, text, max_new_tokens=5).answers == [tok.decode(longest[:5])]
+    assert fill(model, tok, "春眠不覺曉，", max_new_tokens=5, gmask_max_new_tokens=7).answers == [tok.decode(longest[:7])]
+    assert fill(model, tok, "春眠不覺曉，").answers[0].startswith(tok.decode(longest[:66]))  # default: 128 for [gMASK]
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        fill(model, tok, "春眠不覺曉，", max_new_tokens=0)
+
+
+def test_cli_max_new_tokens_caps_a_gmask_blank(tiny, capsys):
+    model, tok, folder = tiny
+    ids = _encode_piece(tok, "春眠不覺曉，", first=True)
+    expected = manual_greedy(model, ids + [tok.gmask_token_id, tok.sop_token_id], len(ids), 4, tok.eop_token_id)
+    assert len(expected) == 4
+    assert cli_main(["春眠不覺曉，", "--model", str(folder), "--max-new-tokens", "4", "--show-blanks"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "春眠不覺曉，" + tok.decode(expected)

@@ -103,3 +103,17 @@ def test_fill_command_on_a_glm_checkpoint(capsys):
                      "--show-blanks"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out == [row["text"].replace("[MASK]", row["answer"]), f"[1] {row['answer']}"]
+
+
+def test_max_new_tokens_caps_a_gmask_blank_of_the_original_glm(loaded):
+    """The hub's generate(max_length=len(ids) + N) writes at most N tokens for [gMASK] too."""
+    model, tok = loaded["chinese"]
+    n = len(tok.encode("白日依山尽，[gMASK]"))
+    capped = fill(model, tok, "白日依山尽，", max_new_tokens=2).answers
+    longer = fill(model, tok, "白日依山尽，", gmask_max_new_tokens=GEN_LEN).answers
+    ids = torch.tensor([tok.encode("白日依山尽，[gMASK]") + [tok.sop_token_id]])
+    view = BlankInfillingView(model, torch.tensor([blank_positions(n, n - 2, 1)]), torch.tensor([n]))
+    new = [t for t in generate(view, ids, max_new_tokens=2, eos_token_id=tok.eop_token_id).tolist()[0]
+           if t != tok.eop_token_id]
+    assert capped == [tok.decode(new)] and len(new) <= 2
+    assert longer[0].startswith(capped[0])

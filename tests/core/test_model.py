@@ -31,7 +31,8 @@ def test_chatglm_v1_logits_match_reference(chatglm_v1_dir):
 def test_chatglm_v1_fp16_rotary_table(chatglm_v1_dir):
     """As published (fp16 buffers), positions x inv_freq and cos/sin are computed in fp16."""
     assert glmkit.load_model(chatglm_v1_dir, dtype="float16").config.rope_fp16 == "table"
-    assert glmkit.load_model(chatglm_v1_dir, dtype="bfloat16").config.rope_fp16 == "table_bf16"
+    # bf16 is glmkit's speed choice, not the original's .bfloat16(): it keeps the published fp16 table (issue 22)
+    assert glmkit.load_model(chatglm_v1_dir, dtype="bfloat16").config.rope_fp16 == "table"
     model = glmkit.load_model(chatglm_v1_dir)
     model.config.rope_fp16 = "table"
     sd = torch.load(chatglm_v1_dir / "pytorch_model.bin")
@@ -304,3 +305,50 @@ def test_non_chatglm_alpha_saves_in_glmkit_layout_and_round_trips(tmp_path):
     ids = torch.tensor([[5, 6, GMASK, BOS, 9]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), model(ids))
+
+
+LONG = (300, 600, 1100, 2047)  # beyond 256, 512 and 1024: bf16 would round these, fp16 holds every integer to 2048
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_chatglm_v1_rotary_table_at_long_positions_in_every_dtype(tmp_path, dtype):
+    """The table the loader picks is the original's, value for value, at positions bf16 cannot represent: the
+    `.float()`-ed model's fp32 table for fp32, the published fp16 table for fp16 and for glmkit's bf16."""
+    from tests.reference_impls import _chatglm_rotary_table
+
+    hf = dict(CHATGLM_V1_HF, max_sequence_length=2048, torch_dtype="float16")
+    folder = write_folder(tmp_path / "m", hf, {k: v.half() for k, v in thudm_v1_state_dict(hf).items()})
+    model = glmkit.load_model(folder, dtype=dtype)
+    cos, sin = model.rotary.cos_sin(torch.tensor([LONG]))
+    ref_cos, ref_sin = _chatglm_rotary_table(model.rotary.dim, 2048, fp16_table=dtype != "float32")
+    idx = torch.tensor(LONG)
+    assert torch.equal(cos[0], ref_cos[idx, 0].float()) and torch.equal(sin[0], ref_sin[idx, 0].float())
+    if dtype == "bfloat16":  # what a bf16 table gives instead: positions 300, 600, 1100 rounded to 300, 600, 1104
+        model.config.rope_fp16 = "table_bf16"
+        assert not torch.equal(model.rotary.cos_sin(torch.tensor([LONG]))[0][0], cos[0])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_chatglm_v1_logits_beyond_1024_positions_in_every_dtype(tmp_path, dtype):
+    """An fp16 checkpoint read as the original reads it, 1100 tokens long: logits at positions 0-255, 256-511,
+    512-1023 and 1024+ equal the original's (fp32: its `.float()` model; fp16 and bf16: the fp16-table model on the
+    same rounded weights) to the rounding of the load dtype's activations."""
+    hf = dict(CHATGLM_V1_HF, max_sequence_length=2048, torch_dtype="float16")
+    sd16 = {k: v.half() for k, v in thudm_v1_state_dict(hf).items()}
+    folder = write_folder(tmp_path / "m", hf, sd16, fmt="safetensors")
+    ids = torch.randint(0, 150, (1, 1100), generator=torch.Generator().manual_seed(0))
+    ids[0, -10], ids[0, -9] = GMASK, BOS  # Part A reaches position 1090; Part B sits there with block ids 1..9
+    weights = {k: v.to(getattr(torch, dtype)).float() for k, v in sd16.items()}
+    ref = chatglm_v1_logits(weights, hf, ids, fp16_table=dtype != "float32")[0]
+    model = glmkit.load_model(folder, dtype=dtype)
+    with torch.no_grad():
+        out = model(ids).float()[0]
+    bound = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.5e-2}[dtype]
+    for a, b in ((0, 256), (256, 512), (512, 1024), (1024, 1100)):
+        rel = float((out[a:b] - ref[a:b]).norm() / ref[a:b].norm())
+        assert rel < bound, (dtype, a, b, rel)
+    if dtype == "bfloat16":  # the bf16 table this replaced is several times further off
+        model.config.rope_fp16 = "table_bf16"
+        with torch.no_grad():
+            off = model(ids).float()[0]
+        assert float((off[256:] - ref[256:]).norm() / ref[256:].norm()) > 3 * bound

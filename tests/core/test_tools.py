@@ -393,3 +393,33 @@ def test_apply_chat_template_glm4_without_a_shipped_template(tmp_path, tok4):
     own = load_tokenizer(tmp_path)
     assert apply_chat_template(own, [{"role": "user", "content": "q"}], tools=[{"name": "f"}], tokenize=False) == \
         'q|[{"name": "f"}]'
+
+
+def test_chatglm3_tool_calls_come_back_as_the_model_wrote_them(tok3):
+    """An OpenAI `tool_calls` entry is written back with Python literals (`repr`), the form ChatGLM3 writes and THUDM's
+    openai_api_demo sends back (its raw-output path): the same ids either way."""
+    args = '{"city": "Beijing", "days": 3, "ok": true, "none": null, "ratio": 0.5, "tags": ["a", {"b": "it\'s"}]}'
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": args}}
+    written = "```python\ntool_call(city='Beijing', days=3, ok=True, none=None, ratio=0.5, tags=['a', {'b': \"it's\"}])\n```"
+    openai = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+              {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    assert to_native_messages("chatglm3", openai)[1] == {"role": "assistant", "metadata": "get_weather",
+                                                         "content": written}
+    raw = [openai[0], {"role": "assistant", "content": "get_weather\n" + written,
+                       "function_call": {"name": "get_weather", "arguments": args}},
+           {"role": "function", "name": "get_weather", "content": "sunny"}]
+    assert tok3.apply_chat_template(openai) == tok3.apply_chat_template(raw)
+    assert "tool_call(city='Beijing'" in tok3.apply_chat_template(openai, tokenize=False)
+
+
+def test_glm4_plain_assistant_reply_is_stripped(tok4):
+    """GLM-4's server strips a plain assistant reply (process_messages: sub_content.strip()); other roles keep theirs."""
+    messages = [{"role": "user", "content": " Weather? "}, {"role": "assistant", "content": " It is sunny today.\n"},
+                {"role": "user", "content": "And tomorrow?"}]
+    text = tok4.apply_chat_template(messages, tokenize=False)
+    assert "<|user|>\n Weather? <|assistant|>\nIt is sunny today.<|user|>\nAnd tomorrow?<|assistant|>" in text
+    stripped = [messages[0], {"role": "assistant", "metadata": "", "content": "It is sunny today."}, messages[2]]
+    assert tok4.apply_chat_template(messages) == tok4.apply_chat_template(stripped)
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    assert to_native_messages("glm4", [{"role": "assistant", "content": " Let me look. ", "tool_calls": [call]}])[0] \
+        == {"role": "assistant", "metadata": "", "content": "Let me look."}

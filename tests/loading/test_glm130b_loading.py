@@ -162,3 +162,26 @@ def test_convert_peak_memory_is_one_layer_not_the_model(tmp_path):
     print(f"{size / 1e6:.0f} MB checkpoint, {layer / 1e6:.0f} MB per layer: convert peak RSS +{peak / 1e6:.0f} MB")
     assert peak < 5 * layer + 30e6, f"convert raised peak RSS by {peak / 1e6:.0f} MB"
     assert peak < 0.6 * size
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_the_deployed_fp16_rotary_table_in_every_load_dtype(sat_dirs, golden, dtype):
+    """GLM-130B was trained and is deployed only in fp16 (SAT's RotaryEmbedding, precision=torch.half): every load
+    dtype uses that table, value for value, at positions beyond 256, 512 and 1024 too (bf16 would round them)."""
+    from tests.reference_impls import _chatglm_rotary_table  # SAT's RotaryEmbedding is the same gpt-neox code
+
+    model = glmkit.load_model(sat_dirs["tp1_fp16"], dtype=dtype)
+    assert model.config.rope_fp16 == "table"
+    positions = torch.tensor([[0, 5, 255, 300, 600, 1100, 2047]])
+    cos, sin = model.rotary.cos_sin(positions)
+    ref_cos, ref_sin = _chatglm_rotary_table(model.config.head_dim, 2048, fp16_table=True)
+    assert torch.equal(cos[0], ref_cos[positions[0], 0].float()) and torch.equal(sin[0], ref_sin[positions[0], 0].float())
+    if dtype == "bfloat16":  # glmkit's bf16 follows the fp16-table original to bf16 rounding of the activations
+        g, logits = golden
+        cols = torch.tensor(g["columns"])
+        for case, c in g["cases"].items():
+            with torch.no_grad():
+                out = model(torch.tensor([c["seq"]])).float()
+            ref = logits[f"tp1_fp16/float32/{case}/logits/columns"]
+            rel = float((out[..., cols] - ref).norm() / ref.norm())
+            assert rel < 2e-2, (case, rel)

@@ -202,7 +202,7 @@ def test_float16_checkpoints_load_in_bfloat16_on_cpu_by_default(tmp_path, quanti
     model = glmkit.load_model(folder, quantize=quantize)
     assert model.dtype == torch.bfloat16 and model.config.torch_dtype == "bfloat16"
     assert model.wte(torch.tensor([[1, 2]])).dtype == torch.bfloat16  # the (quantized, if so) embedding's rows too
-    assert model.config.rope_fp16 == "table_bf16"
+    assert model.config.rope_fp16 == "table"  # the published fp16 table, not a bf16 one (issue 22)
     assert glmkit.load_model("glm-tiny", quantize=quantize).dtype == torch.float32
     # an explicit dtype wins
     assert glmkit.load_model(folder, quantize=quantize, dtype="float16").dtype == torch.float16

@@ -116,7 +116,10 @@ def test_head_options_and_bad_input(tmp_path):
         glmkit.load_model(folder, quantize="int4", quantize_head="fp8")
     with pytest.raises(ValueError, match="quantize_head= applies when quantizing"):
         glmkit.load_model(folder, quantize_head="int4")
-    model = glmkit.load_model(folder, quantize="int8")
+    assert Q.head_spec(None, bits=8) is None  # INT8 layers keep the head in floating point, as quantize(8) does
+    assert Q.head_spec(None, bits=4) == Q.head_spec("int8")
+    assert isinstance(glmkit.load_model(folder, quantize="int8").lm_head, torch.nn.Linear)
+    model = glmkit.load_model(folder, quantize="int8", quantize_head="int8")  # the opt-in
     with pytest.raises(ValueError, match="already quantized"):
         Q.quantize_head(model, "int8")
     with pytest.raises(RuntimeError, match="before its weights were loaded"):

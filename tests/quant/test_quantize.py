@@ -401,6 +401,40 @@ def test_thudm_quantized_checkpoint_reproduces_the_original(tmp_path, bits, save
     assert torch.equal(exported["weight_scale"], sd["transformer.layers.1.attention.query_key_value.weight_scale"])
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_int8_is_at_least_as_accurate_as_the_originals_quantize8(tmp_path, seed):
+    """quantize="int8" on a random ChatGLM-6B-layout fp16 checkpoint: its logits error against the float model is at
+    most that of the original's quantize(8) (per-row INT8 of the four linears; embedding and output layer in
+    floating point), both run as the original runs on CPU (model.float()). The quantized head is an opt-in that
+    costs accuracy, which is why it is not the default."""
+    hf = dict(CHATGLM_V1_HF, vocab_size=1024, hidden_size=256, num_attention_heads=4, inner_hidden_size=1024,
+              num_layers=4, torch_dtype="float16")
+    sd = {k: v.half() for k, v in thudm_v1_state_dict(hf, seed=seed, std=0.12).items()}
+    folder = write_folder(tmp_path / "fp16", hf, sd, fmt="safetensors")
+    reference = {k: v.float() for k, v in sd.items()}
+    original = dict(reference)
+    for i in range(hf["num_layers"]):
+        for key in LINEAR_KEYS:
+            name = f"transformer.layers.{i}.{key}.weight"
+            original[name] = _original_dequant(*_original_int_quantize(sd[name], 8), 8)
+    ids = torch.randint(0, 150, (2, 24), generator=torch.Generator().manual_seed(seed))
+    ids[:, 16], ids[:, 17] = CHATGLM_V1_HF["gmask_token_id"], CHATGLM_V1_HF["bos_token_id"]
+    float_logits = chatglm_v1_logits(reference, hf, ids, fp16_table=False)
+    original_err = rel_err(chatglm_v1_logits(original, hf, ids, fp16_table=False), float_logits)
+    with torch.no_grad():
+        default = glmkit.load_model(folder, quantize="int8", dtype="float32")
+        assert isinstance(default.lm_head, nn.Linear) and isinstance(default.wte, nn.Embedding)
+        err = rel_err(default(ids), float_logits)
+        head_err = rel_err(glmkit.load_model(folder, quantize="int8", dtype="float32", quantize_head="int8")(ids),
+                           float_logits)
+    assert err <= original_err * (1 + 1e-4) + 1e-6, (err, original_err)
+    assert head_err > err, (head_err, err)
+    # the original's integers: an fp16 weight divided by its fp16 scale in fp16 (in the CPU default bf16 load too)
+    q, scale = _original_int_quantize(sd["transformer.layers.1.mlp.dense_h_to_4h.weight"], 8)
+    exported = glmkit.load_model(folder, quantize="int8").h[1].mlp.fc.export()
+    assert torch.equal(exported["weight"], q) and torch.equal(exported["weight_scale"], scale)
+
+
 # ------------------------------------------------------------------------------------------------ memory
 
 
@@ -526,7 +560,7 @@ def test_bench_builds_each_precision_and_prints_one_table(capsys):
 
     sizes = {}
     for precision in bench.PRECISIONS:
-        for head in ("none", None):  # the output layer in bf16, or quantized as load_model does by default (INT8)
+        for head in ("none", "int8", None):  # the output layer in bf16, INT8, or as load_model does by default
             model = bench._build_model(precision, 2, None, preset="glm-tiny", head=head)
             kinds = {type(m.attn.qkv).__name__ for m in model.h}
             assert kinds == ({"Linear"} if precision == "bf16" else {"QuantizedLinear"})
@@ -538,10 +572,12 @@ def test_bench_builds_each_precision_and_prints_one_table(capsys):
                          + 2 * cfg.hidden_size * cfg.ffn_hidden_size)
     # 2 bytes -> 1 byte (+ scales) per layer weight; the INT8 head: 2 bytes -> 1 per table entry (+ scales)
     assert sizes["bf16", "none"] - sizes["int8", "none"] == pytest.approx(layer_weights, rel=0.02)
-    assert sizes["int8", "none"] - sizes["int8", None] == head // 2 - 4 * cfg.vocab_size  # fp16 + bf16 row scales
+    assert sizes["int8", "none"] - sizes["int8", "int8"] == head // 2 - 4 * cfg.vocab_size  # fp16 + bf16 row scales
     assert sizes["bf16", None] == sizes["bf16", "none"]
+    # by default INT8 layers keep the head in floating point (the original's quantize(8)), INT4 ones make it INT8
+    assert sizes["int8", None] == sizes["int8", "none"] and sizes["int4", None] == sizes["int4", "int8"]
     assert head < sizes["int4", "none"] < sizes["int8", "none"] < sizes["bf16", "none"]
-    assert sizes["int4", None] < sizes["int8", None] < sizes["bf16", None]
+    assert sizes["int4", "int8"] < sizes["int8", "int8"] < sizes["bf16", None]
     assert bench_command(["--model", "glm-tiny", "--layers", "1", "--prompt-tokens", "8", "--decode-tokens", "2",
                            "--precisions", "int4", "--repeats", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -553,7 +589,7 @@ def test_bench_builds_each_precision_and_prints_one_table(capsys):
     assert bench.measure_bandwidth(gib=0.125, repeats=2) > 1e8
 
 
-@pytest.mark.parametrize("quantize,head", [(None, None), ("int8", None), ("int4", None), ("int4", "int4"),
+@pytest.mark.parametrize("quantize,head", [(None, None), ("int8", None), ("int8", "int8"), ("int4", None), ("int4", "int4"),
                                            ("int4", "none")])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_grad_modes_mix_in_any_order_after_generate(quantize, head, dtype):
@@ -564,7 +600,8 @@ def test_grad_modes_mix_in_any_order_after_generate(quantize, head, dtype):
 
     kernels._WORKSPACE.clear()  # the first dequantization below runs under inference_mode (generate's prefill)
     model = glmkit.load_model("glm-tiny", quantize=quantize, dtype=dtype, quantize_head=head)
-    assert isinstance(model.lm_head, QuantizedLinear) == (quantize is not None and head != "none")
+    default = {"int8": "none", "int4": "int8"}.get(quantize)  # the head's default under those layers
+    assert isinstance(model.lm_head, QuantizedLinear) == (quantize is not None and (head or default) != "none")
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(5, 9000, (1, 128), generator=g)
     one = prompt[:, :1]

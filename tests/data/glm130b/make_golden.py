@@ -18,8 +18,10 @@ scale's dtype: the Half kernel for the fp16 run, the Float one for the fp32 run)
 identity here.
 
 fp32 run: GLM-130B builds GLM130B(args).half(); an fp32 run of the same code is `.float()` (the only way: SAT
-creates dense_h_to_4h in fp16 whatever args.fp16 says), which also turns the fp16 rotary inv_freq buffer to fp32, so
-the table is built in fp32 from fp16-rounded inverse frequencies. Its attention ends in `attention_probs.half()`
+creates dense_h_to_4h in fp16 whatever args.fp16 says). `.float()` would also turn the fp16 rotary inv_freq buffer to
+fp32; GLM-130B was trained and is deployed only in fp16, so the fp32 run puts that buffer back to fp16 and SAT's
+RotaryEmbedding builds the table it was trained with (fp16 positions, fp16 einsum, fp16 cos/sin), which the fp32
+q and k then promote (glmkit uses this table in every load dtype). Its attention ends in `attention_probs.half()`
 before the bmm with fp32 values, so during the fp32 forward Tensor.half returns fp32 (the softmax is fp32 either way).
 
 Setup (from the repository root; /tmp paths are examples):
@@ -198,6 +200,7 @@ def worker(rank: int, tp: int, folder: str, bits, port: int, result_path: str, s
     from evaluation.model import batch_filling_sequence
     from quantization import quantize
     from SwissArmyTransformer.model import GLM130B
+    from SwissArmyTransformer.model.position_embedding import RotaryEmbedding
 
     args = argparse.Namespace(
         num_layers=GLM130B_TINY["num_layers"], vocab_size=GLM130B_TINY["vocab_size"],
@@ -220,6 +223,9 @@ def worker(rank: int, tp: int, folder: str, bits, port: int, result_path: str, s
         model.load_state_dict(sd, strict=True)
         if dtype == "float32":
             model = model.float()
+            for m in model.modules():  # the deployed fp16 rotary table (see the docstring)
+                if isinstance(m, RotaryEmbedding):
+                    m.inv_freq = m.inv_freq.half()
         model.eval()
         compute = torch.float32 if dtype == "float32" else torch.float16
         real_half = torch.Tensor.half
@@ -305,7 +311,7 @@ def main() -> None:
             "transformer_defaults.py")} | {p: sha256(a.glm130b_src / p) for p in (
                 "tools/convert_tp.py", "generate.py", "quantization/layers.py", "quantization/functional.py",
                 "evaluation/model.py")},
-    }, "config": GLM130B_TINY, "eop": EOP, "eos": EOS, "gen_tokens": GEN_TOKENS,
+    }, "rotary_table": "float16 in every run (SAT RotaryEmbedding, fp16 inv_freq)", "config": GLM130B_TINY, "eop": EOP, "eos": EOS, "gen_tokens": GEN_TOKENS,
         "convert_tp_matches_tests_conftest_sat_reshard": True}
     logits: dict[str, torch.Tensor] = {}
     columns = torch.tensor(sorted(set(range(0, GLM130B_TINY["vocab_size"], 997)) | {MASK, GMASK, SMASK, SOP, EOP,
