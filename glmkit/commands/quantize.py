@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from glmkit.loading.tools import quantize_checkpoint
-from glmkit.quant.quantize import DEFAULT_GROUP_SIZE, DEFAULT_HEAD, GROUP_SIZES, HEADS, SCHEMES, default_spec
+from glmkit.quant.formats import DEFAULT_GROUP_SIZE, DEFAULT_HEAD, GROUP_SIZES, HEADS, SCHEMES, default_spec
 
 
 def cli_main(argv: list[str]) -> int:
