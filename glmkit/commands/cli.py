@@ -8,6 +8,7 @@ Every module listed here exposes `cli_main(argv: list[str]) -> int`, which owns 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from importlib.metadata import version
 
@@ -52,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     code = int(module.cli_main(rest) or 0)
-    if "glmkit.distributed.tp" in sys.modules:  # rank 0 of a tensor-parallel run: release the other ranks
-        sys.modules["glmkit.distributed.tp"].finish_leader(code)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun (imported only there: torch.distributed's cost)
+        from glmkit.distributed.tp import finish_leader
+
+        finish_leader(code)  # rank 0 of a tensor-parallel run releases the other ranks; otherwise nothing
     return code
 
 
