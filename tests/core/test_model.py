@@ -11,8 +11,14 @@ import glmkit
 import glmkit.core.model
 from glmkit.core.causal_lm import GLMForCausalLM
 from glmkit.core.config import GLMConfig
-from tests.conftest import CHATGLM_V1_HF, CHATGLM_V2_HF, thudm_v1_state_dict, thudm_v2_state_dict, write_folder
-from tests.reference_impls import chatglm_v1_logits, chatglm_v2_logits
+from tests.helpers.checkpoints import (
+    CHATGLM_V1_HF,
+    CHATGLM_V2_HF,
+    thudm_v1_state_dict,
+    thudm_v2_state_dict,
+    write_folder,
+)
+from tests.helpers.reference_impls import chatglm_v1_logits, chatglm_v2_logits
 
 BOS, GMASK, MASK = CHATGLM_V1_HF["bos_token_id"], CHATGLM_V1_HF["gmask_token_id"], CHATGLM_V1_HF["mask_token_id"]
 
@@ -179,8 +185,8 @@ def test_generate_stops_at_eos_and_pads_finished_rows(chatglm_v2_dir):
     eos = int(free[0, 1])  # make row 0's second token the eos
     out = model.generate(ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
     assert out[0, 1] == eos and (out[0, 2:] == 0).all()
-    if eos not in free[1].tolist():
-        assert out.shape[1] == 6 and out[1].tolist() == free[1].tolist()
+    assert eos not in free[1].tolist()  # row 1 never emits it, so it runs to the end as before
+    assert out.shape[1] == 6 and out[1].tolist() == free[1].tolist()
 
 
 def test_max_length_counts_prompt(chatglm_v2_dir):
