@@ -40,6 +40,9 @@ class Layout:
     def __reduce__(self):  # copies and pickles of a layer keep the one instance of its kind
         return self.name.upper()
 
+    def __repr__(self) -> str:
+        return f"<{self.name} layout>"
+
     def fits(self, m: QuantizedLinear, device: torch.device) -> bool:
         """Whether a layer like `m` takes this layout on `device` (tried in RUNTIME_LAYOUTS' order)."""
         return False
@@ -74,33 +77,6 @@ class Layout:
     def saved(self, m: QuantizedLinear) -> dict[str, torch.Tensor]:
         """The tensors `glmkit quantize` writes: the portable ones unless the layout is worth mapping as it is."""
         return self.portable(m)
-
-
-class Int8(Layout):
-    name = "int8"
-
-    def fits(self, m, device):
-        return m.bits == 8
-
-    def build(self, m, weight, scale, zero, device):
-        m._buffers["qweight"] = weight.to(device).contiguous()
-        m._buffers["weight_scale"] = scale.to(device)
-        if device.type == "cpu":
-            m._buffers["scale_bf16"] = scale.to(torch.bfloat16)
-
-    def matmul(self, m, x):
-        return kernels.int8_linear(x, m.qweight, m.weight_scale, m.scale_bf16)
-
-    def dequantize(self, m, dtype):
-        return kernels.int8_dequantize(m.qweight, m.weight_scale, dtype)
-
-    def lookup(self, m, ids, dtype):
-        flat = ids.reshape(-1)
-        rows = m.qweight[flat].float().mul_(m.weight_scale[flat].float()[:, None])
-        return rows.to(dtype).view(*ids.shape, m.in_features)
-
-    def portable(self, m):
-        return {"weight": m.qweight, "weight_scale": m.weight_scale}
 
 
 def _from_scale_zero_table(m: QuantizedLinear, q: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -201,6 +177,8 @@ class Tinygemm(Layout):
 
 
 class Packed(Layout):
+    """The portable form as it is: INT4 two per byte in THUDM's order, scale (and zero) per row or group."""
+
     name = "packed"
 
     def fits(self, m, device):
@@ -231,6 +209,31 @@ class Packed(Layout):
         if m.weight_zero is not None:
             out["weight_zero"] = m.weight_zero
         return out
+
+
+class Int8(Packed):
+    """INT8 keeps the portable tensors as they are (aten's INT8 kernel reads them), plus bf16 scales on CPU."""
+
+    name = "int8"
+
+    def fits(self, m, device):
+        return m.bits == 8
+
+    def build(self, m, weight, scale, zero, device):
+        super().build(m, weight, scale, None, device)
+        if device.type == "cpu":
+            m._buffers["scale_bf16"] = scale.to(torch.bfloat16)
+
+    def matmul(self, m, x):
+        return kernels.int8_linear(x, m.qweight, m.weight_scale, m.scale_bf16)
+
+    def dequantize(self, m, dtype):
+        return kernels.int8_dequantize(m.qweight, m.weight_scale, dtype)
+
+    def lookup(self, m, ids, dtype):
+        flat = ids.reshape(-1)
+        rows = m.qweight[flat].float().mul_(m.weight_scale[flat].float()[:, None])
+        return rows.to(dtype).view(*ids.shape, m.in_features)
 
 
 EMPTY, INT8, INT4PACK, TINYGEMM, PACKED = Layout(), Int8(), Int4Pack(), Tinygemm(), Packed()
