@@ -83,7 +83,7 @@ def main() -> None:
         worker(a.worker[0], a.prompt_tokens, a.decode_tokens, max(a.threads // (2 if tp else 1), 1), tp)
         return
     sys.path.insert(0, str(REPO))
-    from tests.conftest import GLM130B_TINY, glm130b_sat_state_dict, sat_reshard, write_sat_checkpoint
+    from tests.helpers.goldens import GLM130B_TINY, glm130b_sat_state_dict, sat_reshard, write_sat_checkpoint
 
     cfg = dict(GLM130B_TINY, hidden_size=a.hidden, num_attention_heads=a.heads, inner_hidden_size=a.inner,
                num_layers=a.layers, vocab_size=a.vocab, max_sequence_length=2048)

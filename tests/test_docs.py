@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers.common import REPO
 
 _spec = importlib.util.spec_from_file_location("regen_doc_outputs", REPO / "scripts" / "regen_doc_outputs.py")
 regen = importlib.util.module_from_spec(_spec)

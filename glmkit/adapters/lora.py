@@ -7,7 +7,7 @@ its own forward/generate/chat. Adapters are saved exactly as `PeftModel.save_pre
 
 Targets are glmkit module-name suffixes (`attn.qkv`, `attn.proj`, `mlp.fc`, `mlp.proj`); ChatGLM's names
 (`query_key_value`, `dense`, `dense_h_to_4h`, `dense_4h_to_h`) are accepted too. On quantized bases
-(glmkit.quant.quantize.QuantizedLinear) the LoRA update runs in floating point beside the frozen integer weights.
+(glmkit.quant.linear.QuantizedLinear) the LoRA update runs in floating point beside the frozen integer weights.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from glmkit.core.extras import require_extra
-from glmkit.quant.quantize import QuantizedLinear
+from glmkit.quant.linear import QuantizedLinear
 
 DEFAULT_TARGETS = ("attn.qkv",)
 ADAPTER_CONFIG = "adapter_config.json"

@@ -88,13 +88,3 @@ def save_ptuning_checkpoint(model: nn.Module, out_dir: str | Path) -> Path:
     (out / "config.json").write_text(json.dumps(hf, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     torch.save(prefix_state_dict(model), out / "pytorch_model.bin")
     return out
-
-
-def is_ptuning_folder(path: Path) -> bool:
-    cfg = path / "config.json"
-    if not cfg.exists():
-        return False
-    try:
-        return bool(json.loads(cfg.read_text(encoding="utf-8")).get("pre_seq_len"))
-    except json.JSONDecodeError:
-        return False

@@ -10,6 +10,7 @@ it after parsing its arguments, and the MissingExtraError it raises is printed h
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from glmkit.core.extras import MissingExtraError
@@ -60,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     except MissingExtraError as err:
         print(f"glmkit {name}: {err}", file=sys.stderr)
         return 1
-    if "glmkit.distributed.tp" in sys.modules:  # rank 0 of a tensor-parallel run: release the other ranks
-        sys.modules["glmkit.distributed.tp"].finish_leader(code)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun (imported only there: torch.distributed's cost)
+        from glmkit.distributed.tp import finish_leader
+
+        finish_leader(code)  # rank 0 of a tensor-parallel run releases the other ranks; otherwise nothing
     return code
 
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from glmkit.loading.tools import quantize_checkpoint
-from glmkit.quant.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, HEADS, SCHEMES, default_head, default_spec
+from glmkit.quant.formats import DEFAULT_GROUP_SIZE, GROUP_SIZES, HEADS, SCHEMES, default_head, default_spec
 
 
 def cli_main(argv: list[str]) -> int:

@@ -37,14 +37,6 @@ def blank_positions(context_len: int, mask_position: int, part_b_len: int) -> li
             [0] * context_len + list(range(1, part_b_len + 1))]
 
 
-def first_blank(ids: Sequence[int], mask_ids: Sequence[int]) -> int:
-    """Index of the first blank token of a Part A (the hub code fills the first of [MASK]/[sMASK]/[gMASK])."""
-    found = [i for i, t in enumerate(ids) if t in set(mask_ids)]
-    if not found:
-        raise ValueError("the text has no [MASK] / [sMASK] / [gMASK] blank to fill")
-    return found[0]
-
-
 def blank_rows(rows: Sequence[tuple[Sequence[int], Sequence[Sequence[int]], int]], pad_id: int,
                device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Left-pads rows of (ids, [positions, block positions], context length) into a batch:

@@ -1,17 +1,17 @@
 """Reading checkpoint folders: their config.json, weight files (safetensors, .bin, shards with or without an index)
 and tensors, streamed one at a time into a model built on the meta device.
 
-Safetensors files are read with plain reads, .bin files with torch.load(mmap=True), each tensor copied out, so peak
-memory stays near the final model size. A checkpoint whose tensors are already in the model's runtime form (glmkit's
-saved quantized models) is memory-mapped instead (`iter_tensors(..., mapped=True)`): its tensors are views of the
-file, taken without a copy. Every checkpoint tensor must map to a model tensor and every model tensor must be filled:
-missing, unexpected, mis-shaped and duplicated weights are errors.
+Safetensors files are read with plain reads (glmkit.core.safetensors_io), .bin files with torch.load(mmap=True),
+each tensor copied out, so peak memory stays near the final model size. A checkpoint whose tensors are already in
+the model's runtime form (glmkit's saved quantized models) is memory-mapped instead (`iter_tensors(...,
+mapped=True)`): its tensors are views of the file, taken without a copy. Every checkpoint tensor must map to a
+model tensor and every model tensor must be filled: missing, unexpected, mis-shaped and duplicated weights are
+errors.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,14 +21,12 @@ from torch import nn
 
 from glmkit.core.convert import UnexpectedWeightError
 from glmkit.core.hub import read_json_object
+from glmkit.core.safetensors_io import CheckpointError, CheckpointRows, map_tensors, read_metadata, read_tensors
 
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+# names of torch dtypes in config.json and on the command line (safetensors' codes: safetensors_io.DTYPES)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint folder that cannot be loaded as it is (missing, corrupt, mismatched)."""
 
 
 # ------------------------------------------------------------------------------------------------ locating files
@@ -63,108 +61,6 @@ def weight_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(f"{folder} holds no weights (looked for {', '.join(WEIGHT_FILES)} and shards)")
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
-class CheckpointRows:
-    """A 2-D float tensor of a safetensors file, read a block of rows at a time: ``rows[a:b]`` reads just those
-    rows. Quantize-on-load takes these for the layers' float weights, so the whole float matrix (134 MB for one
-    fp16 ChatGLM-6B MLP weight) never sits in memory next to the model."""
-
-    def __init__(self, path: Path, offset: int, shape: list[int], dtype: torch.dtype) -> None:
-        self.path, self.offset, self.shape, self.dtype = path, offset, torch.Size(shape), dtype
-
-    def is_floating_point(self) -> bool:
-        return self.dtype.is_floating_point
-
-    def __getitem__(self, rows: slice) -> torch.Tensor:
-        if not isinstance(rows, slice) or rows.step not in (None, 1):
-            raise TypeError("CheckpointRows reads contiguous row ranges only (rows[a:b])")
-        a, b, _ = rows.indices(self.shape[0])
-        out = torch.empty((max(b - a, 0), *self.shape[1:]), dtype=self.dtype)
-        nbytes = out.numel() * out.element_size()
-        row_bytes = self.shape[1:].numel() * out.element_size()
-        with open(self.path, "rb") as f:
-            f.seek(self.offset + a * row_bytes)
-            if nbytes and f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) != nbytes:
-                raise CheckpointError(f"cannot read {self.path}: truncated data")
-        return out
-
-    def __repr__(self) -> str:
-        return f"CheckpointRows({self.path.name}, shape={tuple(self.shape)}, dtype={self.dtype})"
-
-
-def _safetensors_entries(path: Path, head: bytes, read_header: Callable[[int], bytes]
-                         ) -> list[tuple[str, torch.dtype, list[int], int]]:
-    """A safetensors file's header, checked against the file's size: [(name, dtype, shape, offset of its bytes in
-    the file)] in file order. head: the file's first 8 bytes; read_header(n): the n header bytes after them."""
-    if len(head) != 8:
-        raise CheckpointError(f"cannot read {path}: file too short for a safetensors header")
-    n = int.from_bytes(head, "little")
-    size = path.stat().st_size
-    if n <= 0 or 8 + n > size:
-        raise CheckpointError(f"cannot read {path}: invalid safetensors header length {n}")
-    try:
-        header = json.loads(read_header(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: corrupt safetensors header ({e})") from None
-    header.pop("__metadata__", None)
-    entries = []
-    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = [int(d) for d in info["shape"]]
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"cannot read {path}: bad header entry for {name!r} ({e})") from None
-        if end - begin != torch.Size(shape).numel() * dtype.itemsize or 8 + n + end > size:
-            raise CheckpointError(f"cannot read {path}: tensor {name!r} has inconsistent offsets")
-        entries.append((name, dtype, shape, 8 + n + begin))
-    return entries
-
-
-def _read_safetensors(path: Path, defer: Callable[[str], bool] | None = None
-                      ) -> Iterator[tuple[str, torch.Tensor | CheckpointRows]]:
-    """Reads a safetensors file tensor by tensor into freshly allocated memory, with plain reads rather than a
-    memory map: pages of a mapped file count in the process's RSS until it is unmapped, which would put a whole
-    multi-GB shard on top of the model while it streams in (and defeat quantize-on-load's low peak).
-    defer(name) True: a 2-D float tensor comes as CheckpointRows, read later a block of rows at a time."""
-    with open(path, "rb") as f:
-        entries = _safetensors_entries(path, f.read(8), f.read)
-        for name, dtype, shape, offset in entries:
-            if defer is not None and len(shape) == 2 and dtype.is_floating_point and defer(name):
-                yield name, CheckpointRows(path, offset, shape, dtype)
-                continue
-            tensor = torch.empty(shape, dtype=dtype)
-            nbytes = tensor.numel() * dtype.itemsize
-            f.seek(offset)
-            if nbytes and f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
-                raise CheckpointError(f"cannot read {path}: truncated data for {name!r}")
-            yield name, tensor
-
-
-MAPPED_ALIGNMENT = 64  # a mapped tensor is taken as it is only from an offset aligned to this (else copied)
-
-
-def _map_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of a safetensors file as views of one private (copy-on-write) memory map of it: no copy, no
-    read until a page is touched. The map lives as long as any of its tensors. A tensor that does not start on a
-    MAPPED_ALIGNMENT boundary of the file is copied (glmkit writes its quantized files aligned)."""
-    with open(path, "rb") as f:
-        if path.stat().st_size < 8:
-            raise CheckpointError(f"cannot read {path}: file too short for a safetensors header")
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    data = torch.frombuffer(mapped, dtype=torch.uint8)
-    entries = _safetensors_entries(path, bytes(mapped[:8]), lambda n: bytes(mapped[8:8 + n]))
-    for name, dtype, shape, offset in entries:
-        raw = data[offset:offset + torch.Size(shape).numel() * dtype.itemsize]
-        if offset % MAPPED_ALIGNMENT:  # e.g. aten's INT8 kernel reads 32-byte aligned rows: copy it
-            raw = raw.clone()
-        yield name, raw.view(dtype).view(shape)
-
-
 def iter_tensors(files: list[Path], defer: Callable[[str], bool] | None = None, mapped: bool = False
                  ) -> Iterator[tuple[str, torch.Tensor | CheckpointRows]]:
     """Yields (name, tensor) one at a time, each in memory of its own (never a view of a mapped file); with
@@ -172,9 +68,9 @@ def iter_tensors(files: list[Path], defer: Callable[[str], bool] | None = None, 
     tensors are views of a memory map of their file instead (for checkpoints taken as they are)."""
     for path in files:
         if path.suffix == ".safetensors" and mapped:
-            yield from _map_safetensors(path)
+            yield from map_tensors(path)
         elif path.suffix == ".safetensors":
-            yield from _read_safetensors(path, defer)
+            yield from read_tensors(path, defer)
         else:
             try:
                 try:
@@ -186,20 +82,15 @@ def iter_tensors(files: list[Path], defer: Callable[[str], bool] | None = None, 
             if not isinstance(sd, dict):
                 raise CheckpointError(f"{path} does not hold a state dict")
             for name in list(sd):
-                yield name, sd.pop(name).clone()  # out of the mapped file (see _read_safetensors)
+                yield name, sd.pop(name).clone()  # out of the mapped file (see safetensors_io.read_tensors)
             del sd
 
 
 def safetensors_metadata(files: list[Path]) -> dict[str, str] | None:
+    """The metadata of the first safetensors file (None without one)."""
     for path in files:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    return f.metadata()
-            except Exception as e:
-                raise CheckpointError(f"cannot read {path}: {e}") from None
+            return read_metadata(path)
     return None
 
 

@@ -302,10 +302,6 @@ def _require(hf: dict[str, Any], *keys: str) -> None:
         raise ConfigError(f"config.json lacks required fields {missing}")
 
 
-def _known_extra(hf: dict[str, Any], used: set[str]) -> dict[str, Any]:
-    return {k: v for k, v in hf.items() if k not in used}
-
-
 def _from_chatglm1(hf: dict[str, Any]) -> GLMConfig:
     _require(hf, "hidden_size", "num_layers", "num_attention_heads", "vocab_size")
     if not hf.get("position_encoding_2d", True):

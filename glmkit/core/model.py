@@ -649,10 +649,6 @@ class GLM(nn.Module):
             cache = block.attn.kv_cache
             cache.k, cache.v = cache.k.index_select(0, index), cache.v.index_select(0, index)
 
-    @property
-    def has_cache(self) -> bool:
-        return self.h[0].attn.kv_cache is not None
-
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, input_pos: torch.Tensor | None = None,

@@ -51,9 +51,11 @@ from glmkit.core.checkpoint import (
 from glmkit.core.config import GLMConfig
 from glmkit.core.convert import UnexpectedWeightError, converter_for
 from glmkit.core.sat import is_sat_checkpoint, iter_sat_tensors, read_sat_config, sat_quantization, split_by_kind
-from glmkit.quant.quantize import QuantizedLinear, default_spec, prepare_model
+from glmkit.quant.formats import default_spec
+from glmkit.quant.linear import QuantizedLinear
 from glmkit.quant.sharded import GroupedRowwiseLinear, prepare_sat_model
 from glmkit.distributed.launch import end_worker
+from glmkit.quant.transform import prepare_model
 
 COLUMN = ("attn.qkv", "mlp.fc")
 ROW = ("attn.proj", "mlp.proj")

@@ -26,7 +26,9 @@ from glmkit.core.causal_lm import GLMForCausalLM
 from glmkit.core.config import GLMConfig
 from glmkit.core.generate import generate_stream
 from glmkit.quant import kernels
-from glmkit.quant.quantize import QuantizedLinear, default_spec, head_spec, prepare_model
+from glmkit.quant.formats import default_spec, head_spec
+from glmkit.quant.linear import QuantizedLinear
+from glmkit.quant.transform import prepare_model
 
 PRECISIONS = ("bf16", "int8", "int4")
 

@@ -42,17 +42,10 @@ from glmkit.core.convert import (
 )
 from glmkit.core.hub import resolve_model_dir
 from glmkit.core.sat import is_sat_checkpoint, iter_sat_tensors, read_sat_config, sat_quantization
-from glmkit.quant.quantize import (
-    QUANT_KEY,
-    QuantizedLinear,
-    default_spec,
-    head_spec,
-    prepare_model,
-    quantization_spec,
-    save_quantized,
-    saved_layout_is_native,
-    tie_quantized_head,
-)
+from glmkit.quant.formats import QUANT_KEY, default_spec, head_spec, quantization_spec, saved_layout_is_native
+from glmkit.quant.linear import QuantizedLinear
+from glmkit.quant.saving import save_quantized
+from glmkit.quant.transform import prepare_model, tie_quantized_head
 from glmkit.quant.sharded import prepare_sat_model, sat_spec
 
 

@@ -16,7 +16,9 @@ from glmkit.core.tokenizer import load_tokenizer
 from glmkit.distributed.tp import end_worker, lockstep
 from glmkit.loading.loader import load_model, save_model
 from glmkit.quant.calibrate import calibrate_and_quantize
-from glmkit.quant.quantize import default_head, default_spec, head_spec, quantize_head, save_quantized
+from glmkit.quant.formats import default_head, default_spec, head_spec
+from glmkit.quant.saving import save_quantized
+from glmkit.quant.transform import quantize_head
 
 DEFAULT_MODEL = "glm-tiny"  # the bundled model: every command works with no download
 

@@ -1,6 +1,6 @@
 """Calibrated INT8/INT4 quantization (GPTQ): the same checkpoint format as round-to-nearest, less error.
 
-Round-to-nearest (glmkit.quant.quantize) rounds every weight on its own. GPTQ (Frantar et al., 2022) rounds the columns
+Round-to-nearest (glmkit.quant.formats) rounds every weight on its own. GPTQ (Frantar et al., 2022) rounds the columns
 of a layer one at a time and moves each rounding error onto the columns not yet rounded, weighted by the inverse
 Hessian H = X^T X of the layer's inputs X on calibration text, so the layer's *output* on text like it stays
 close. The scales and zeros are still chosen per group (or per row) as round-to-nearest chooses them, so a
@@ -23,14 +23,10 @@ import torch
 from torch import nn
 
 from glmkit.quant import kernels
-from glmkit.quant.quantize import (
-    QuantizedLinear,
-    _layer_linears,
-    _record_spec,
-    default_spec,
-    quantize_group,
-    release_freed_memory,
-)
+from glmkit.quant.formats import default_spec, quantize_group
+from glmkit.quant.kernels import release_freed_memory
+from glmkit.quant.linear import QuantizedLinear
+from glmkit.quant.transform import layer_linears, record_spec
 
 CALIBRATION_TEXT = Path(__file__).parents[1] / "assets" / "calibration.txt"
 DAMPING = 0.01  # added to H's diagonal, as a fraction of its mean: keeps the Cholesky factorisation stable
@@ -70,7 +66,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, scheme: str
                   symmetric: bool = False, block_size: int = 128
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """w [N, K] float, hessian [K, K] (sum of x x^T over calibration inputs) -> q int8 [N, K], scale, zero in
-    glmkit.quant.quantize's formats: rowwise = ChatGLM-6B's fp16 absmax scale per row; group = bf16 (scale, zero) per
+    glmkit.quant.formats' schemes: rowwise = ChatGLM-6B's fp16 absmax scale per row; group = bf16 (scale, zero) per
     group, picked by quantize_group from the group's weights as updated by the errors of earlier columns."""
     n, k = w.shape
     W = w.detach().float().clone()
@@ -157,9 +153,9 @@ def quantize_calibrated(model: nn.Module, ids: torch.Tensor, bits: int, group_si
                         scheme: str | None = None, symmetric: bool = False, batch_size: int = 4,
                         progress: bool = True) -> nn.Module:
     """Quantizes the four linears of every layer of a float model in place with GPTQ on calibration token ids
-    [n, T] (see calibration_batch). Same spec arguments and result format as glmkit.quant.quantize.quantize_model."""
+    [n, T] (see calibration_batch). Same spec arguments and result format as glmkit.quant.transform.quantize_model."""
     spec = default_spec(bits, group_size, scheme, symmetric)
-    linears = {id(m): (parent, attr) for _, parent, attr, m in _layer_linears(model)}
+    linears = {id(m): (parent, attr) for _, parent, attr, m in layer_linears(model)}
     for m in model.modules():
         if isinstance(m, QuantizedLinear):
             raise ValueError("the model is already quantized")
@@ -198,14 +194,14 @@ def quantize_calibrated(model: nn.Module, ids: torch.Tensor, bits: int, group_si
             q, s, z = gptq_quantize(m.weight, hessians.pop(id(m)), spec["bits"], spec["scheme"], q_mod.group_size,
                                     spec["symmetric"])
             q, s, z = q.cpu(), s.cpu(), z.cpu() if z is not None else None  # the portable form is built on CPU
-            q_mod._store(kernels.pack_int4(q) if spec["bits"] == 4 else q, s, z)
+            q_mod.load_portable(kernels.pack_int4(q) if spec["bits"] == 4 else q, s, z)
             if m.bias is not None:
                 q_mod.load_weight_tensor("bias", m.bias.detach())
             setattr(parent, attr, q_mod.to(m.weight.device))
             del m
         release_freed_memory()
         xs = [block(x, *args[1:], **kwargs) for x, (args, kwargs) in zip(xs, chunks)]  # through the quantized layer
-    _record_spec(model, spec)
+    record_spec(model, spec)
     return model
 
 

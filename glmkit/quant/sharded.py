@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from glmkit.quant.quantize import QuantizedLinear, prepare_model
+from glmkit.quant.linear import QuantizedLinear
+from glmkit.quant.transform import prepare_model
 
 ROW_PARALLEL = ("attn.proj", "mlp.proj")
 

@@ -32,6 +32,7 @@ def test_each_command_has_cli_main_and_help(name):
     assert e.value.code == 0
 
 
+@pytest.mark.slow
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "glmkit", "--help"], capture_output=True, text=True, check=True)
     assert "usage: glmkit" in out.stdout

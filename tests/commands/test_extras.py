@@ -15,7 +15,7 @@ import pytest
 
 from glmkit.commands.cli import COMMANDS
 from glmkit.core.extras import EXTRAS, MissingExtraError, require_extra
-from tests.conftest import REPO
+from tests.helpers.common import REPO
 
 BLOCKED = ("fastapi", "uvicorn", "starlette", "prometheus_client", "gradio", "peft", "transformers", "tensorboard",
            "rouge_chinese", "jieba", "nltk", "lm_eval", "google")

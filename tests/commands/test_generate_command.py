@@ -6,7 +6,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.conftest import REPO, build_tiny_glm4_model
+import pytest
+
+from tests.helpers.chat_models import build_tiny_glm4_model
+from tests.helpers.common import REPO
+
+pytestmark = pytest.mark.slow  # runs `glmkit generate` in a subprocess
 
 
 def run(*argv: str) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from glmkit.core.blank import build_multiple_choice_sample, pack_choices, segment_mask
-from tests.conftest import REPO
+from tests.helpers.common import REPO
 
 GOLDEN = json.loads((REPO / "tests" / "data" / "glm130b_eval" / "golden.json").read_text(encoding="utf-8"))
 IDS = {"mask_id": GOLDEN["commands"]["[MASK]"], "gmask_id": GOLDEN["commands"]["[gMASK]"],

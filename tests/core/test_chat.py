@@ -9,11 +9,10 @@ import torch
 
 import glmkit.core.generate
 from glmkit.core import chat as C
-from glmkit.core.causal_lm import GLMForCausalLM
-from glmkit.core.config import GLMConfig
 from glmkit.core.tokenizer import load_tokenizer, write_tiktoken_ranks
 from glmkit.core.tokenizer.base import GLM4_SPECIAL_TOKENS
 from glmkit.training.tokenizer import train_tokenizer
+from tests.helpers.chat_models import Script, tiny_model
 
 LINES = [
     "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
@@ -47,38 +46,6 @@ def toks(tmp_path_factory):
     (glm4 / "tokenizer_config.json").write_text(json.dumps(cfg))
     out["glm4"] = load_tokenizer(glm4)
     return out
-
-
-def tiny_model(tok, seed: int = 0, max_seq_len: int = 256) -> GLMForCausalLM:
-    if tok.family == "chatglm":
-        cfg = GLMConfig(vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4, ffn_hidden_size=64,
-                        max_seq_len=max_seq_len, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                        pad_token_id=tok.pad_token_id, mask_token_id=tok.mask_token_id,
-                        gmask_token_id=tok.gmask_token_id, family="chatglm")
-    else:
-        cfg = GLMConfig(vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                        ffn_hidden_size=48, max_seq_len=max_seq_len, norm="rmsnorm", residual="prenorm", mlp="swiglu",
-                        qkv_bias=True, proj_bias=False, mlp_bias=False, qkv_layout="grouped", rope="half_interleaved",
-                        attention="causal", bos_token_id=None, eos_token_id=tok.eos_token_id,
-                        pad_token_id=tok.pad_token_id, mask_token_id=None, gmask_token_id=None,
-                        family="glm4" if tok.family == "glm4" else "chatglm2")
-    torch.manual_seed(seed)
-    model = GLMForCausalLM(cfg)
-    model.init_weights(std=0.5, generator=torch.Generator().manual_seed(seed))
-    return model.eval()
-
-
-class Script:
-    """A logits processor (the public `logits_processor` argument) that forces a fixed token sequence."""
-
-    def __init__(self, ids: list[int]):
-        self.ids, self.i = ids, 0
-
-    def __call__(self, input_ids, scores):
-        scores = torch.full_like(scores, -1e4)
-        scores[:, self.ids[min(self.i, len(self.ids) - 1)]] = 1e4
-        self.i += 1
-        return scores
 
 
 # ---------------------------------------------------------------------------------------------- templates

@@ -7,7 +7,8 @@ import torch
 
 from glmkit.commands.fill import cli_main
 from glmkit.core.fill import _BlankView, _encode_piece, fill
-from tests.conftest import REPO, tiny_chatglm_with_tokenizer
+from tests.helpers.chat_models import tiny_chatglm_with_tokenizer
+from tests.helpers.common import REPO
 
 BUNDLED = REPO / "glmkit" / "assets" / "glm-tiny"
 

@@ -10,7 +10,7 @@ import pytest
 import sentencepiece as spm
 
 from glmkit.core.tokenizer import GLM130BTokenizer, load_tokenizer
-from tests.conftest import REPO
+from tests.helpers.common import REPO
 
 ICE = REPO / "glmkit" / "assets" / "glm-tiny" / "ice_text.model"
 MASK, GMASK, SMASK, SOP, EOP, EOS = 150000, 150001, 150002, 150004, 150005, 20002

@@ -10,7 +10,7 @@ import glmkit
 from glmkit.core.blank import BlankInfillingView, blank_positions, blank_rows, sep_mask
 from glmkit.core.generate import generate
 from glmkit.fill import fill
-from tests.conftest import GLM_DATA, glm_golden
+from tests.helpers.goldens import GLM_DATA, glm_golden
 
 FIXTURES = ("chinese", "gpt2")
 GEN_LEN = 6  # make_golden.GEN_LEN

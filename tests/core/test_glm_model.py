@@ -16,7 +16,7 @@ import glmkit
 from glmkit.core.causal_lm import GLMForCausalLM
 from glmkit.core.config import ConfigError, GLMConfig
 from glmkit.core.convert import ORIGINAL_GLM, OriginalGLMConverter
-from tests.conftest import GLM_DATA, glm_golden, glm_logits_case
+from tests.helpers.goldens import GLM_DATA, glm_golden, glm_logits_case
 
 FIXTURES = ("chinese", "gpt2")
 CASES = ("seq2seq_batch", "fill_prompt", "multiple_choice", "default", "positions_only", "sep", "key_mask_2d")

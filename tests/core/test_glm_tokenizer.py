@@ -11,7 +11,7 @@ import pytest
 
 import glmkit
 from glmkit.core.tokenizer import GLMChineseTokenizer, GLMGPT2Tokenizer, TokenizerError, load_tokenizer
-from tests.conftest import GLM_DATA, glm_golden
+from tests.helpers.goldens import GLM_DATA, glm_golden
 
 FIXTURES = ("chinese", "gpt2")
 

@@ -11,8 +11,14 @@ import glmkit
 import glmkit.core.model
 from glmkit.core.causal_lm import GLMForCausalLM
 from glmkit.core.config import GLMConfig
-from tests.conftest import CHATGLM_V1_HF, CHATGLM_V2_HF, thudm_v1_state_dict, thudm_v2_state_dict, write_folder
-from tests.reference_impls import chatglm_v1_logits, chatglm_v2_logits
+from tests.helpers.checkpoints import (
+    CHATGLM_V1_HF,
+    CHATGLM_V2_HF,
+    thudm_v1_state_dict,
+    thudm_v2_state_dict,
+    write_folder,
+)
+from tests.helpers.reference_impls import chatglm_v1_logits, chatglm_v2_logits
 
 BOS, GMASK, MASK = CHATGLM_V1_HF["bos_token_id"], CHATGLM_V1_HF["gmask_token_id"], CHATGLM_V1_HF["mask_token_id"]
 
@@ -180,8 +186,8 @@ def test_generate_stops_at_eos_and_pads_finished_rows(chatglm_v2_dir):
     eos = int(free[0, 1])  # make row 0's second token the eos
     out = model.generate(ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
     assert out[0, 1] == eos and (out[0, 2:] == 0).all()
-    if eos not in free[1].tolist():
-        assert out.shape[1] == 6 and out[1].tolist() == free[1].tolist()
+    assert eos not in free[1].tolist()  # row 1 never emits it, so it runs to the end as before
+    assert out.shape[1] == 6 and out[1].tolist() == free[1].tolist()
 
 
 def test_max_length_counts_prompt(chatglm_v2_dir):
@@ -314,7 +320,7 @@ LONG = (300, 600, 1100, 2047)  # beyond 256, 512 and 1024: bf16 would round thes
 def test_chatglm_v1_rotary_table_at_long_positions_in_every_dtype(tmp_path, dtype):
     """The table the loader picks is the original's, value for value, at positions bf16 cannot represent: the
     `.float()`-ed model's fp32 table for fp32, the published fp16 table for fp16 and for glmkit's bf16."""
-    from tests.reference_impls import _chatglm_rotary_table
+    from tests.helpers.reference_impls import _chatglm_rotary_table
 
     hf = dict(CHATGLM_V1_HF, max_sequence_length=2048, torch_dtype="float16")
     folder = write_folder(tmp_path / "m", hf, {k: v.half() for k, v in thudm_v1_state_dict(hf).items()})

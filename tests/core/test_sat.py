@@ -21,7 +21,7 @@ from glmkit.core.sat import (
     sat_shard_files,
     split_tensor,
 )
-from tests.conftest import GLM130B_TINY, glm130b_sat_state_dict, sat_reshard, write_sat_checkpoint
+from tests.helpers.goldens import GLM130B_TINY, glm130b_sat_state_dict, sat_reshard, write_sat_checkpoint
 
 L0 = "transformer.layers.0."
 
@@ -32,7 +32,7 @@ def sd():
 
 
 def test_merge_inverts_convert_tp_split_for_every_tensor(sd):
-    """Splitting as convert_tp.py does (tests.conftest.sat_reshard, checked against the original by the golden
+    """Splitting as convert_tp.py does (tests.helpers.goldens.sat_reshard, checked against the original by the golden
     script) and merging with glmkit gives back every tensor; glmkit's split gives convert_tp's shards."""
     for tp in (2, 4):
         shards = sat_reshard([sd], tp)

@@ -11,7 +11,8 @@ import glmkit
 from glmkit.core.blank import BlankInfillingView, blank_positions
 from glmkit.core.generate import generate_stream
 from glmkit.fill import fill
-from tests.conftest import GLM_DATA, build_tiny_chat_model, glm_golden, tiny_chatglm_with_tokenizer
+from tests.helpers.chat_models import build_tiny_chat_model, tiny_chatglm_with_tokenizer
+from tests.helpers.goldens import GLM_DATA, glm_golden
 
 
 def _forcing(choice: list[int], record: list[float]):

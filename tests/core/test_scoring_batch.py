@@ -10,7 +10,8 @@ import torch
 
 import glmkit
 from glmkit.core.scoring import Cloze, cloze_from_ids, encode_cloze, score_choices_batch, score_clozes
-from tests.conftest import GLM_DATA, build_tiny_chat_model, build_tiny_glm4_model, tiny_chatglm_with_tokenizer
+from tests.helpers.chat_models import build_tiny_chat_model, build_tiny_glm4_model, tiny_chatglm_with_tokenizer
+from tests.helpers.goldens import GLM_DATA
 
 
 def _sum_rows(logits: torch.Tensor, start: int, choice: list[int]) -> tuple[float, bool]:
@@ -144,7 +145,8 @@ def glm130b(tmp_path_factory):
     model."""
     import shutil
 
-    from tests.conftest import REPO, glm130b_sat_state_dict, write_sat_checkpoint
+    from tests.helpers.common import REPO
+    from tests.helpers.goldens import glm130b_sat_state_dict, write_sat_checkpoint
 
     folder = write_sat_checkpoint(tmp_path_factory.mktemp("glm130b") / "sat", [glm130b_sat_state_dict()])
     shutil.copy(REPO / "glmkit" / "assets" / "glm-tiny" / "ice_text.model", folder / "ice_text.model")
@@ -156,7 +158,7 @@ def test_glm130b_scores_equal_its_multiple_choice_layout(glm130b):
     explicit positions and mask, log-probs read at its choice_target_ids, against batched score_clozes."""
     import json
 
-    from tests.conftest import REPO
+    from tests.helpers.common import REPO
 
     model, _ = glm130b
     golden = json.loads((REPO / "tests" / "data" / "glm130b_eval" / "golden.json").read_text())

@@ -27,7 +27,7 @@ from glmkit.core.tokenizer import (
 )
 from glmkit.core.tokenizer.base import GLM4_SPECIAL_TOKENS, KEEP_SPACES, STRIP_BOTH, SplitRule, split_on
 from glmkit.training.tokenizer import train_tokenizer
-from tests.conftest import REPO, SHARED_DATA
+from tests.helpers.common import REPO, SHARED_DATA
 
 CORPUS_LINES = [
     "床前明月光，疑是地上霜。举头望明月，低头思故乡。",

@@ -190,7 +190,7 @@ def test_parsing_survives_hostile_answers():
 
 
 def test_stop_tokens_by_family(tok3, tok4):
-    from tests.core.test_chat import tiny_model
+    from tests.helpers.chat_models import tiny_model
 
     g = tok4.get_command
     assert C.stop_token_ids(tiny_model(tok4), tok4, "glm4")[:3] == [tok4.eos_token_id, g("<|user|>"),
@@ -341,7 +341,7 @@ def test_forced_call_keeps_the_answer_on_a_tool_name(tok3, tok4):
 def test_chat_with_tools_glm4_and_chatglm3(tok3, tok4):
     """chat() with tools: the tool system message goes first, a scripted call comes back as {"name",
     "parameters"}, and the observation round continues the same history."""
-    from tests.core.test_chat import Script, tiny_model
+    from tests.helpers.chat_models import Script, tiny_model
 
     for tok in (tok4, tok3):
         model = tiny_model(tok)
@@ -366,7 +366,7 @@ def test_chat_with_tools_glm4_and_chatglm3(tok3, tok4):
 
 
 def test_chat_stop_strings(tok4):
-    from tests.core.test_chat import Script, tiny_model
+    from tests.helpers.chat_models import Script, tiny_model
 
     model = tiny_model(tok4)
     script = tok4.sp_encode("\nHello world, and more") + [tok4.eos_token_id]

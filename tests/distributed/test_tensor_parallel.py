@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import glmkit
-from tests.conftest import REPO, free_port, glm130b_sat_state_dict, sat_reshard, write_sat_checkpoint
+from tests.helpers.common import REPO, free_port
+from tests.helpers.goldens import glm130b_sat_state_dict, sat_reshard, write_sat_checkpoint
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
 
@@ -37,6 +38,7 @@ def checkpoints(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_ranks_reproduce_the_original(checkpoints):
     """TP=2 from a TP=1 folder (split while loading), a TP=2 folder (each rank reads its own file), INT8 split from
     one shard and INT4 with per-shard scales: logits within 3e-4 of the original, the same greedy tokens."""
@@ -55,6 +57,7 @@ def test_two_ranks_reproduce_the_original(checkpoints):
     assert results["tp2_fp16"]["local_bytes"] < 0.55 * full_bytes
 
 
+@pytest.mark.slow
 def test_generate_command_under_torchrun(checkpoints, tmp_path):
     folder = tmp_path / "with_tokenizer"
     shutil.copytree(checkpoints["tp2_fp16"], folder)
@@ -88,6 +91,7 @@ def test_grouped_kv_heads_are_refused():
     assert torch.__version__  # (the DeviceMesh / parallelize_module API of the pinned torch)
 
 
+@pytest.mark.slow
 def test_serve_under_torchrun_rank0_serves_the_others_follow(checkpoints, tmp_path):
     """`glmkit serve` under torchrun: rank 0 answers HTTP (the continuous engine), rank 1 mirrors its model calls; the
     answer is the single-process model's greedy answer."""

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 import glmkit
 from glmkit.distributed.launch import end_worker
-from tests.conftest import GLM130B_DATA
+from tests.helpers.goldens import GLM130B_DATA
 
 
 def local_bytes(model) -> int:

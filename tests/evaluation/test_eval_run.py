@@ -19,7 +19,8 @@ from glmkit.evaluation.predict import PromptRow, answer_letter_ids, first_word, 
 from glmkit.evaluation.run import comparison_markdown, evaluate_tasks, results_markdown, write_results
 from glmkit.evaluation.tasks import lm_windows
 from glmkit.fill import fill
-from tests.conftest import REPO, build_tiny_chat_model
+from tests.helpers.chat_models import build_tiny_chat_model
+from tests.helpers.common import REPO
 
 
 @pytest.fixture(scope="module")

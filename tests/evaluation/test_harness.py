@@ -20,7 +20,7 @@ from glmkit.core.scoring import score_choices_batch
 from glmkit.evaluation.harness import GLMKitLM
 from glmkit.evaluation.predict import generate_texts
 from glmkit.evaluation.run import evaluate_tasks
-from tests.conftest import build_tiny_chat_model
+from tests.helpers.chat_models import build_tiny_chat_model
 
 ROWS = [
     {"inputs_pretokenized": "床前明月光，疑是地上霜。\n", "choices_pretokenized": ["舉頭望明月，", "白日依山盡，", "春"], "label": 0},

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from glmkit.commands.eval import cli_main
 from glmkit.evaluation.perplexity import char_unigram_counts, score_texts, unigram_char_ce
-from tests.conftest import POEMS, REPO, tiny_chatglm_with_tokenizer
+from tests.helpers.chat_models import POEMS, tiny_chatglm_with_tokenizer
+from tests.helpers.common import REPO
 
 BUNDLED = REPO / "glmkit" / "assets" / "glm-tiny"
 CORPUS = REPO.parent / "shared" / "data" / "corpus"

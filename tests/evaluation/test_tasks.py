@@ -21,7 +21,8 @@ from glmkit.evaluation.tasks import (
     read_items,
     task_config,
 )
-from tests.conftest import REPO, tiny_chatglm_with_tokenizer
+from tests.helpers.chat_models import tiny_chatglm_with_tokenizer
+from tests.helpers.common import REPO
 
 DATA = REPO / "tests" / "data" / "glm130b_eval"
 GOLDEN = json.loads((DATA / "golden.json").read_text(encoding="utf-8"))

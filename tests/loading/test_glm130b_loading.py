@@ -1,7 +1,7 @@
 """GLM-130B checkpoints through glmkit.load_model, against the ORIGINAL code's outputs (tests/data/glm130b: SAT 0.2.12's
 GLM130B and GLM-130B's convert_tp.py / quantization / generate.py / batch_filling_sequence, run by make_golden.py).
 
-The checkpoints are rebuilt here byte for byte (tests.conftest.glm130b_sat_state_dict + sat_reshard, which the
+The checkpoints are rebuilt here byte for byte (tests.helpers.goldens.glm130b_sat_state_dict + sat_reshard, which the
 golden script checked against convert_tp.py): TP=1 and TP=2, fp16 weights, INT8 and INT4."""
 
 from __future__ import annotations
@@ -17,15 +17,8 @@ import torch
 import glmkit
 from glmkit.quant.quantize import QuantizedLinear
 from glmkit.quant.sharded import GroupedRowwiseLinear
-from tests.conftest import (
-    GLM130B_DATA,
-    GLM130B_TINY,
-    REPO,
-    glm130b_sat_state_dict,
-    rel_err,
-    sat_reshard,
-    write_sat_checkpoint,
-)
+from tests.helpers.common import REPO, rel_err
+from tests.helpers.goldens import GLM130B_DATA, GLM130B_TINY, glm130b_sat_state_dict, sat_reshard, write_sat_checkpoint
 
 VARIANTS = [f"tp{tp}_{kind}" for kind in ("fp16", "int8", "int4") for tp in (1, 2)]
 
@@ -129,6 +122,7 @@ def test_quantize_on_load_with_glmkits_schemes(sat_dirs, golden):
         glmkit.load_model(sat_dirs["tp2_int8"], quantize="int4")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["tp2_fp16", "tp2_int4"])
 def test_converted_folder_loads_to_the_same_model(sat_dirs, golden, tmp_path, variant):
     out = tmp_path / "converted"
@@ -140,6 +134,7 @@ def test_converted_folder_loads_to_the_same_model(sat_dirs, golden, tmp_path, va
     check_case(model, golden, variant, "smask", torch.tensor([case["seq"]]))
 
 
+@pytest.mark.slow
 def test_convert_peak_memory_is_one_layer_not_the_model(tmp_path):
     """`glmkit convert` of a 4-way checkpoint of 8 layers (~100 MB of fp16): the peak RSS grows by about one
     layer's shard set and its merged copy plus the output shard, far below the checkpoint."""
@@ -168,7 +163,7 @@ def test_convert_peak_memory_is_one_layer_not_the_model(tmp_path):
 def test_the_deployed_fp16_rotary_table_in_every_load_dtype(sat_dirs, golden, dtype):
     """GLM-130B was trained and is deployed only in fp16 (SAT's RotaryEmbedding, precision=torch.half): every load
     dtype uses that table, value for value, at positions beyond 256, 512 and 1024 too (bf16 would round them)."""
-    from tests.reference_impls import _chatglm_rotary_table  # SAT's RotaryEmbedding is the same gpt-neox code
+    from tests.helpers.reference_impls import _chatglm_rotary_table  # SAT's RotaryEmbedding is the same gpt-neox code
 
     model = glmkit.load_model(sat_dirs["tp1_fp16"], dtype=dtype)
     assert model.config.rope_fp16 == "table"

@@ -10,7 +10,8 @@ import glmkit
 from glmkit.adapters.lora import apply_lora, merge_lora, save_lora_adapter
 from glmkit.adapters.ptuning import attach_prefix, save_ptuning_checkpoint
 from glmkit.loading.tools import merge_lora_checkpoint, quantize_checkpoint
-from tests.conftest import GLM_DATA, glm_logits_case, rel_err
+from tests.helpers.common import rel_err
+from tests.helpers.goldens import GLM_DATA, glm_logits_case
 
 
 def _inputs(fixture: str = "gpt2", case: str = "seq2seq_batch"):

@@ -11,7 +11,13 @@ import torch
 
 import glmkit
 from glmkit.core.checkpoint import CheckpointError
-from tests.conftest import CHATGLM_V1_HF, CHATGLM_V2_HF, thudm_v1_state_dict, thudm_v2_state_dict, write_folder
+from tests.helpers.checkpoints import (
+    CHATGLM_V1_HF,
+    CHATGLM_V2_HF,
+    thudm_v1_state_dict,
+    thudm_v2_state_dict,
+    write_folder,
+)
 
 IDS_V1 = torch.tensor([[5, 6, 7, 151, 154, 9, 10]])
 IDS_V2 = torch.tensor([[64, 65, 5, 6, 7, 8]])
@@ -164,6 +170,7 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
         glmkit.load_model("THUDM/chatglm-6b")
 
 
+@pytest.mark.slow
 def test_streaming_load_peak_memory(tmp_path):
     """A ~200 MB checkpoint loads with peak RSS well below twice its size (meta build + streamed tensors)."""
     hf = dict(CHATGLM_V2_HF, hidden_size=1024, num_attention_heads=8, kv_channels=128, ffn_hidden_size=2816,

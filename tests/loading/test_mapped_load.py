@@ -16,8 +16,8 @@ import glmkit.quant.quantize as Q
 from glmkit.commands.quantize import cli_main as quantize_command
 from glmkit.core.checkpoint import iter_tensors
 from glmkit.core.convert import to_thudm_state_dict
-from glmkit.quant import kernels
-from tests.conftest import CHATGLM_V1_HF, int4pack_with_block, thudm_v1_state_dict, write_folder
+from glmkit.quant import formats, kernels
+from tests.helpers.checkpoints import CHATGLM_V1_HF, int4pack_with_block, thudm_v1_state_dict, write_folder
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 151, 154, 11, 12]])
 HF = dict(CHATGLM_V1_HF, hidden_size=128, num_attention_heads=4, inner_hidden_size=256)
@@ -47,7 +47,8 @@ def test_saved_model_maps_without_copies_or_quantizing(saved, monkeypatch):
             begin = header[name]["data_offsets"][0]
             if name.endswith(("weight_int4pack", "word_embeddings.weight")):
                 assert (8 + n + begin) % 64 == 0, name  # kernel-read tensors start 64-byte aligned
-    monkeypatch.setattr(Q, "quantize_group", lambda *a, **k: pytest.fail("a saved model loads without quantizing"))
+    monkeypatch.setattr(formats, "quantize_group",
+                        lambda *a, **k: pytest.fail("a saved model loads without quantizing"))
     monkeypatch.setattr(kernels, "int_to_int4pack", lambda *a, **k: pytest.fail("... and without repacking"))
     model = glmkit.load_model(out)
     size = path.stat().st_size

@@ -13,7 +13,7 @@ import glmkit
 import glmkit.quant.quantize as Q
 from glmkit.commands.quantize import cli_main as quantize_command
 from glmkit.quant.calibrate import calibrate_and_quantize, calibration_batch, gptq_quantize, quantize_calibrated
-from tests.conftest import SHARED_DATA, rel_err
+from tests.helpers.common import SHARED_DATA, rel_err
 
 
 def test_gptq_with_an_identity_hessian_is_round_to_nearest():

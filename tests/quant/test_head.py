@@ -12,8 +12,10 @@ from torch import nn
 
 import glmkit
 import glmkit.quant.quantize as Q
+from glmkit.quant import formats
 from glmkit.quant.quantize import QuantizedEmbedding, QuantizedLinear
-from tests.conftest import CHATGLM_V1_HF, rel_err, thudm_v1_state_dict, write_folder
+from tests.helpers.checkpoints import CHATGLM_V1_HF, thudm_v1_state_dict, write_folder
+from tests.helpers.common import rel_err
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 151, 154, 11, 12]])  # prompt [gMASK] <sop> answer (CHATGLM_V1_HF ids)
 
@@ -95,8 +97,8 @@ def test_save_and_load_back_a_quantized_head(tmp_path, monkeypatch):
         assert any(k.startswith("transformer.word_embeddings.") for k in keys)
         assert any(k.startswith("lm_head.") for k in keys) == (not tied)  # a tied table is written once
 
-        monkeypatch.setattr(Q, "quantize_group", lambda *a, **k: pytest.fail("loaded without requantizing"))
-        monkeypatch.setattr(Q, "quantize_rowwise", lambda *a, **k: pytest.fail("loaded without requantizing"))
+        monkeypatch.setattr(formats, "quantize_group", lambda *a, **k: pytest.fail("loaded without requantizing"))
+        monkeypatch.setattr(formats, "quantize_rowwise", lambda *a, **k: pytest.fail("loaded without requantizing"))
         back = glmkit.load_model(out)
         monkeypatch.undo()
         assert isinstance(back.wte, QuantizedEmbedding) and (back.lm_head is back.wte) == tied
@@ -168,7 +170,7 @@ def test_quantize_command_head_option(tmp_path, capsys):
 def test_chatglm2_layout_output_layer_saves_and_loads_back(tmp_path):
     """ChatGLM2/3 and GLM-4 keep a separate output layer (transformer.output_layer): quantized as its own
     QuantizedLinear beside the quantized embedding, written under THUDM's names and read back as they were."""
-    from tests.conftest import CHATGLM_V2_HF, thudm_v2_state_dict
+    from tests.helpers.checkpoints import CHATGLM_V2_HF, thudm_v2_state_dict
 
     hf = dict(CHATGLM_V2_HF, ffn_hidden_size=96)  # INT4 groups of 32 need in_features divisible by 32
     folder = write_folder(tmp_path / "v2", hf, thudm_v2_state_dict(hf, std=0.1), fmt="safetensors")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from glmkit.quant import kernels
-from tests.conftest import int4pack_with_block
+from tests.helpers.checkpoints import int4pack_with_block
 
 
 def test_pack_int4_hand_made_high_nibble_is_even_column():

@@ -19,10 +19,11 @@ import glmkit.quant.quantize as Q
 from glmkit.commands.quantize import cli_main as quantize_command
 from glmkit.core.causal_lm import GLMForCausalLM
 from glmkit.core.config import GLMConfig
-from glmkit.quant import kernels
+from glmkit.quant import formats, kernels
 from glmkit.quant.quantize import QuantizedLinear, quantization_spec
-from tests.conftest import CHATGLM_V1_HF, rel_err, thudm_v1_state_dict, write_folder
-from tests.reference_impls import chatglm_v1_logits
+from tests.helpers.checkpoints import CHATGLM_V1_HF, thudm_v1_state_dict, write_folder
+from tests.helpers.common import rel_err
+from tests.helpers.reference_impls import chatglm_v1_logits
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 151, 154, 11, 12]])  # prompt [gMASK] <sop> answer (CHATGLM_V1_HF ids)
 LINEAR_KEYS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
@@ -323,8 +324,8 @@ def test_save_then_load_without_requantizing(tmp_path, monkeypatch):
     def no_requantizing(*args, **kwargs):
         raise AssertionError("a quantized checkpoint must load without quantizing again")
 
-    monkeypatch.setattr(Q, "quantize_group", no_requantizing)
-    monkeypatch.setattr(Q, "quantize_rowwise", no_requantizing)
+    monkeypatch.setattr(formats, "quantize_group", no_requantizing)
+    monkeypatch.setattr(formats, "quantize_rowwise", no_requantizing)
     reloaded = glmkit.load_model(tmp_path / "q4")
     assert isinstance(reloaded.h[0].attn.qkv, QuantizedLinear) and reloaded.h[0].attn.qkv.group_size == 32
     with torch.no_grad():
@@ -438,6 +439,7 @@ def test_default_int8_is_at_least_as_accurate_as_the_originals_quantize8(tmp_pat
 # ------------------------------------------------------------------------------------------------ memory
 
 
+@pytest.mark.slow
 def test_streaming_quantization_peak_memory(tmp_path):
     """Quantize-on-load of a ~300 MB fp32 checkpoint in 12 shards: the peak RSS stays near the INT4 model plus one
     shard, far below the float model. The shards use torch's legacy (non-mmap) format, so each one is read into
@@ -507,6 +509,7 @@ def _load_rss(folder, quantize: str | None) -> tuple[int, int]:
     return int(final), int(peak)
 
 
+@pytest.mark.slow
 def test_safetensors_weights_are_quantized_a_block_of_rows_at_a_time(tmp_path):
     """From safetensors, a layer's float weight is read a block of rows at a time while it is quantized: the
     peak stays below the INT4 model plus one float weight (64 MB here), which a whole-tensor read would exceed."""

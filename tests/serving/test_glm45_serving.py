@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ServerProcess
+from tests.helpers.processes import ServerProcess
 from tests.core.test_glm45_chat import write_glm45_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -219,7 +219,7 @@ def test_terminal_shows_reasoning_then_the_answer(glm45_dir, tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers.common import REPO
 
     run = lambda *extra: subprocess.run(  # noqa: E731
         [sys.executable, "-m", "glmkit", "chat", "--model", str(glm45_dir), "--temperature", "0", *extra],

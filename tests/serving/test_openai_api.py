@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,23 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess
-
-try:
-    from test_chat_cli import build_tiny_chat_model
-except ImportError:  # tests run as a package
-    from tests.conftest import build_tiny_chat_model
+from tests.helpers.chat_models import build_tiny_chat_model
+from tests.helpers.processes import Server
 
 openai = pytest.importorskip("openai", reason="the official openai client is a dev dependency (pip install openai)")
-
-
-
-class Server(ServerProcess):
-    """`python -m glmkit serve` in a subprocess, with its log kept for failure messages."""
-
-    def __init__(self, model: Path, *extra: str) -> None:
-        super().__init__(lambda port: [sys.executable, "-m", "glmkit", "serve", "--port", str(port), "--model",
-                                       str(model), *extra], model.parent, name="glmkit serve")
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +67,7 @@ def test_parse_messages():
         assert err.value.status == 400
 
 
+@pytest.mark.slow
 def test_models_and_health(server, client):
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny-chat"]
@@ -104,6 +91,7 @@ def test_openapi_document_describes_the_request_bodies(server):
     assert refs and all(name in schemas for name in refs)
 
 
+@pytest.mark.slow
 def test_plain_matches_library_and_stream_matches_plain(client, local):
     from glmkit.core.chat import build_chat_input
 
@@ -138,6 +126,7 @@ def test_plain_matches_library_and_stream_matches_plain(client, local):
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
 
 
+@pytest.mark.slow
 def test_raw_sse_format(server):
     body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
             "temperature": 0, "stream": True}
@@ -150,6 +139,7 @@ def test_raw_sse_format(server):
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
 
 
+@pytest.mark.slow
 def test_client_that_leaves_frees_its_row(server):
     body = {"messages": [{"role": "user", "content": "cat"}], "max_tokens": 400, "temperature": 0, "stream": True}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
@@ -161,6 +151,7 @@ def test_client_that_leaves_frees_its_row(server):
     assert httpx.get(server.url + "/health").json()["decoding"] == 0
 
 
+@pytest.mark.slow
 def test_max_tokens_stop_and_seed(client):
     full = ask(client, "the river", temperature=0, max_tokens=12)
     assert full.choices[0].finish_reason == "length" or full.usage.completion_tokens < 12
@@ -183,6 +174,7 @@ def test_max_tokens_stop_and_seed(client):
     assert a == b
 
 
+@pytest.mark.slow
 def test_legacy_route(server, local):
     model, tok = local
     r = httpx.post(server.url + "/", json={"prompt": "你好", "history": [], "max_length": 40, "top_p": 0.7,
@@ -251,6 +243,7 @@ BAD_REQUESTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,path,raw,status,code", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
 def test_bad_input_gets_json_4xx(server, name, path, raw, status, code):
     r = httpx.post(server.url + path, content=raw, headers={"Content-Type": "application/json"}, timeout=60)
@@ -260,11 +253,13 @@ def test_bad_input_gets_json_4xx(server, name, path, raw, status, code):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
+@pytest.mark.slow
 def test_wrong_method_gets_json_405(server):
     r = httpx.get(server.url + "/v1/chat/completions")
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
 
 
+@pytest.mark.slow
 def test_still_serving_after_bad_inputs(client, server):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="tiny-chat", messages=[{"role": "tool", "content": "x"}])
@@ -273,6 +268,7 @@ def test_still_serving_after_bad_inputs(client, server):
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_16_concurrent_greedy_clients_each_get_their_own_answer(server, client):
     firsts = "the a cat dog model answer hello world river stone light 你好 世界 模型 回答 问题".split()
     seconds = "runs fast slow question 今天 天气 很好 我们".split() * 2
@@ -299,6 +295,7 @@ def test_16_concurrent_greedy_clients_each_get_their_own_answer(server, client):
     assert after["batches"] - before["batches"] < 16
 
 
+@pytest.mark.slow
 def test_api_key_and_graceful_shutdown(model_dir):
     srv = Server(model_dir, "--api-key", "s3cret")
     try:

@@ -5,8 +5,8 @@ Two kinds of server, each a real process on a loopback port:
   "auto" / "required" / named, answers to unrelated questions, logprobs against a local forward pass, penalties and
   n against the library, bad tool schemas).
 - the same library call (`glmkit.serving.openai_api.serve`) on a model whose answers are scripted below the engine
-  (tests.conftest.scripted_model), for what a random model cannot be made to say: a tool call round trip for GLM-4 and
-  ChatGLM3, plain and streamed, and a stop string inside a known answer.
+  (tests.helpers.chat_models.scripted_model), for what a random model cannot be made to say: a tool call round trip
+  for GLM-4 and ChatGLM3, plain and streamed, and a stop string inside a known answer.
 """
 
 from __future__ import annotations
@@ -18,16 +18,9 @@ import httpx
 import pytest
 import torch
 
-from tests.conftest import (
-    REPO,
-    SEARCH_TOOL,
-    STORY,
-    WEATHER_TOOL,
-    ServerProcess,
-    build_tiny_chat_model,
-    build_tiny_glm4_model,
-)
-from tests.serving.test_openai_api import Server
+from tests.helpers.chat_models import SEARCH_TOOL, STORY, WEATHER_TOOL, build_tiny_chat_model, build_tiny_glm4_model
+from tests.helpers.common import REPO
+from tests.helpers.processes import Server, ServerProcess
 
 openai = pytest.importorskip("openai", reason="the official openai client is a dev dependency (pip install openai)")
 from openai.lib.streaming.chat import ChatCompletionStreamState  # noqa: E402
@@ -36,10 +29,10 @@ TOOLS = [WEATHER_TOOL, SEARCH_TOOL]
 
 
 class ScriptedServer(ServerProcess):
-    """glmkit.serving.openai_api.serve on tests.conftest.scripted_model(folder), in its own process."""
+    """glmkit.serving.openai_api.serve on tests.helpers.chat_models.scripted_model(folder), in its own process."""
 
     def __init__(self, model) -> None:
-        super().__init__(lambda port: [sys.executable, "-c", f"from tests.conftest import serve_scripted; "
+        super().__init__(lambda port: [sys.executable, "-c", f"from tests.helpers.chat_models import serve_scripted; "
                                                              f"serve_scripted({str(model)!r}, {port})"],
                          model.parent, name="the scripted server")
 
@@ -99,6 +92,7 @@ def accumulate(stream):
 
 
 # ------------------------------------------------------------------------------------ round trip (scripted model)
+@pytest.mark.slow
 def test_tool_call_round_trip(scripted):
     family, client, _ = scripted
     messages = [{"role": "user", "content": "What's the weather in Paris?"}]
@@ -127,6 +121,7 @@ def test_tool_call_round_trip(scripted):
     assert streamed2.choices[0].message.content == "The weather in Paris is sunny."
 
 
+@pytest.mark.slow
 def test_the_prompt_holds_the_call_and_its_result(scripted, glm4_dir, chatglm3_dir):
     """usage.prompt_tokens is the family's native prompt of the mapped conversation (apply_chat_template)."""
     from glmkit import load_tokenizer
@@ -143,6 +138,7 @@ def test_the_prompt_holds_the_call_and_its_result(scripted, glm4_dir, chatglm3_d
     assert r.choices[0].message.content == "The weather in Paris is sunny."  # the script answers any result
 
 
+@pytest.mark.slow
 def test_unrelated_question_with_tools_streams_a_normal_answer(scripted):
     """GLM-4#330: with tools present, a plain answer still arrives, and streamed as it is generated."""
     _, client, _ = scripted
@@ -154,6 +150,7 @@ def test_unrelated_question_with_tools_streams_a_normal_answer(scripted):
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 10
 
 
+@pytest.mark.slow
 def test_stop_string_across_tokens(scripted):
     _, client, _ = scripted
     r = ask(client, "tell me a story", temperature=0, stop=["tched the", "never"])
@@ -164,6 +161,7 @@ def test_stop_string_across_tokens(scripted):
     assert streamed == r.choices[0].message.content
 
 
+@pytest.mark.slow
 def test_legacy_functions(scripted):
     _, client, _ = scripted
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "weather in Paris?"}],
@@ -181,6 +179,7 @@ def test_legacy_functions(scripted):
 
 
 # ---------------------------------------------------------------------------------- tool_choice (random model)
+@pytest.mark.slow
 def test_tool_choice_variants(client, local):
     model, tok = local
     messages = [{"role": "user", "content": "hello there"}]
@@ -211,6 +210,7 @@ def test_tool_choice_variants(client, local):
                                                                named.choices[0].message.tool_calls[0].function.arguments)
 
 
+@pytest.mark.slow
 def test_random_answer_with_tools_is_text(client):
     """A random model does not write a tool's name line: the answer comes back as text, streamed or not."""
     plain = ask(client, "hello", tools=TOOLS, temperature=0, max_tokens=16)
@@ -221,6 +221,7 @@ def test_random_answer_with_tools_is_text(client):
 
 
 # ------------------------------------------------------------------------------------------- sampling surface
+@pytest.mark.slow
 def test_logprobs_are_the_models(client, local):
     model, tok = local
     messages = [{"role": "user", "content": "the river"}]
@@ -247,6 +248,7 @@ def test_logprobs_are_the_models(client, local):
     assert got == [e.logprob for e in entries]
 
 
+@pytest.mark.slow
 def test_n_choices(client):
     greedy = ask(client, "cat", temperature=0, max_tokens=6, n=3)
     assert [c.index for c in greedy.choices] == [0, 1, 2]
@@ -261,6 +263,7 @@ def test_n_choices(client):
     assert [c.message.content for c in streamed.choices] == [c.message.content for c in sampled.choices]
 
 
+@pytest.mark.slow
 def test_penalties_match_the_library(client, local):
     from glmkit.core.chat import stop_token_ids
     from glmkit.core.generate import generate
@@ -315,6 +318,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,extra,param", BAD, ids=[b[0] for b in BAD])
 def test_malformed_tool_requests_get_json_4xx(random_server, name, extra, param):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra}
@@ -325,6 +329,7 @@ def test_malformed_tool_requests_get_json_4xx(random_server, name, extra, param)
     assert httpx.get(random_server.url + "/health").json()["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_client_sees_bad_tools_as_bad_request_and_server_stays_healthy(client, random_server):
     with pytest.raises(openai.BadRequestError, match="name"):
         ask(client, "hi", tools=[{"type": "function", "function": {"name": ""}}])

@@ -21,7 +21,7 @@ from glmkit.core.chat import stop_token_ids
 from glmkit.serving.jobs import Job
 from glmkit.serving.protocol import ChatFormat, SamplingParams
 from glmkit.serving.scheduler import ContinuousEngine
-from tests.conftest import build_tiny_chat_model, build_tiny_glm4_model
+from tests.helpers.chat_models import build_tiny_chat_model, build_tiny_glm4_model
 
 QUERIES = ["hello", "the cat runs fast", "dog", "model answer question light", "你好 世界", "river stone"]
 

@@ -8,7 +8,7 @@ import torch
 
 from glmkit.core import paged_cache
 from glmkit.serving.protocol import SamplingParams
-from tests.conftest import TOOL_DATA
+from tests.helpers.chat_models import TOOL_DATA
 from tests.serving.test_scheduler import alone, make_engine, prompts, run  # noqa: F401 (make_engine: a fixture)
 
 transformers = pytest.importorskip("transformers")

@@ -15,8 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import build_tiny_chat_model
-from tests.serving.test_openai_api import Server
+from tests.helpers.chat_models import build_tiny_chat_model
+from tests.helpers.processes import Server
+
+pytestmark = pytest.mark.slow  # `glmkit serve` in its own process
 
 openai = pytest.importorskip("openai", reason="the official openai client is a dev dependency (pip install openai)")
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, build_tiny_chat_model
+from tests.helpers.chat_models import build_tiny_chat_model
+from tests.helpers.common import REPO
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -118,6 +119,7 @@ def _answer_text(screen: str, name: str) -> str:
     return screen.split(f"{name}: ", 1)[1].rsplit("You:", 1)[0].strip()
 
 
+@pytest.mark.slow
 def test_terminal_session(endless_model):
     name = endless_model.name
     # greedy, so the same question gets the same answer; each answer is 16 tokens (the model never stops)
@@ -147,6 +149,7 @@ def test_terminal_session(endless_model):
     assert code == 0
 
 
+@pytest.mark.slow
 def test_ctrl_c_interrupts_answer_and_chat_continues(endless_model):
     name = endless_model.name
     # a long answer (the model never picks a stop token) that Ctrl-C cuts short
@@ -176,6 +179,7 @@ def _run_pipe(model: Path, text: str) -> subprocess.CompletedProcess:
                            "--max-new-tokens", "16"], input=text, capture_output=True, text=True, timeout=120, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_pipe_mode(endless_model):
     run = _run_pipe(endless_model, "hello world\nclear\n\nhello world\nhello world\nstop\nnever answered\n")
     assert run.returncode == 0, run.stderr
@@ -188,6 +192,7 @@ def test_pipe_mode(endless_model):
     assert "glmkit chat with" in run.stderr  # the welcome line goes to stderr
 
 
+@pytest.mark.slow
 def test_quantized_model_chats(endless_model):
     run = subprocess.run([sys.executable, "-m", "glmkit", "chat", "--model", str(endless_model), "--quantize", "int8",
                           "--temperature", "0", "--max-new-tokens", "8"], input="hello world\n", capture_output=True,
@@ -196,6 +201,7 @@ def test_quantized_model_chats(endless_model):
     assert run.stdout.strip() and run.stdout.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_bad_arguments():
     run = subprocess.run([sys.executable, "-m", "glmkit", "chat", "--top-p", "1.5"], capture_output=True, text=True,
                          timeout=60, cwd=REPO)

@@ -1,6 +1,6 @@
 """Python functions as tools: loading a tools file, running calls, and the tool loop of the terminal chat and the web
-page (with a model whose answers are scripted below them: tests.conftest.scripted_model), plus `glmkit chat --tools`
-on the command line."""
+page (with a model whose answers are scripted below them: tests.helpers.chat_models.scripted_model), plus
+`glmkit chat --tools` on the command line."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from glmkit.core.tools import ToolError
 from glmkit.serving.terminal import TerminalChat
 from glmkit.serving.toolbox import Toolbox, chat_with_tools
 from glmkit.serving.web import turn_messages
-from tests.conftest import REPO, build_tiny_chat_model, build_tiny_glm4_model, scripted_model
+from tests.helpers.chat_models import build_tiny_chat_model, build_tiny_glm4_model, scripted_model
+from tests.helpers.common import REPO
 
 TOOLS_FILE = '''
 import json as _json
@@ -135,6 +136,7 @@ def test_web_turn_shows_tool_calls(scripted, tools_file):
     assert history[-1]["content"] == "The weather in Paris is sunny."
 
 
+@pytest.mark.slow
 def test_tools_need_a_family_with_tool_calling(tmp_path, tools_file):
     from glmkit import load_model, load_tokenizer
 
@@ -147,6 +149,7 @@ def test_tools_need_a_family_with_tool_calling(tmp_path, tools_file):
     assert r.returncode == 2 and "no tool calling" in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_tools_option(tmp_path, tools_file):
     bad = tmp_path / "bad.py"
     bad.write_text("import does_not_exist\n")

@@ -12,22 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, ServerProcess
+from tests.helpers.chat_models import build_tiny_chat_model
+from tests.helpers.common import REPO
+from tests.helpers.processes import BROWSER_MARKS, CHROMIUM, CHROMIUM_ARGS, ServerProcess
 
-try:
-    from test_chat_cli import build_tiny_chat_model
-except ImportError:  # tests run as a package
-    from tests.conftest import build_tiny_chat_model
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                       reason=f"{CHROMIUM} is missing: install Debian's chromium (scripts/install_browser.sh)"),
-]
+pytestmark = [pytest.mark.slow, *BROWSER_MARKS]
 
 
 BUNDLED = REPO / "glmkit" / "assets" / "glm-tiny"

@@ -1,6 +1,7 @@
 """`glmkit web --tools` in headless Chromium: the model's tool call is run and shown as its own titled message with
 the result, and the answer follows. The page is glmkit.serving.web.launch (what `glmkit web` calls) on a model whose
-answers are scripted below it (tests.conftest.scripted_model), since a tiny random model never calls a tool."""
+answers are scripted below it (tests.helpers.chat_models.scripted_model), since a tiny random model never calls a
+tool."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import sys
 
 import pytest
 
-from tests.conftest import ServerProcess, build_tiny_glm4_model
-from tests.serving.test_web import CHROMIUM, CHROMIUM_ARGS, pytestmark  # noqa: F401 (browser marks)
+from tests.helpers.chat_models import build_tiny_glm4_model
+from tests.helpers.processes import BROWSER_MARKS, CHROMIUM, CHROMIUM_ARGS, ServerProcess
+
+pytestmark = [pytest.mark.slow, *BROWSER_MARKS]
 
 TOOLS = '''
 def get_weather(city: str) -> dict:
@@ -25,7 +28,7 @@ def web(tmp_path_factory):
     model = build_tiny_glm4_model(root / "tiny-glm4")
     (root / "tools.py").write_text(TOOLS, encoding="utf-8")
     def argv(port: int) -> list[str]:
-        return [sys.executable, "-c", "from pathlib import Path; from tests.conftest import scripted_model; "
+        return [sys.executable, "-c", "from pathlib import Path; from tests.helpers.chat_models import scripted_model; "
                 "from glmkit.serving.toolbox import Toolbox; from glmkit.serving.web import launch; "
                 f"m, t = scripted_model(Path({str(model)!r})); launch(m, t, 'tiny-glm4', port={port}, "
                 f"tools=Toolbox.from_file({str(root / 'tools.py')!r}))"]

@@ -24,7 +24,7 @@ from glmkit.training.data.blank import (
     sentence_end_ids_from_tokenizer,
 )
 from glmkit.training.data.corpus import BlankInfillingDataset, Source, iter_documents
-from tests.conftest import POEMS
+from tests.helpers.chat_models import POEMS
 
 SP = SpecialIds(mask=1000, smask=1001, gmask=1002, sop=1003, eop=1004, pad=0)
 END = 999  # a sentence-end token id in the integer documents below

@@ -27,7 +27,7 @@ from glmkit.training.data.finetune import (
 )
 from glmkit.training.finetune import load_for_finetune
 from glmkit.training.finetune_loop import linear_schedule, lm_loss, train
-from tests.conftest import free_port
+from tests.helpers.common import free_port
 
 CHARS = "春花秋月何時了往事知多少小樓昨夜又東風故國不堪回首明中雕欄玉砌應猶在只是朱顏改問君能有幾愁恰似一江水向流问答"
 
@@ -344,6 +344,7 @@ def test_cli_errors(v1, tmp_path, capsys):
     assert "no column(s) ['nope']" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
 def test_full_finetune_under_torchrun_fsdp(v1, tmp_path):
     out = tmp_path / "fsdp"

@@ -13,7 +13,7 @@ import glmkit
 from glmkit.commands.finetune import cli_main
 from glmkit.training.data.finetune import IGNORE_INDEX, Columns, Lengths, collate_train, eval_example, train_example
 from glmkit.training.finetune_loop import lm_loss
-from tests.conftest import GLM_DATA, glm_golden, glm_logits_case
+from tests.helpers.goldens import GLM_DATA, glm_golden, glm_logits_case
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from glmkit.training.pretrain import config_from_dict, fit, load_config, lr_lambda, setup
-from tests.conftest import REPO, free_port
+from tests.helpers.common import REPO, free_port
 
 POEMS = ["床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。", "白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓。",
          "Call me Ishmael. Some years ago, never mind how long precisely, I thought I would sail about a little.",
@@ -71,6 +71,7 @@ def single_run(workdir):
     return fit(setup(config_from_dict(tiny_config(workdir, "single"))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])
 def test_two_processes_match_single_process(workdir, single_run, mode):
     """2 processes on gloo (FSDP = fully_shard/ZeRO-3, or DDP), half the rows each: the same losses."""
@@ -83,8 +84,10 @@ def test_two_processes_match_single_process(workdir, single_run, mode):
     assert len(sharded) == len(single) == 6
     for (loss, eval_loss), h in zip(sharded, single):
         assert loss == pytest.approx(h["loss"], rel=1e-5, abs=1e-5)
+        assert (eval_loss is None) == ("eval_loss" not in h)  # both runs evaluate at the same steps
         if eval_loss is not None:
             assert eval_loss == pytest.approx(h["eval_loss"], rel=1e-5)
+    assert sum(eval_loss is not None for _, eval_loss in sharded) == 2  # eval.every=3 over 6 steps
     assert single[-1]["loss"] < single[0]["loss"]  # it learns
     # the sharded run wrote the same kind of outputs
     for name in ("checkpoint.pt", "log.csv", "final/config.json", "final/model.safetensors", "final/ice_text.model"):

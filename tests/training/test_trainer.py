@@ -117,7 +117,7 @@ def test_finetune_trains_a_stage_it_is_given(tmp_path):
     from glmkit.training.data.finetune import Columns, Lengths, build_examples
     from glmkit.training.finetune import load_for_finetune
     from glmkit.training.finetune_loop import AnswerLossStage, train
-    from tests.conftest import REPO
+    from tests.helpers.common import REPO
 
     class Counted(AnswerLossStage):
         def loss(self, state, batch):

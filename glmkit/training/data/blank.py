@@ -99,11 +99,6 @@ class BlankConfig:
         if self.avg_block_length <= 0:
             raise ValueError(f"avg_block_length must be > 0, got {self.avg_block_length}")
 
-    @property
-    def gpt_prob(self) -> float:
-        return max(0.0, 1.0 - self.bert_prob - self.sentence_prob)
-
-
 @dataclass
 class BlankSample:
     """One blank-infilling sample. `sep` = len(Part A); Part B = [sep:]."""

@@ -1,6 +1,6 @@
 """Regenerates tests/data/glm/: tiny checkpoints of the ORIGINAL GLM (THUDM's Hugging Face hub code for glm-large-chinese,
 glm-10b-chinese, glm-2b, glm-10b) in the hub's exact layout, written by that code, and golden outputs of that code.
-Not run by pytest (the tests read what it writes through tests.conftest.glm_golden / glm_logits_case).
+Not run by pytest (the tests read what it writes through tests.helpers.goldens.glm_golden / glm_logits_case).
 
 The hub code (`configuration_glm.py`, `modeling_glm.py`, `tokenization_glm.py`; not kept in this repository, their
 sha256 are recorded in golden.json) needs an old transformers:

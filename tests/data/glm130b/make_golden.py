@@ -33,7 +33,7 @@ Setup (from the repository root; /tmp paths are examples):
         initialize.py) into /tmp/glm130b_src
     /tmp/satvenv/bin/python tests/data/glm130b/make_golden.py /tmp/sat/src /tmp/glm130b_src
 
-The checkpoints themselves are not stored: tests.conftest.glm130b_sat_state_dict (seeded) and sat_reshard (a
+The checkpoints themselves are not stored: tests.helpers.goldens.glm130b_sat_state_dict (seeded) and sat_reshard (a
 restatement of convert_tp.py) rebuild them, and this script asserts that sat_reshard writes exactly what the original
 convert_tp.py writes.
 """
@@ -57,7 +57,7 @@ REPO = Path(__file__).resolve().parents[3]
 OUT = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import GLM130B_TINY, glm130b_sat_state_dict, sat_reshard
+from tests.helpers.goldens import GLM130B_TINY, glm130b_sat_state_dict, sat_reshard
 
 MASK, GMASK, SMASK, SOP, EOP, EOS = 150000, 150001, 150002, 150004, 150005, 20002
 GEN_TOKENS = 6
