@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         if p == "saved":  # `glmkit quantize` once, then the memory-mapped load of its output
             path = folder / "glmkit-int4"
             if not (path / "model.safetensors").exists():
-                from glmkit.loading.tools import quantize_checkpoint
+                from glmkit.loading.checkpoint_ops import quantize_checkpoint
 
                 quantize_checkpoint(folder, path, 4)
         configs.append((f"glmkit {p}", {"kind": "glmkit", "precision": p, "path": str(path)}))

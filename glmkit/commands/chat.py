@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from glmkit.commands.common import add_model_arguments, load_from_args
-from glmkit.loading.tools import model_name
+from glmkit.loading.checkpoint_ops import model_name
 from glmkit.serving.terminal import COMMANDS_HELP, TerminalChat
 from glmkit.serving.toolbox import Toolbox
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from glmkit.loading.tools import DEFAULT_MODEL, load_chat_model
+from glmkit.loading.checkpoint_ops import DEFAULT_MODEL, load_chat_model
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from glmkit.adapters.lora import ADAPTER_CONFIG
-from glmkit.loading.tools import merge_lora_checkpoint
+from glmkit.loading.checkpoint_ops import merge_lora_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,11 +1,11 @@
-"""`glmkit quantize`: glmkit.loading.tools.quantize_checkpoint from the command line."""
+"""`glmkit quantize`: glmkit.loading.checkpoint_ops.quantize_checkpoint from the command line."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from glmkit.loading.tools import quantize_checkpoint
+from glmkit.loading.checkpoint_ops import quantize_checkpoint
 from glmkit.quant.formats import DEFAULT_GROUP_SIZE, GROUP_SIZES, HEADS, SCHEMES, default_head, default_spec
 
 

@@ -10,7 +10,7 @@ import sys
 
 from glmkit.commands.common import add_model_arguments, load_from_args
 from glmkit.core.extras import require_extra
-from glmkit.loading.tools import model_name
+from glmkit.loading.checkpoint_ops import model_name
 from glmkit.serving.jobs import MAX_BATCH_SIZE, MAX_QUEUE
 from glmkit.serving.protocol import MAX_BODY_BYTES
 from glmkit.serving.scheduler import BLOCK_SIZE, PREFILL_CHUNK

@@ -7,7 +7,7 @@ import sys
 
 from glmkit.commands.common import add_model_arguments, load_from_args
 from glmkit.core.extras import require_extra
-from glmkit.loading.tools import model_name
+from glmkit.loading.checkpoint_ops import model_name
 from glmkit.serving.toolbox import Toolbox
 from glmkit.serving.web import launch
 

@@ -76,7 +76,7 @@ log = logging.getLogger(__name__)
 def create_app(model: Any, tokenizer: Any, name: str, *, api_key: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, max_batch_size: int = MAX_BATCH_SIZE,
                max_queue: int = MAX_QUEUE, request_timeout: float | None = None, **engine_options: Any) -> FastAPI:
-    """The FastAPI app serving a loaded chat model (e.g. from glmkit.loading.tools.load_chat_model) as `name`.
+    """The FastAPI app serving a loaded chat model (e.g. from glmkit.loading.checkpoint_ops.load_chat_model) as `name`.
 
     api_key: when set, every route but /health requires `Authorization: Bearer <api_key>`.
     max_body_bytes: largest request body accepted (413 above it).

@@ -9,7 +9,7 @@ import torch
 import glmkit
 from glmkit.adapters.lora import apply_lora, merge_lora, save_lora_adapter
 from glmkit.adapters.ptuning import attach_prefix, save_ptuning_checkpoint
-from glmkit.loading.tools import merge_lora_checkpoint, quantize_checkpoint
+from glmkit.loading.checkpoint_ops import merge_lora_checkpoint, quantize_checkpoint
 from tests.helpers.common import rel_err
 from tests.helpers.goldens import GLM_DATA, glm_logits_case
 

@@ -197,7 +197,7 @@ def test_streaming_load_peak_memory(tmp_path):
 @pytest.mark.parametrize("quantize", [None, "int8", "int4"])
 def test_float16_checkpoints_load_in_bfloat16_on_cpu_by_default(tmp_path, quantize):
     from glmkit.core.checkpoint import default_dtype
-    from glmkit.loading.tools import load_chat_model
+    from glmkit.loading.checkpoint_ops import load_chat_model
 
     hf = dict(CHATGLM_V1_HF, torch_dtype="float16")
     sd = {k: v.half() for k, v in thudm_v1_state_dict(hf).items()}
