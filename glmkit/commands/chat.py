@@ -4,48 +4,50 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 
-from glmkit.commands.common import add_model_arguments, load_from_args
+from glmkit.commands.common import ModelOptions, load_from_args, parse_options
+from glmkit.core import options
+from glmkit.core.options import option
 from glmkit.loading.checkpoint_ops import model_name
 from glmkit.serving.terminal import COMMANDS_HELP, TerminalChat
 from glmkit.serving.toolbox import Toolbox
 
 
+@dataclass(kw_only=True)
+class ChatOptions(ModelOptions):
+    system: str | None = option(None, help="system prompt (families with a system role: ChatGLM3, GLM-4)")
+    max_length: int | None = option(None, help="most tokens per turn, prompt and history included; the oldest turns "
+                                               "are dropped to fit (default: the family's, 2048 for ChatGLM-6B; "
+                                               "capped at the model's context)")
+    max_new_tokens: int | None = option(None, help="most tokens per answer (default: whatever max-length leaves)")
+    temperature: float | None = option(None, help="sampling temperature; 0 = greedy (default: the family's chat "
+                                                  "default)")
+    top_p: float | None = option(None, help="nucleus sampling mass (default: the family's)")
+    seed: int | None = option(None, help="random seed, for reproducible sampling")
+    stop: list[str] | None = option(None, action="append", metavar="TEXT",
+                                    help="end the answer before TEXT (repeatable)")
+    presence_penalty: float | None = option(None, help="OpenAI's presence penalty, -2..2 (default 0)")
+    frequency_penalty: float | None = option(None, help="OpenAI's frequency penalty, -2..2 (default 0)")
+    tools: str | None = option(None, metavar="FILE.py",
+                               help="Python functions the model may call (ChatGLM3, GLM-4): the public functions of "
+                                    "FILE.py (or its TOOLS list), described by their signatures and docstrings; each "
+                                    "call is shown, run, and its result fed back")
+    thinking: bool | None = option(None, flags=("--no-thinking",), action="store_const", const=False,
+                                   help="switch thinking off (GLM-4.5/4.6/4.7: /nothink and an empty <think></think>)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="glmkit chat",
+    return options.build_parser(
+        ChatOptions, prog="glmkit chat", dashes=True,
         description="Chat with a GLM model in the terminal; the answer is streamed as it is generated. "
                     f"Commands: {COMMANDS_HELP}. Through a pipe (stdin not a terminal) each input line gets its "
                     "answer, ended by a newline, with no prompts on stdout.",
     )
-    add_model_arguments(parser)
-    parser.add_argument("--system", default=None, help="system prompt (families with a system role: ChatGLM3, GLM-4)")
-    parser.add_argument("--max-length", type=int, default=None,
-                        help="most tokens per turn, prompt and history included; the oldest turns are dropped to "
-                             "fit (default: the family's, 2048 for ChatGLM-6B; capped at the model's context)")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="most tokens per answer (default: whatever max-length leaves)")
-    parser.add_argument("--temperature", type=float, default=None,
-                        help="sampling temperature; 0 = greedy (default: the family's chat default)")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: the family's)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
-    parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                        help="end the answer before TEXT (repeatable)")
-    parser.add_argument("--presence-penalty", type=float, default=None,
-                        help="OpenAI's presence penalty, -2..2 (default 0)")
-    parser.add_argument("--frequency-penalty", type=float, default=None,
-                        help="OpenAI's frequency penalty, -2..2 (default 0)")
-    parser.add_argument("--tools", default=None, metavar="FILE.py",
-                        help="Python functions the model may call (ChatGLM3, GLM-4): the public functions of FILE.py "
-                             "(or its TOOLS list), described by their signatures and docstrings; each call is shown, "
-                             "run, and its result fed back")
-    parser.add_argument("--no-thinking", dest="thinking", action="store_const", const=False, default=None,
-                        help="switch thinking off (GLM-4.5/4.6/4.7: /nothink and an empty <think></think>)")
-    return parser
 
 
 def cli_main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_options(ChatOptions, build_parser(), argv)
     for flag in ("max_length", "max_new_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             print(f"glmkit chat: --{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}",

@@ -4,31 +4,41 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 
 import torch
 
-from glmkit.commands.common import add_model_arguments, load_from_args
+from glmkit.commands.common import ModelOptions, load_from_args, parse_options
+from glmkit.core import options
 from glmkit.core.chat import family_of, find_stop, partial_stop, stop_token_ids
 from glmkit.core.generate import generate_stream
+from glmkit.core.options import option
+
+
+@dataclass(kw_only=True)
+class GenerateOptions(ModelOptions):
+    prompt: str = option(positional=True, help="the text to continue")
+    max_new_tokens: int = 128
+    temperature: float = option(0.8, help="0 = greedy")
+    top_p: float = 0.9
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    presence_penalty: float = option(0.0, help="OpenAI's presence penalty, -2..2")
+    frequency_penalty: float = option(0.0, help="OpenAI's frequency penalty, -2..2")
+    stop: list[str] = option(default_factory=list, action="append", metavar="TEXT",
+                             help="end the text before TEXT (repeatable); generation also ends at the family's stop "
+                                  "tokens (GLM-4: <|endoftext|>, <|user|>, <|observation|>)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return options.build_parser(GenerateOptions, prog="glmkit generate", dashes=True,
+                                description="Generate a continuation of PROMPT, streaming it to stdout. For chat "
+                                            "models prefer `glmkit chat`.")
 
 
 def cli_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="glmkit generate", description="Generate a continuation of PROMPT, "
-                                     "streaming it to stdout. For chat models prefer `glmkit chat`.")
-    parser.add_argument("prompt", help="the text to continue")
-    add_model_arguments(parser)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's presence penalty, -2..2")
-    parser.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's frequency penalty, -2..2")
-    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                        help="end the text before TEXT (repeatable); generation also ends at the family's stop "
-                             "tokens (GLM-4: <|endoftext|>, <|user|>, <|observation|>)")
-    args = parser.parse_args(argv)
+    args = parse_options(GenerateOptions, build_parser(), argv)
     for flag in ("presence_penalty", "frequency_penalty"):
         if not -2 <= getattr(args, flag) <= 2:
             print(f"glmkit generate: --{flag.replace('_', '-')} must be between -2 and 2", file=sys.stderr)

@@ -7,51 +7,67 @@ import logging
 import os
 import re
 import sys
+from dataclasses import dataclass
+from typing import Literal
 
-from glmkit.commands.common import add_model_arguments, load_from_args
+from glmkit.commands.common import ModelOptions, load_from_args, parse_options
+from glmkit.core import options
 from glmkit.core.extras import require_extra
+from glmkit.core.options import option
 from glmkit.loading.checkpoint_ops import model_name
 from glmkit.serving.jobs import MAX_BATCH_SIZE, MAX_QUEUE
 from glmkit.serving.protocol import MAX_BODY_BYTES
 from glmkit.serving.scheduler import BLOCK_SIZE, PREFILL_CHUNK
 
 
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MB', '1.5G', '1048576' -> bytes (K/M/G/T: powers of 1000 with B, of 1024 with iB or alone)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GiB, 512MB, 1048576)")
+    number, unit, suffix = match.groups()
+    power = "kmgt".find(unit.lower()) + 1 if unit else 0
+    base = 1000 if suffix.lower() == "b" and unit else 1024
+    value = int(float(number) * base ** power)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"the size must be positive, got {text!r}")
+    return value
+
+
+@dataclass(kw_only=True)
+class ServeOptions(ModelOptions):
+    host: str = option("127.0.0.1", help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 exposes it)")
+    port: int = option(8000, help="port (default 8000)")
+    api_key: str | None = option(default_factory=lambda: os.environ.get("GLMKIT_API_KEY"),
+                                 help="require 'Authorization: Bearer KEY' on every route but /health "
+                                      "(default: $GLMKIT_API_KEY; unset = no key)")
+    max_batch_size: int = option(MAX_BATCH_SIZE, help=f"most requests decoded together (default {MAX_BATCH_SIZE})")
+    max_queue: int = option(MAX_QUEUE, help=f"most requests waiting before new ones get 503 (default {MAX_QUEUE})")
+    kv_cache_memory: int | None = option(None, parse=parse_bytes,
+                                         help="memory of the paged KV cache, e.g. 2GiB or 512MB or bytes (default: "
+                                              "half the free GPU memory, or a quarter of the available RAM, at most "
+                                              "--max-batch-size contexts)")
+    block_size: int = option(BLOCK_SIZE, help=f"tokens per KV cache block (default {BLOCK_SIZE})")
+    prefill_chunk: int = option(PREFILL_CHUNK, help=f"most prompt tokens prefilled per decode step (default "
+                                                    f"{PREFILL_CHUNK})")
+    prefix_caching: bool = option(True, flags=("--no-prefix-cache",), action="store_false",
+                                  help="do not keep prompts' KV blocks for later requests sharing their prefix")
+    request_timeout: float | None = option(None, help="seconds a request may take, queueing included; past it: 504 "
+                                                      "(default: no limit)")
+    max_body_bytes: int = option(MAX_BODY_BYTES, help=f"largest request body accepted (default {MAX_BODY_BYTES})")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="glmkit serve",
+    return options.build_parser(
+        ServeOptions, prog="glmkit serve", dashes=True,
         description="Serve a GLM model over HTTP: OpenAI-compatible /v1/chat/completions and /v1/models, "
                     "ChatGLM-6B's POST / and GET /health.",
     )
-    add_model_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 exposes it)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    parser.add_argument("--api-key", default=os.environ.get("GLMKIT_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' on every route but /health "
-                             "(default: $GLMKIT_API_KEY; unset = no key)")
-    parser.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE,
-                        help=f"most requests decoded together (default {MAX_BATCH_SIZE})")
-    parser.add_argument("--max-queue", type=int, default=MAX_QUEUE,
-                        help=f"most requests waiting before new ones get 503 (default {MAX_QUEUE})")
-    parser.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
-                        help="memory of the paged KV cache, e.g. 2GiB or 512MB or bytes (default: half the free "
-                             "GPU memory, or a quarter of the available RAM, at most --max-batch-size contexts)")
-    parser.add_argument("--block-size", type=int, default=BLOCK_SIZE,
-                        help=f"tokens per KV cache block (default {BLOCK_SIZE})")
-    parser.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
-                        help=f"most prompt tokens prefilled per decode step (default {PREFILL_CHUNK})")
-    parser.add_argument("--no-prefix-cache", dest="prefix_caching", action="store_false",
-                        help="do not keep prompts' KV blocks for later requests sharing their prefix")
-    parser.add_argument("--request-timeout", type=float, default=None,
-                        help="seconds a request may take, queueing included; past it: 504 (default: no limit)")
-    parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
-                        help=f"largest request body accepted (default {MAX_BODY_BYTES})")
-    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-    return parser
 
 
 def cli_main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_options(ServeOptions, build_parser(), argv)
     require_extra("serve")  # before the model load: a missing extra fails at once
     from glmkit.serving.openai_api import serve  # FastAPI and prometheus_client: the serve extra
     for name in ("port", "max_batch_size", "max_queue", "max_body_bytes", "block_size", "prefill_chunk"):
@@ -76,20 +92,6 @@ def cli_main(argv: list[str]) -> int:
         print(f"glmkit serve: {err}", file=sys.stderr)
         return 2
     return 0
-
-
-def parse_bytes(text: str) -> int:
-    """'2GiB', '512MB', '1.5G', '1048576' -> bytes (K/M/G/T: powers of 1000 with B, of 1024 with iB or alone)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB]?)\s*", text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GiB, 512MB, 1048576)")
-    number, unit, suffix = match.groups()
-    power = "kmgt".find(unit.lower()) + 1 if unit else 0
-    base = 1000 if suffix.lower() == "b" and unit else 1024
-    value = int(float(number) * base ** power)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"the size must be positive, got {text!r}")
-    return value
 
 
 if __name__ == "__main__":

@@ -10,6 +10,12 @@ Field types drive the conversion: int, float, str, bool, Literal[...] (choices),
 values), and nested dataclasses (sections: flags `--train.lr`, keys `train.lr`). A field's help is its
 `metadata["help"]`, else the string literal written under it (an attribute docstring). Precedence, lowest first:
 the defaults, the --config file, `key=value` overrides, explicit flags.
+
+Commands whose flags predate this module (`glmkit generate --max-new-tokens 64 "prompt"`) declare their fields with
+`option(...)` and build the parser with `dashes=True`: flags spelled `--max-new-tokens`, help exactly as written,
+and per field a positional argument, other flag names (`--no-prefix-cache`), an argparse action (append,
+store_const) or a `parse` function for strings such as "2GiB" (applied to flags and to file values alike). The YAML
+keys and overrides are always the field names (`max_new_tokens: 64`).
 """
 
 from __future__ import annotations
@@ -39,17 +45,20 @@ def _hints(cls: type) -> dict[str, Any]:
 
 @cache
 def field_docs(cls: type) -> dict[str, str]:
-    """name -> help: metadata["help"], else the attribute docstring under the field in the class source."""
+    """name -> help: metadata["help"], else the attribute docstring under the field in the class source (of the
+    class or the dataclass it extends)."""
     docs: dict[str, str] = {}
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-        body = tree.body[0].body
-        for node, nxt in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
-                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
-    except (OSError, TypeError, IndexError, AttributeError):  # no source (a frozen build): metadata only
-        pass
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+            body = tree.body[0].body
+            for node, nxt in zip(body, body[1:]):
+                if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                        and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                        and isinstance(nxt.value.value, str)):
+                    docs[node.target.id] = " ".join(nxt.value.value.split())
+        except (OSError, TypeError, IndexError, AttributeError):  # no source (a frozen build): metadata only
+            pass
     for f in dataclasses.fields(cls):
         if f.metadata.get("help"):
             docs[f.name] = f.metadata["help"]
@@ -63,6 +72,17 @@ def _optional(tp: Any) -> tuple[Any, bool]:
         inner = args[0] if len(args) == 1 else Union[tuple(args)]
         return inner, len(args) < len(typing.get_args(tp))
     return tp, False
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str = "", default_factory: Any = dataclasses.MISSING,
+           flags: Sequence[str] = (), positional: bool = False, parse: Any = None, **argparse_kwargs: Any) -> Any:
+    """A dataclass field with its command-line spelling: `help`; `flags` (option strings instead of the one derived
+    from the name); `positional` (a positional argument, always given on the command line when it has no default);
+    `parse` (str -> value, for the flag and for strings in files); other keywords go to argparse.add_argument
+    (action, const, metavar, choices, type)."""
+    metadata = {"help": help, "flags": tuple(flags), "positional": positional, "parse": parse,
+                "argparse": argparse_kwargs}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -168,7 +188,16 @@ def from_dict(cls: type[T], raw: Mapping[str, Any], where: str = "") -> T:
         names = ", ".join((where + "." if where else "") + m for m in missing)
         raise ValueError(f"missing required option(s): {names}")
     hints = _hints(cls)
-    values = {k: convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
+    values = {}
+    for k, v in raw.items():
+        name = f"{where}.{k}" if where else k
+        parse_str = fields[k].metadata.get("parse")
+        if parse_str is not None and isinstance(v, str):
+            try:
+                v = parse_str(v)
+            except (argparse.ArgumentTypeError, ValueError) as err:
+                raise ValueError(f"{name}: {err}") from None
+        values[k] = convert(v, hints[k], name)
     return cls(**values)
 
 
@@ -251,40 +280,66 @@ def _parse_yaml(s: str) -> Any:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
-                  sections: Mapping[str, str] | None = None) -> None:
+                  sections: Mapping[str, str | tuple[str, str]] | None = None, dashes: bool = False) -> None:
     """One `--name` flag per field of `cls` (`--section.name` for nested dataclasses, in a group per section), with
-    the field's help and default. `sections` maps a field name to the title of a group that starts at it. Flags
-    leave the namespace untouched unless given (see `parse`)."""
+    the field's help and default. `sections` maps a field name to the title (or title and description) of a group
+    that starts at it. Flags leave the namespace untouched unless given (see `parse`). `dashes`: flags
+    `--max-new-tokens` for field `max_new_tokens`, help as written (no default appended), argparse's metavars."""
     docs, hints = field_docs(cls), _hints(cls)
     group: Any = parser
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
         if sections and f.name in sections:
-            group = parser.add_argument_group(sections[f.name])
+            title = sections[f.name]
+            group = parser.add_argument_group(*title) if isinstance(title, tuple) else parser.add_argument_group(title)
         name, tp, default = prefix + f.name, hints[f.name], _default(f)
         if dataclasses.is_dataclass(_optional(tp)[0]):
             sub = parser.add_argument_group(f"{name} (section)", docs.get(f.name))
-            add_arguments(sub, _optional(tp)[0], prefix=name + ".")
+            add_arguments(sub, _optional(tp)[0], prefix=name + ".", dashes=dashes)
             continue
         text = docs.get(f.name, "")
-        if default is dataclasses.MISSING:
+        kwargs = dict(_flag_kwargs(tp, default))
+        if dashes:  # help as written, argparse's metavars
+            kwargs.pop("metavar", None)
+        elif default is dataclasses.MISSING:
             text = (text + " " if text else "") + "(required)"
         elif not (tp is bool and default is False):
             text = (text + " " if text else "") + f"(default: {default!r})"
-        group.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, help=text.replace("%", "%%"),
-                           **_flag_kwargs(tp, default))
+        extra = dict(f.metadata.get("argparse") or {})
+        if "action" in extra:  # append, store_const, store_false: no type of its own
+            kwargs = {k: v for k, v in kwargs.items() if k in ("type", "choices") and extra["action"] == "append"}
+        if f.metadata.get("parse") is not None:
+            kwargs["type"] = f.metadata["parse"]
+            kwargs.pop("choices", None)
+        kwargs.update(extra)
+        help_text = text.replace("%", "%%") or None
+        if f.metadata.get("positional"):
+            if default is not dataclasses.MISSING:
+                kwargs.setdefault("nargs", "?")
+            group.add_argument(name, default=argparse.SUPPRESS, help=help_text, **kwargs)
+            continue
+        flags = f.metadata.get("flags") or (f"--{name.replace('_', '-')}" if dashes else f"--{name}",)
+        group.add_argument(*flags, dest=name, default=argparse.SUPPRESS, help=help_text, **kwargs)
 
 
-def build_parser(cls: type, prog: str, description: str, *, sections: Mapping[str, str] | None = None,
-                 epilog: str | None = None) -> argparse.ArgumentParser:
-    """A parser with --config FILE, positional key=value overrides and one flag per field of `cls`."""
+def build_parser(cls: type, prog: str, description: str, *,
+                 sections: Mapping[str, str | tuple[str, str]] | None = None,
+                 epilog: str | None = None, dashes: bool = False) -> argparse.ArgumentParser:
+    """A parser with --config FILE, positional key=value overrides and one flag per field of `cls` (see
+    add_arguments for `dashes`; the description is then wrapped as argparse does by default)."""
     p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", metavar="FILE", help="YAML file of options (keys as the flags, sections nested)")
+                                formatter_class=argparse.HelpFormatter if dashes
+                                else argparse.RawDescriptionHelpFormatter)
+    if dashes:
+        p.add_argument("--config", metavar="FILE",
+                       help="YAML file of options (keys: the option names with _ for -, e.g. max_new_tokens)")
+    else:
+        p.add_argument("--config", metavar="FILE", help="YAML file of options (keys as the flags, sections nested)")
+    add_arguments(p, cls, sections=sections, dashes=dashes)  # the command's own positionals before the overrides
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="overrides after the config file (YAML values), e.g. learning_rate=1e-3 or train.lr=3e-4")
-    add_arguments(p, cls, sections=sections)
+                   help="overrides after the config file (YAML values), e.g. learning_rate=1e-3 or train.lr=3e-4"
+                   if not dashes else "overrides after the config file (YAML values; keys as in the file)")
     return p
 
 
