@@ -5,32 +5,43 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
+from typing import Literal
 
+from glmkit.commands.common import parse_options
+from glmkit.core import options
+from glmkit.core.options import option
 from glmkit.evaluation.bench import PRECISIONS, format_table, run_benchmark
 
 
-def cli_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="glmkit bench",
+@dataclass(kw_only=True)
+class BenchOptions:
+    layers: int = option(28, help="transformer layers (28 = full ChatGLM-6B; bf16 needs ~12 GB at 28, fewer layers "
+                                  "run faster and in less memory)")
+    prompt_tokens: int = option(128, help="prompt length for prefill (default 128)")
+    decode_tokens: int = option(16, help="decode steps timed (default 16)")
+    threads: int | None = option(None, help="torch threads (default: torch's default)")
+    precisions: str = option(",".join(PRECISIONS), help="comma-separated subset of bf16,int8,int4 (default all)")
+    group_size: int | None = option(None, help="INT4 group size (default: glmkit's)")
+    model: str = option("chatglm-6b", help="preset shape (default chatglm-6b)")
+    head: Literal["int8", "int4", "none"] | None = option(
+        None, help="output layer / embedding of the int8 and int4 runs (default as load_model: floating point for "
+                   "int8, int8 for int4)")
+    repeats: int = option(1, help="rounds over all precisions, interleaved; each figure is its best round (on a "
+                                  "shared machine, 2-3 rounds steady the ratios; default 1)")
+    json: bool = option(False, help="print the results as JSON after the table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return options.build_parser(
+        BenchOptions, prog="glmkit bench", dashes=True,
         description="Prefill/decode tokens per second and peak RSS of bf16, INT8 and INT4 at the ChatGLM-6B shape "
                     "(random weights, batch 1), beside the memory-bandwidth roofline measured in the same run.")
-    parser.add_argument("--layers", type=int, default=28, help="transformer layers (28 = full ChatGLM-6B; bf16 "
-                        "needs ~12 GB at 28, fewer layers run faster and in less memory)")
-    parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for prefill (default 128)")
-    parser.add_argument("--decode-tokens", type=int, default=16, help="decode steps timed (default 16)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    parser.add_argument("--precisions", default=",".join(PRECISIONS),
-                        help="comma-separated subset of bf16,int8,int4 (default all)")
-    parser.add_argument("--group-size", type=int, default=None, help="INT4 group size (default: glmkit's)")
-    parser.add_argument("--model", default="chatglm-6b", help="preset shape (default chatglm-6b)")
-    parser.add_argument("--head", default=None, choices=("int8", "int4", "none"),
-                        help="output layer / embedding of the int8 and int4 runs (default as load_model: floating "
-                             "point for int8, int8 for int4)")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="rounds over all precisions, interleaved; each figure is its best round (on a shared "
-                             "machine, 2-3 rounds steady the ratios; default 1)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON after the table")
-    args = parser.parse_args(argv)
+
+
+def cli_main(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parse_options(BenchOptions, parser, argv)
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     try:
         bandwidth, results = run_benchmark(precisions, layers=args.layers, prompt_tokens=args.prompt_tokens,

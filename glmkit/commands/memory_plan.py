@@ -3,30 +3,43 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from typing import Literal
 
+from glmkit.commands.common import parse_options
+from glmkit.core import options
 from glmkit.core.config import GLMConfig
+from glmkit.core.options import option
 from glmkit.distributed.plan import DEVICES, GIB, format_plan, glm130b_plan, memory_plan, moe_plans
 
 
-def cli_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="glmkit memory-plan",
+@dataclass(kw_only=True)
+class MemoryPlanOptions:
+    model: str | None = option(None, help="a preset name (default: glm-130b on its README's setups)")
+    devices: int | None = option(None, help="tensor-parallel degree (with --model)")
+    device_memory_gib: float | None = option(None, help="memory of one device, GiB")
+    bits: list[Literal[16, 8, 4]] | None = option(None, action="append", type=int, choices=(16, 8, 4),
+                                                  help="16, 8 or 4 (repeatable; default all three)")
+    expert_parallel: bool = option(False, help="spread whole routed experts over the devices (MoE presets: glm-4.5, "
+                                               "glm-4.5-air, glm-4.7-flash) instead of splitting each expert's "
+                                               "columns")
+    moe: bool = option(False, help="GLM-4.5, GLM-4.5-Air and GLM-4.7-Flash on one machine and tensor/expert "
+                                   "parallel")
+    batch: int = 1
+    seq_len: int = 2048
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return options.build_parser(
+        MemoryPlanOptions, prog="glmkit memory-plan", dashes=True,
         description="Per-device memory (weights, KV cache, dequantization workspace) of a model split over "
                     "tensor-parallel devices, from its real shapes. Without options: GLM-130B at fp16/INT8/INT4 on "
                     f"{', '.join(DEVICES)}.")
-    parser.add_argument("--model", default=None, help="a preset name (default: glm-130b on its README's setups)")
-    parser.add_argument("--devices", type=int, default=None, help="tensor-parallel degree (with --model)")
-    parser.add_argument("--device-memory-gib", type=float, default=None, help="memory of one device, GiB")
-    parser.add_argument("--bits", type=int, choices=(16, 8, 4), action="append", default=None,
-                        help="16, 8 or 4 (repeatable; default all three)")
-    parser.add_argument("--expert-parallel", action="store_true",
-                        help="spread whole routed experts over the devices (MoE presets: glm-4.5, glm-4.5-air, "
-                             "glm-4.7-flash) instead of splitting each expert's columns")
-    parser.add_argument("--moe", action="store_true",
-                        help="GLM-4.5, GLM-4.5-Air and GLM-4.7-Flash on one machine and tensor/expert parallel")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    args = parser.parse_args(argv)
+
+
+def cli_main(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parse_options(MemoryPlanOptions, parser, argv)
     if args.moe:
         print(format_plan(moe_plans(args.batch, args.seq_len, tuple(args.bits or (16, 8, 4)))))
         return 0

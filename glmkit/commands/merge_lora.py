@@ -6,27 +6,35 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from glmkit.adapters.lora import ADAPTER_CONFIG
+from glmkit.commands.common import parse_options
+from glmkit.core import options
+from glmkit.core.options import option
 from glmkit.loading.checkpoint_ops import merge_lora_checkpoint
 
 
+@dataclass(kw_only=True)
+class MergeLoraOptions:
+    base: str = option(help="base model: a folder or a name such as glm-tiny")
+    adapter: str = option(help="the LoRA adapter folder")
+    output: str = option(help="folder for the merged model (created)")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = option(None, help="dtype of the merged weights "
+                                                                                "(default: the base's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="glmkit merge-lora",
+    return options.build_parser(
+        MergeLoraOptions, prog="glmkit merge-lora", dashes=True,
         description="Fold a LoRA adapter (adapter_config.json + adapter_model.safetensors, as written by "
                     "`glmkit finetune --method lora` or PEFT) into its base model and save the merged model.")
-    p.add_argument("--base", required=True, help="base model: a folder or a name such as glm-tiny")
-    p.add_argument("--adapter", required=True, help="the LoRA adapter folder")
-    p.add_argument("--output", required=True, help="folder for the merged model (created)")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="dtype of the merged weights (default: the base's)")
-    return p
 
 
 def cli_main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parse_options(MergeLoraOptions, build_parser(), list(sys.argv[1:] if argv is None else argv))
     try:
         out = merge_lora_checkpoint(args.base, args.adapter, args.output, dtype=args.dtype)
     except FileNotFoundError as e:
