@@ -250,6 +250,16 @@ def _thudm_to_int4pack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 # ================================================================================================ the modules
 
 
+def save_portable_state(module: nn.Module, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+    """`_save_to_state_dict` of a quantized layer (QuantizedLinear, sharded.GroupedRowwiseLinear): once loaded, its
+    `export()` tensors (the checkpoint's portable form); before, nn.Module's own (empty placeholders)."""
+    if not module.is_loaded:
+        nn.Module._save_to_state_dict(module, destination, prefix, keep_vars)
+        return
+    for name, t in module.export().items():
+        destination[prefix + name] = t
+
+
 class _QuantizedMatmul(torch.autograd.Function):
     """x @ W^T with W quantized and frozen; backward gives the input gradient (grad @ dequantized W), which is
     what P-tuning and LoRA on a quantized base need."""
@@ -480,11 +490,7 @@ class QuantizedLinear(nn.Module):
 
     # state_dict()/load_state_dict() carry the portable tensors, so generic save/load code sees real weights
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if not self.is_loaded:
-            super()._save_to_state_dict(destination, prefix, keep_vars)
-            return
-        for name, t in self.export().items():
-            destination[prefix + name] = t
+        save_portable_state(self, destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from glmkit.quant.linear import QuantizedLinear
+from glmkit.quant.linear import QuantizedLinear, save_portable_state
 from glmkit.quant.transform import prepare_model
 
 ROW_PARALLEL = ("attn.proj", "mlp.proj")
@@ -102,11 +102,7 @@ class GroupedRowwiseLinear(nn.Module):
         return torch.cat([p.dequantized_weight(dtype) for p in self.parts], dim=1)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if not self.is_loaded:
-            super()._save_to_state_dict(destination, prefix, keep_vars)
-            return
-        for name, t in self.export().items():
-            destination[prefix + name] = t
+        save_portable_state(self, destination, prefix, keep_vars)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
