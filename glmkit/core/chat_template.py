@@ -45,9 +45,10 @@ _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 
 
 # ----------------------------------------------------------------------------------------- ChatGLM-6B / ChatGLM2
-def chatglm_prompt(query: str, history: Sequence[Turn]) -> str:
-    """ChatGLM-6B: the bare query without history; otherwise 0-based rounds with single newlines."""
-    if not history:
+def chatglm_prompt(query: str, history: Sequence[Turn], always_rounds: bool = False) -> str:
+    """ChatGLM-6B: the bare query without history; otherwise 0-based rounds with single newlines. `always_rounds`:
+    the rounds even without history (ptuning/main.py's training rows when a history column is set)."""
+    if not history and not always_rounds:
         return query
     prompt = "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history))
     return prompt + f"[Round {len(history)}]\n问：{query}\n答："

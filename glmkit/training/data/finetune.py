@@ -47,6 +47,7 @@ import torch
 
 from glmkit.core.blank import blank_positions, sep_mask
 from glmkit.core.chat import build_chat_input
+from glmkit.core.chat_template import chatglm2_prompt, chatglm_prompt
 from glmkit.core.fill import BLANK_RE
 
 IGNORE_INDEX = -100
@@ -137,22 +138,6 @@ def tokenizer_family(tok) -> str:
     return str(getattr(tok, "family", "chatglm"))
 
 
-def chatglm_prompt(query: str, history: Sequence[Sequence[str]] | None, use_template: bool) -> str:
-    """ChatGLM-6B's prompt: the query itself, or the 0-based [Round i] template with single newlines."""
-    if not use_template:
-        return query
-    history = history or []
-    turns = "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history))
-    return turns + f"[Round {len(history)}]\n问：{query}\n答："
-
-
-def chatglm2_prompt(query: str, history: Sequence[Sequence[str]] | None) -> str:
-    """ChatGLM2-6B's tokenizer.build_prompt: 1-based [Round i] with double newlines, always applied."""
-    history = history or []
-    turns = "".join(f"[Round {i}]\n\n问：{q}\n\n答：{r}\n\n" for i, (q, r) in enumerate(history, 1))
-    return turns + f"[Round {len(history) + 1}]\n\n问：{query}\n\n答："
-
-
 def _usable(row: dict[str, Any], columns: Columns) -> bool:
     return bool(row.get(columns.prompt)) and bool(row.get(columns.response))
 
@@ -218,7 +203,7 @@ def train_example(tok, row: dict[str, Any], columns: Columns, lengths: Lengths) 
         return {"input_ids": input_ids, "labels": labels, "context": len(a),
                 "position_ids": blank_positions(len(a), mask_pos, len(b) + 1)}
     if family == "chatglm":
-        prompt = lengths.source_prefix + chatglm_prompt(query, history, use_template=columns.history is not None)
+        prompt = lengths.source_prefix + chatglm_prompt(query, history, always_rounds=columns.history is not None)
         a = tok.encode(prompt, add_special_tokens=False)[: src - 1]
         b = tok.encode(answer, add_special_tokens=False)[: tgt - 2]
         input_ids = a + [special.gmask, special.sop] + b + [special.eos]
@@ -252,7 +237,7 @@ def eval_example(tok, row: dict[str, Any], columns: Columns, lengths: Lengths) -
         return {"input_ids": a + [tok.sop_token_id], "label_ids": label_ids, "label": decode_text(tok, label_ids),
                 "context": len(a), "position_ids": blank_positions(len(a), mask_pos, 1)}
     if family == "chatglm":
-        prompt = lengths.source_prefix + chatglm_prompt(query, history, use_template=bool(history))
+        prompt = lengths.source_prefix + chatglm_prompt(query, history)
         input_ids = tok.encode(prompt, add_special_tokens=False)[: src - 2] + [special.gmask, special.sop]
     elif family == "chatglm2":
         prompt = lengths.source_prefix + chatglm2_prompt(query, history)
