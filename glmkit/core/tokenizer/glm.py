@@ -34,6 +34,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
+from glmkit.core.hub import read_json_object
 from glmkit.core.tokenizer.base import (
     STRIP_BOTH,
     GLMTokenizerBase,
@@ -67,15 +68,7 @@ class _Special:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path} does not hold a JSON object")
-    return data
+    return read_json_object(path, TokenizerError) if path.exists() else {}
 
 
 class GLMHubTokenizer(GLMTokenizerBase):
