@@ -33,7 +33,6 @@ Data: JSON Lines, one item per line (`.json` files holding one JSON array are re
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, fields
 from glob import glob
@@ -41,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from glmkit.loading.corpus import read_json_records
 
 TASK_TYPES = ("mul", "gen", "lm")
 
@@ -211,24 +212,7 @@ def file_groups(config: TaskConfig, data_dir: Path) -> dict[str, list[Path]]:
 
 def read_items(path: Path) -> list[dict[str, Any]]:
     """The items of a JSON Lines file (or of a .json file holding one array)."""
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            items = json.loads(stripped)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{path}: not a JSON array: {e}") from None
-    else:
-        items = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    items.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise TaskError(f"{path}:{n}: not JSON: {e}") from None
-    if not all(isinstance(x, dict) for x in items):
-        raise TaskError(f"{path}: every item must be a JSON object")
-    return items
+    return read_json_records(path, TaskError)
 
 
 def text_field(item: dict[str, Any], key: str, where: str) -> Any:

@@ -1,7 +1,8 @@
 """Reading text corpora: a corpus is a list of sources; each source is a JSON Lines file (`{"text": ...}` per
 line), a plain-text file (documents separated by blank lines) or a folder of them (read recursively, sorted).
 Documents stream line by line. Pretraining (glmkit.training.data.corpus) and perplexity evaluation
-(glmkit.evaluation.perplexity) both read corpora through here.
+(glmkit.evaluation.perplexity) both read corpora through here; fine-tuning data and evaluation task files read
+their records with `read_json_records`.
 """
 
 from __future__ import annotations
@@ -10,8 +11,32 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 TEXT_SUFFIXES = (".jsonl", ".txt")
+
+
+def read_json_records(path: Path, error: type[Exception] = ValueError) -> list[dict[str, Any]]:
+    """The objects of a JSON Lines file (one per line, blank lines skipped) or of a file holding one JSON array;
+    anything else is `error` (the caller's error type) naming the file and line."""
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            records = json.loads(stripped)
+        except json.JSONDecodeError as e:
+            raise error(f"{path}: not a JSON array: {e}") from None
+    else:
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise error(f"{path}:{n}: not JSON ({e}); expected JSON Lines or one JSON array") from None
+    if not all(isinstance(r, dict) for r in records):
+        raise error(f"{path}: every record must be a JSON object")
+    return records
 
 
 @dataclass

@@ -37,7 +37,6 @@ the loss is the same and the work smaller).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ from glmkit.core.blank import blank_positions, sep_mask
 from glmkit.core.chat import build_chat_input
 from glmkit.core.chat_template import chatglm2_prompt, chatglm_prompt
 from glmkit.core.fill import BLANK_RE
+from glmkit.loading.corpus import read_json_records
 
 IGNORE_INDEX = -100
 
@@ -105,21 +105,7 @@ def read_rows(path: str | Path, max_samples: int | None = None) -> list[dict[str
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no data file at {path}")
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        rows = json.loads(stripped)
-    else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n} is not a JSON object ({e}); expected JSON Lines") from None
-    if not all(isinstance(r, dict) for r in rows):
-        raise ValueError(f"{path}: every row must be a JSON object")
+    rows = read_json_records(path)
     return rows[:max_samples] if max_samples is not None else rows
 
 
