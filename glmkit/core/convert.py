@@ -143,6 +143,21 @@ def _compile(table: dict[str, str | None]) -> list[tuple[re.Pattern, str | None,
     return rules
 
 
+def _rename(rules: list[tuple[re.Pattern, str | None, bool]], name: str) -> str | None:
+    """`name` through the first matching rule of `_compile`d rules (None: a tensor the table drops);
+    UnexpectedWeightError when none matches."""
+    for pattern, dst, prefix in rules:
+        m = pattern.match(name)
+        if not m:
+            continue
+        if dst is None:
+            return None
+        groups = list(m.groups())
+        rest = groups.pop() if prefix else ""
+        return _fill(dst, groups) + rest
+    raise UnexpectedWeightError(name)
+
+
 class Converter:
     """Maps one source tensor at a time to zero or more (glmkit name, tensor) pairs."""
 
@@ -151,16 +166,7 @@ class Converter:
         self.rules = _compile(table)
 
     def map_name(self, name: str) -> str | None:
-        for pattern, dst, prefix in self.rules:
-            m = pattern.match(name)
-            if not m:
-                continue
-            if dst is None:
-                return None
-            groups = list(m.groups())
-            rest = groups.pop() if prefix else ""
-            return _fill(dst, groups) + rest
-        raise UnexpectedWeightError(name)
+        return _rename(self.rules, name)
 
     def passthrough_target(self, name: str) -> str | None:
         """The glmkit name `name` is handed over to unchanged (None: dropped, transformed or unknown)."""
@@ -263,15 +269,10 @@ def to_hf_glm4x_state_dict(state_dict: dict[str, torch.Tensor], config: GLMConfi
             out[f"model.layers.{m[1]}.mlp.{where}gate_proj.weight"] = gate.contiguous()
             out[f"model.layers.{m[1]}.mlp.{where}up_proj.weight"] = up.contiguous()
             continue
-        for pattern, dst, prefix in rules:
-            m = pattern.match(name)
-            if m:
-                groups = list(m.groups())
-                rest = groups.pop() if prefix else ""
-                out[_fill(dst, groups) + rest] = t
-                break
-        else:
-            raise UnexpectedWeightError(f"no transformers name for glmkit weight {name!r}")
+        try:
+            out[_rename(rules, name)] = t
+        except UnexpectedWeightError:
+            raise UnexpectedWeightError(f"no transformers name for glmkit weight {name!r}") from None
     return out
 
 
@@ -383,15 +384,10 @@ def to_thudm_state_dict(state_dict: dict[str, torch.Tensor], config: GLMConfig) 
     rules = _compile({dst: src for dst, src in reverse})
     out = {}
     for name, tensor in state_dict.items():
-        for pattern, dst, prefix in rules:
-            m = pattern.match(name)
-            if m:
-                groups = list(m.groups())
-                rest = groups.pop() if prefix else ""
-                out[dst.replace("{}", groups[0]) + rest if groups else dst + rest] = tensor
-                break
-        else:
-            raise UnexpectedWeightError(f"no THUDM name for glmkit weight {name!r}")
+        try:
+            out[_rename(rules, name)] = tensor
+        except UnexpectedWeightError:
+            raise UnexpectedWeightError(f"no THUDM name for glmkit weight {name!r}") from None
     return out
 
 
