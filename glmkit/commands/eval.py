@@ -12,9 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from glmkit.commands.common import parse_options
+from glmkit.core import options
 from glmkit.core.extras import require_extra
+from glmkit.core.options import option
 from glmkit.core.tokenizer import load_tokenizer
 from glmkit.evaluation.perplexity import perplexity_report, read_texts
 from glmkit.evaluation.run import BUNDLED_TASKS, PRECISIONS, compare_precisions, results_markdown, run_eval
@@ -22,24 +26,38 @@ from glmkit.evaluation.tasks import TaskError
 from glmkit.loading.loader import load_model
 
 
+PPL_HELP = "per-token loss and perplexity (plus per-character CE) on a text file"
+
+
+@dataclass(kw_only=True)
+class PerplexityOptions:
+    model: str = option("glm-tiny", help="model folder, bundled name or hub id (default glm-tiny)")
+    data: str = option(help=".jsonl ({\"text\": ...} per line), .txt or a folder of them")
+    key: str = option("text", help="JSON field holding the text (default text)")
+    limit: int | None = option(None, help="score only the first N documents")
+    batch_size: int = 8
+    max_tokens: int | None = option(None, help="cut documents to this many tokens (default: model max)")
+    dtype: str = option("float32", help="float32 (default), bfloat16 or float16")
+    unigram_corpus: list[str] | None = option(None, nargs="+", type=str, metavar="PATH",
+                                              help="also report a character unigram model fitted on these "
+                                                   "files/folders")
+    json: str | None = option(None, metavar="FILE", help="write the numbers to this JSON file")
+    no_progress: bool = option(False, help="no progress bar")
+
+
+def build_ppl_parser() -> argparse.ArgumentParser:
+    return options.build_parser(
+        PerplexityOptions, prog="glmkit eval ppl", dashes=True,
+        description="Scores every document of --data as a continuation of tokenizer.encode('') (ChatGLM-6B: "
+                    "[gMASK] <sop>) and prints per-token loss, perplexity and per-character cross-entropy (nats).")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """`glmkit eval`: run and compare (argparse subcommands: the task list is a variable-length positional, which
+    leaves no room for key=value overrides), ppl (its own options parser) and harness (lm-eval's own)."""
     p = argparse.ArgumentParser(prog="glmkit eval", description="Evaluate a model.")
     sub = p.add_subparsers(dest="command", required=True)
-    ppl = sub.add_parser("ppl", help="per-token loss and perplexity (plus per-character CE) on a text file",
-                         description="Scores every document of --data as a continuation of tokenizer.encode('') "
-                                     "(ChatGLM-6B: [gMASK] <sop>) and prints per-token loss, perplexity and "
-                                     "per-character cross-entropy (nats).")
-    ppl.add_argument("--model", default="glm-tiny", help="model folder, bundled name or hub id (default glm-tiny)")
-    ppl.add_argument("--data", required=True, help=".jsonl ({\"text\": ...} per line), .txt or a folder of them")
-    ppl.add_argument("--key", default="text", help="JSON field holding the text (default text)")
-    ppl.add_argument("--limit", type=int, help="score only the first N documents")
-    ppl.add_argument("--batch-size", type=int, default=8)
-    ppl.add_argument("--max-tokens", type=int, help="cut documents to this many tokens (default: model max)")
-    ppl.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    ppl.add_argument("--unigram-corpus", nargs="+", metavar="PATH",
-                     help="also report a character unigram model fitted on these files/folders")
-    ppl.add_argument("--json", metavar="FILE", help="write the numbers to this JSON file")
-    ppl.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sub.add_parser("ppl", help=PPL_HELP, add_help=False)  # parsed by build_ppl_parser
 
     for name in ("run", "compare"):
         help_ = ("evaluate GLM-130B-style task files (mul/gen/lm): results JSON and markdown table" if name == "run"
@@ -81,9 +99,12 @@ def cli_main(argv: list[str]) -> int:
         from glmkit.evaluation.harness import run_harness
 
         return run_harness(argv[1:])
-    args = build_parser().parse_args(argv)
-    if args.command in ("run", "compare"):
-        return _run(args)
+    if argv and argv[0] == "ppl":
+        return _perplexity(parse_options(PerplexityOptions, build_ppl_parser(), argv[1:]))
+    return _run(build_parser().parse_args(argv))
+
+
+def _perplexity(args: PerplexityOptions) -> int:
     try:
         texts = read_texts(args.data, args.key, args.limit)
         model = load_model(args.model, dtype=args.dtype)
