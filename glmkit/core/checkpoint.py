@@ -125,12 +125,18 @@ def stream_into(model, converter, tensors, dtype, source) -> None:
         raise CheckpointError(f"{source}: incomplete weights: {left}")
 
 
-def assign(model: nn.Module, target: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+def owner_of(model: nn.Module, target: str) -> tuple[nn.Module, str]:
+    """(the module holding weight `target`, the attribute name); UnexpectedWeightError when the model has no such
+    module."""
     module_name, _, attr = target.rpartition(".")
     try:
-        module = model.get_submodule(module_name)
+        return model.get_submodule(module_name), attr
     except AttributeError:
         raise UnexpectedWeightError(target) from None
+
+
+def assign(model: nn.Module, target: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    module, attr = owner_of(model, target)
     if hasattr(module, "load_weight_tensor"):  # e.g. quantize.QuantizedLinear
         module.load_weight_tensor(attr, tensor)
         return

@@ -45,6 +45,7 @@ from glmkit.core.checkpoint import (
     chatglm_rope_mode,
     default_dtype,
     iter_tensors,
+    owner_of,
     read_hf_config,
     weight_files,
 )
@@ -183,11 +184,7 @@ def tensor_parallel_kind(name: str, config: GLMConfig) -> str:
 
 
 def _assign_local(model: nn.Module, target: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
-    module_name, _, attr = target.rpartition(".")
-    try:
-        module = model.get_submodule(module_name)
-    except AttributeError:
-        raise UnexpectedWeightError(target) from None
+    module, attr = owner_of(model, target)
     current = getattr(module, attr, None)
     if isinstance(current, DTensor):
         local_shape = current.to_local().shape
