@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from glmkit.core.atomic import atomic_dir
 from glmkit.quant.quantize import QuantizedLinear
 
 DEFAULT_TARGETS = ("attn.qkv",)
@@ -118,14 +119,13 @@ def save_lora_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_
     from safetensors.torch import save_file
 
     config = _model_lora_config(model)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(config)  # saving must not change the live config
     config.inference_mode = True
     config.base_model_name_or_path = base_model_name_or_path
-    config.save_pretrained(str(out))
-    save_file(lora_state_dict(model), str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    return out
+    with atomic_dir(out_dir) as out:  # out_dir stays the previous complete adapter until this one is
+        config.save_pretrained(str(out))
+        save_file(lora_state_dict(model), str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return Path(out_dir)
 
 
 def _model_lora_config(model: nn.Module):

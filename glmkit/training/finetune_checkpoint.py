@@ -16,6 +16,7 @@ from torch import nn
 
 from glmkit.adapters.lora import save_lora_adapter
 from glmkit.adapters.ptuning import save_ptuning_checkpoint
+from glmkit.core.atomic import atomic_dir
 from glmkit.core.causal_lm import GLMForCausalLM
 from glmkit.loading.loader import save_model
 from glmkit.training.trainer import (
@@ -89,13 +90,14 @@ def save_checkpoint(ckpt: Path, state: TrainState, trainer_state: TrainerState, 
         full_sd, optim_sd = full_state_dicts(state.raw_model, state.optimizer)
     rngs = gather_rng_states(state)
     if state.is_main:
-        ckpt.mkdir(parents=True, exist_ok=True)
-        METHODS[method].save(state.raw_model, ckpt, tokenizer, base_model_name_or_path, full_sd)
-        torch.save(optim_sd if optim_sd is not None else state.optimizer.state_dict(), ckpt / "optimizer.pt")
-        torch.save(state.scheduler.state_dict(), ckpt / "scheduler.pt")
-        torch.save(rngs, ckpt / "rng_state.pth")
-        (ckpt / "trainer_state.json").write_text(json.dumps(trainer_state.__dict__, indent=2, ensure_ascii=False)
-                                                 + "\n", encoding="utf-8")
+        # one folder, committed whole: a kill leaves the previous checkpoint-N folders and no half-written one
+        with atomic_dir(ckpt) as tmp:
+            METHODS[method].save(state.raw_model, tmp, tokenizer, base_model_name_or_path, full_sd)
+            torch.save(optim_sd if optim_sd is not None else state.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(state.scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(rngs, tmp / "rng_state.pth")
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state.__dict__, indent=2,
+                                                               ensure_ascii=False) + "\n", encoding="utf-8")
     if state.world_size > 1:
         import torch.distributed as dist
 

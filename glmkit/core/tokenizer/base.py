@@ -4,7 +4,6 @@ rules (`split_on`), and GLMTokenizerBase (batching with left padding, special-to
 from __future__ import annotations
 
 import abc
-import json
 import re
 import shutil
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 import sentencepiece as spm
 
+from glmkit.core.atomic import atomic_path, write_json
 from glmkit.core.chat_template import apply_chat_template as _apply_chat_template
 
 # ---------------------------------------------------------------------------------------------------------- constants
@@ -284,9 +284,10 @@ class GLMTokenizerBase(abc.ABC):
         out.mkdir(parents=True, exist_ok=True)
         vocab_out = out / self.vocab_file_name
         if Path(self.vocab_file).resolve() != vocab_out.resolve():
-            shutil.copyfile(self.vocab_file, vocab_out)
+            with atomic_path(vocab_out) as tmp:  # each file whole or the previous one (glmkit.core.atomic)
+                shutil.copyfile(self.vocab_file, tmp)
         cfg_out = out / "tokenizer_config.json"
-        cfg_out.write_text(json.dumps(self._config_to_save(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        write_json(cfg_out, self._config_to_save())
         return [str(vocab_out), str(cfg_out)]
 
     def __repr__(self) -> str:
