@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from glmkit.core import options
 from glmkit.core.atomic import torch_save, write_json
+from glmkit.core.checkpoint import CheckpointError
 from glmkit.core.config import GLMConfig
 from glmkit.core.model import GLM
 from glmkit.core.tokenizer import load_tokenizer
@@ -399,7 +400,10 @@ def save_checkpoint(state: State, path: Path) -> None:
 
 
 def load_checkpoint(state: State, path: Path) -> None:
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights_only: a crafted pickle runs no code
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
     if payload["world_size"] != state.world_size:
         # the data position is per process; rows would be split differently
         raise ValueError(f"{path} was written by {payload['world_size']} processes; resume with the same number "
