@@ -107,6 +107,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> Ite
         with open(path, mode, **open_kwargs) as f:
             yield f
         return
+    remove_leftovers(path)
     tmp = _tmp_name(path, "tmp")
     try:
         with open(tmp, mode, **open_kwargs) as f:
@@ -131,6 +132,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     if _inside_open_dir(path):
         yield path
         return
+    remove_leftovers(path)
     tmp = _tmp_name(path, "tmp")
     try:
         yield tmp
