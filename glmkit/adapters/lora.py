@@ -169,12 +169,17 @@ def load_lora_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool
 
 def _read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
     st, binf = adapter_dir / ADAPTER_WEIGHTS, adapter_dir / "adapter_model.bin"
-    if st.is_file():
-        from safetensors.torch import load_file
+    try:
+        if st.is_file():
+            from safetensors.torch import load_file
 
-        return load_file(str(st))
-    if binf.is_file():
-        return torch.load(binf, map_location="cpu", weights_only=True)
+            return load_file(str(st))
+        if binf.is_file():
+            return torch.load(binf, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or corrupt: name the file
+        from glmkit.core.checkpoint import CheckpointError
+
+        raise CheckpointError(f"cannot read the adapter weights in {adapter_dir}: {type(e).__name__}: {e}") from None
     raise FileNotFoundError(f"{adapter_dir} has {ADAPTER_CONFIG} but neither {ADAPTER_WEIGHTS} nor adapter_model.bin")
 
 

@@ -34,6 +34,29 @@ class TokenizerError(ValueError):
     """A tokenizer folder glmkit cannot read."""
 
 
+def check_text(text: Any) -> None:
+    """Refuses what is not encodable text: a non-string, or a string with an unpaired surrogate."""
+    if not isinstance(text, str):
+        raise TokenizerError(f"expected text (str), got {type(text).__name__}")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise TokenizerError(f"the text holds an unpaired surrogate {text[e.start]!r} at position {e.start} "
+                                 "(not valid Unicode)") from None
+
+
+def _checks_text(method):
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, text, *args, **kwargs):
+        check_text(text)
+        return method(self, text, *args, **kwargs)
+
+    return wrapper
+
+
 def blank_token(length: int) -> str:
     return f"<|blank_{length}|>"
 
@@ -140,6 +163,14 @@ class GLMTokenizerBase(abc.ABC):
         self.init_kwargs: dict[str, Any] = dict(config or {})
         self.name_or_path = str(Path(vocab_file).parent)
         self.clean_up_tokenization_spaces = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        # every family's encode/tokenize refuses text that is not valid Unicode (SentencePiece and tiktoken fail
+        # on it with opaque errors)
+        super().__init_subclass__(**kwargs)
+        for name in ("encode", "tokenize"):
+            if name in cls.__dict__:
+                setattr(cls, name, _checks_text(cls.__dict__[name]))
 
     # -- each family provides these
     @abc.abstractmethod
