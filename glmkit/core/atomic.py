@@ -84,11 +84,18 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _fail(path: Path, e: OSError) -> OutputError:
-    reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
-    err = OutputError(e.errno, f"cannot write {path}: {reason}; the previous output (if any) is unchanged")
+def _fail(path: Path, e: BaseException) -> OutputError:
+    code = getattr(e, "errno", None)
+    if code is None and "No space left on device" in str(e):  # safetensors' writer reports it as its own error
+        code = errno.ENOSPC
+    reason = "the disk is full" if code in (errno.ENOSPC, errno.EDQUOT) else (getattr(e, "strerror", None) or str(e))
+    err = OutputError(code, f"cannot write {path}: {reason}; the previous output (if any) is unchanged")
     err.filename = str(path)
     return err
+
+
+def _is_write_error(e: BaseException) -> bool:
+    return (isinstance(e, OSError) and not isinstance(e, OutputError)) or "No space left on device" in str(e)
 
 
 def _inside_open_dir(path: Path) -> bool:
@@ -118,7 +125,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> Ite
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(e, OSError) and not isinstance(e, OutputError):
+        if _is_write_error(e):
             raise _fail(path, e) from e
         raise
     fsync_dir(path.parent)
@@ -141,7 +148,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(e, OSError) and not isinstance(e, OutputError):
+        if _is_write_error(e):
             raise _fail(path, e) from e
         raise
     fsync_dir(path.parent)
@@ -276,7 +283,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         commit_dir(tmp, path)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and not isinstance(e, OutputError):
+        if _is_write_error(e):
             raise _fail(path, e) from e
         raise
     finally:
