@@ -10,10 +10,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
+from glmkit.core.atomic import write_json
 from glmkit.core.extras import require_extra
 from glmkit.core.tokenizer import load_tokenizer
 from glmkit.evaluation.perplexity import perplexity_report, read_texts
@@ -102,7 +101,7 @@ def cli_main(argv: list[str]) -> int:
         print(f"character unigram CE {out['unigram_char_ce']:.4f} nats/char  ->  model is "
               f"{100 * out['reduction_vs_unigram']:.1f}% lower")
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json(args.json, out)
     return 0
 
 

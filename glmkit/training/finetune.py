@@ -68,6 +68,10 @@ def _finetune(args: FinetuneArgs) -> dict[str, Any]:
         threads = _set_cpu_threads(args.num_threads, world)
         log(f"device cpu, {threads} thread(s) per process", rank)
     out = Path(args.output_dir)
+    if args.resume_from_checkpoint == "last":  # the same command, started again after a crash, continues
+        last = last_checkpoint(out)
+        args.resume_from_checkpoint = str(last) if last is not None else None
+        log(f"resuming from {last}" if last is not None else f"no checkpoint in {out} yet: starting", rank)
     if args.do_train and rank == 0:
         existing = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
         if existing and not args.overwrite_output_dir and not args.resume_from_checkpoint:
@@ -152,6 +156,13 @@ def _set_cpu_threads(requested: int | None, world: int) -> int:
     n = max(1, min(int(requested), cores))
     torch.set_num_threads(n)
     return n
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    """The checkpoint-N folder of `out` with the highest N (each is written whole; see glmkit.core.atomic)."""
+    steps = [(int(p.name.split("-", 1)[1]), p) for p in out.glob("checkpoint-*")
+             if p.is_dir() and p.name.split("-", 1)[1].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(steps)[1] if steps else None
 
 
 def load_for_finetune(args: FinetuneArgs, method: str):

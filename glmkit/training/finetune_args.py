@@ -100,7 +100,8 @@ class FinetuneArgs:
     bf16: bool = _opt(False, "bfloat16 autocast for forward/backward")
     fp16: bool = _opt(False, "accepted for compatibility; use --bf16 on CPU")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward")
-    resume_from_checkpoint: str | None = _opt(None, "an OUT/checkpoint-N folder to continue from")
+    resume_from_checkpoint: str | None = _opt(None, "an OUT/checkpoint-N folder to continue from, or "
+                                                   "'last': the newest one in --output_dir (none yet: start)")
     report_to: str | None = _opt(None, "accepted for compatibility (logs go to stdout)")
     deepspeed: str | None = _opt(None, "accepted for ds_train_finetune.sh compatibility; use torchrun")
     local_rank: int = _opt(-1, "set by launchers; torchrun's LOCAL_RANK is used")
