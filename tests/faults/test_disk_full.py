@@ -9,7 +9,7 @@ import torch
 
 from glmkit.core.atomic import OutputError, write_json
 from glmkit.loading.loader import load_model, save_model
-from tests.faults.harness import tiny_model
+from tests.helpers.faults import tiny_model
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import torch
 from glmkit.core.checkpoint import CheckpointError
 from glmkit.core.tokenizer import load_tokenizer
 from glmkit.loading.loader import load_adapter, load_model
-from tests.faults.harness import Versions, tiny_model
+from tests.helpers.faults import Versions, tiny_model
 
 CLEAR = (CheckpointError, ValueError, FileNotFoundError)
 N_CASES = 6 * int(os.environ.get("GLMKIT_FAULT_SEEDS", "1"))

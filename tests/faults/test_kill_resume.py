@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import POEMS, tiny_chatglm_with_tokenizer
+from tests.helpers.chat_models import POEMS, tiny_chatglm_with_tokenizer
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import WRITERS, check
+from tests.helpers.faults import WRITERS, check
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_killed_writers_leave_a_complete_output(tmp_path, seed):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GLMKIT_FAULT_MAX_DELAY": "0.5"}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "faults" / "harness.py"), str(tmp_path), str(seed)],
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "helpers" / "faults.py"), str(tmp_path), str(seed)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     killed = json.loads((tmp_path / "killed.json").read_text())

@@ -1,7 +1,7 @@
 """Fault-injection harness: tiny inputs for every writer, a loop that rewrites one output between two versions, and
 the check that what a kill -9 left is one of them (or a clear error, or nothing yet).
 
-`python tests/faults/harness.py ROOT SEED` builds the inputs under ROOT, then for each writer forks a child that
+`python tests/helpers/faults.py ROOT SEED` builds the inputs under ROOT, then for each writer forks a child that
 rewrites ROOT/<writer> forever, alternating version 0 and 1, and kills it with SIGKILL at a random (seeded) moment
 after its first complete write; it writes ROOT/killed.json ({writer: kill delay in seconds}). The test process then
 checks each output with `check(writer, ROOT)`. Forked children share the parent's imports, so a kill costs
@@ -52,7 +52,7 @@ def corpus(root: Path) -> Path:
 
 
 def sat_source(root: Path) -> Path:
-    from tests.conftest import glm130b_sat_state_dict, sat_reshard, write_sat_checkpoint
+    from tests.helpers.goldens import glm130b_sat_state_dict, sat_reshard, write_sat_checkpoint
 
     folder = root / "sat"
     if not (folder / "latest").exists():
