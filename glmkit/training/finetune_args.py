@@ -104,8 +104,8 @@ class FinetuneArgs:
     disable_tqdm: bool = False
 
     # ---- generation (predict_with_generate; defaults as main.py)
-    generation_max_length: int | None = _opt(None, "prompt + answer tokens (main.py: 512 for ChatGLM-6B, "
-                                                   "source+target+1 for ChatGLM2)")
+    generation_max_length: int | None = _opt(None, "prompt + answer tokens (default as main.py: "
+                                                   "max_source_length + max_target_length + 1)")
     do_sample: bool = True
     top_p: float = 0.7
     temperature: float = 0.95

@@ -273,6 +273,19 @@ def test_ptuning_checkpoints_resume_and_predict(v1, tmp_path):
                                             for r in dev]
 
 
+def test_generation_length_is_main_pys_source_plus_target_plus_one(v1, v2):
+    # ChatGLM-6B's main.py (since its May 2023 fix) and ChatGLM2's generate up to max_source_length +
+    # max_target_length + 1 tokens in all; the first release's fixed 512 is gone from both
+    from glmkit.training.finetune_predict import generation_length
+
+    for env in (v1, v2):
+        args = _args("--model_name_or_path", str(env["model"]), "--output_dir", "x", "--do_predict", "--test_file",
+                     "t.json", "--max_source_length", "64", "--max_target_length", "128")
+        assert generation_length(args, env["tok"]) == 193
+        args.generation_max_length = 300
+        assert generation_length(args, env["tok"]) == 300
+
+
 def test_prefix_projection_checkpoint_keys(v1, tmp_path):
     assert cli_main(_common(v1, tmp_path, "--do_train", "--train_file", str(v1["train"]), "--pre_seq_len", "3",
                             "--prefix_projection", "--max_steps", "1", "--per_device_train_batch_size", "2")) == 0
