@@ -58,7 +58,8 @@ def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
     if select_positions:
         with _hidden_states_only(model) as head:
             hidden = model(input_ids, **model_kwargs)  # (B, T, hidden)
-        logits = head(hidden[:, :-1][keep]).float()  # (N, vocab)
+        # the model hands back its final hidden states as float32 (its output cast): back to the head's dtype
+        logits = head(hidden[:, :-1][keep].to(model.dtype)).float()  # (N, vocab)
         loss = F.cross_entropy(logits, target[keep], reduction="sum")
     else:
         logits = model(input_ids, **model_kwargs)[:, :-1].float()  # (B, T-1, vocab)
