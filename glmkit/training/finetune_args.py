@@ -108,8 +108,8 @@ class FinetuneArgs:
     disable_tqdm: bool = _opt(False, "no progress bars")
 
     # ---- generation (predict_with_generate; defaults as main.py)
-    generation_max_length: int | None = _opt(None, "prompt + answer tokens (main.py: 512 for ChatGLM-6B, "
-                                                   "source+target+1 for ChatGLM2)")
+    generation_max_length: int | None = _opt(None, "prompt + answer tokens (default as main.py: "
+                                                   "max_source_length + max_target_length + 1)")
     do_sample: bool = _opt(True, "sample (false: greedy)")
     top_p: float = _opt(0.7, "nucleus sampling mass")
     temperature: float = _opt(0.95, "sampling temperature")

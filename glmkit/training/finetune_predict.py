@@ -24,7 +24,6 @@ from glmkit.training.data.finetune import (
     collate_prompts,
     collate_train,
     decode_text,
-    tokenizer_family,
 )
 from glmkit.training.finetune_args import FinetuneArgs
 from glmkit.training.finetune_loop import lm_loss
@@ -32,12 +31,12 @@ from glmkit.training.trainer import autocast
 
 
 def generation_length(args: FinetuneArgs, tokenizer) -> int:
-    """prompt + answer tokens to generate: --generation_max_length, else main.py's default for the family."""
+    """prompt + answer tokens to generate: --generation_max_length, else main.py's max_source_length +
+    max_target_length + 1 (ChatGLM-6B's main.py since its May 2023 fix, which replaced a fixed 512, and
+    ChatGLM2's; a fixed 512 let answers that never stop run to several times the answers' length)."""
     if args.generation_max_length:
         return args.generation_max_length
-    if tokenizer_family(tokenizer) == "chatglm":
-        return 512  # main.py: trainer.predict(..., max_length=512)
-    return args.max_source_length + args.max_target_length + 1  # ChatGLM2's main.py
+    return args.max_source_length + args.max_target_length + 1
 
 
 @torch.no_grad()
