@@ -46,6 +46,7 @@ SCALE_REWARDS = ("group", "batch", "none")
 # ------------------------------------------------------------------------------------------------------ log-probs
 @contextlib.contextmanager
 def _hidden_states_only(model: nn.Module):
+    """Makes the model return final hidden states instead of logits (lm_head -> Identity) inside the block."""
     head = model.lm_head
     model.lm_head = nn.Identity()
     try:
@@ -54,31 +55,45 @@ def _hidden_states_only(model: nn.Module):
         model.lm_head = head
 
 
+@contextlib.contextmanager
+def _head_on_rows(raw_model: nn.Module, keep: torch.Tensor):
+    """The output layer runs only where `keep` [B, T] is true (a forward pre-hook, so DDP/FSDP wrappers still see
+    the whole forward): the model returns logits [1, N, vocab]."""
+    hook = raw_model.lm_head.register_forward_pre_hook(lambda _m, args: (args[0][keep][None],))
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 def token_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, select_positions: bool = True,
-                **layout) -> tuple[torch.Tensor, torch.Tensor]:
+                raw_model: nn.Module | None = None, **layout) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs [B, T-1], mask [B, T-1]): log p(labels[:, t+1] | tokens ≤ t) where labels[:, t+1] != -100, else 0.
 
     select_positions: run the output layer only where there is a label (same numbers, less memory: the vocabulary
-    is large). Under DDP/FSDP pass False so the wrapper sees the whole forward."""
+    is large). raw_model: the module under a DDP/FSDP `model` (found for DDP)."""
     target = labels[:, 1:]
     mask = target != IGNORE_INDEX
-    out = torch.zeros(target.shape, dtype=torch.float32, device=input_ids.device)
     if select_positions:
-        with _hidden_states_only(model) as head:
-            hidden = model(input_ids, **layout)  # (B, T, hidden)
-        logits = head(hidden[:, :-1][mask]).float()  # (N, vocab)
+        rows = F.pad(mask, (0, 1), value=False)  # position t predicts labels[t+1]; the last predicts nothing
+        with _head_on_rows(raw_model if raw_model is not None else _unwrap(model), rows):
+            logits = model(input_ids, **layout)[0].float()  # (N, vocab)
     else:
         logits = model(input_ids, **layout)[:, :-1][mask].float()
     picked = -F.cross_entropy(logits, target[mask], reduction="none")  # log-softmax at the label, (N,)
-    out = out.masked_scatter(mask, picked)
+    out = torch.zeros(target.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
     return out, mask
 
 
-def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], select_positions: bool = True
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], select_positions: bool = True,
+                   raw_model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed answer log-prob [B], answer token count [B]) of a collated batch (collate_train's keys)."""
     layout = {k: batch[k] for k in ("position_ids", "attention_mask") if k in batch}
-    logps, mask = token_logps(model, batch["input_ids"], batch["labels"], select_positions, **layout)
+    logps, mask = token_logps(model, batch["input_ids"], batch["labels"], select_positions, raw_model, **layout)
     return logps.sum(-1), mask.sum(-1)
 
 
@@ -155,16 +170,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str 
     return advantages / (std + 1e-4)
 
 
-def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor | None,
-              advantages: torch.Tensor, mask: torch.Tensor, *, beta: float = 0.04, epsilon_low: float = 0.2,
-              epsilon_high: float | None = None, loss_type: str = "dapo", max_completion_length: int | None = None,
-              num_items: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """(loss, metrics {kl, clip_ratio}) for per-token log-probs [B, T] under the completion mask [B, T].
-
-    num_items: for "dapo", the completion tokens of the whole optimiser step (all micro-batches and processes);
-    default: this micro-batch's. max_completion_length: "dr_grpo"'s constant (default: T)."""
-    if loss_type not in GRPO_LOSSES:
-        raise ValueError(f"--grpo_loss_type must be one of {', '.join(GRPO_LOSSES)}, got {loss_type!r}")
+def grpo_per_token(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor | None,
+                   advantages: torch.Tensor, mask: torch.Tensor, *, beta: float = 0.04, epsilon_low: float = 0.2,
+                   epsilon_high: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """(per-token losses [B, T], metrics {kl, clip_ratio} as means over the masked tokens); see the module doc."""
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     mask = mask.float()
     ratio = torch.exp(logps - old_logps)
@@ -177,20 +186,43 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
         kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
         per_token = per_token + beta * kl
     n_tokens = mask.sum().clamp(min=1.0)
-    if loss_type == "grpo":
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-    elif loss_type == "bnpo":
-        loss = (per_token * mask).sum() / n_tokens
-    elif loss_type == "dr_grpo":
-        loss = (per_token * mask).sum() / (per_token.shape[0] * (max_completion_length or per_token.shape[1]))
-    else:
-        loss = (per_token * mask).sum() / (max(float(num_items), 1.0) if num_items is not None else n_tokens)
     with torch.no_grad():
         clipped = (((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))).float()
         metrics = {"clip_ratio": float((clipped * mask).sum() / n_tokens)}
         if kl is not None:
             metrics["kl"] = float((kl * mask).sum() / n_tokens)
-    return loss, metrics
+    return per_token, metrics
+
+
+def grpo_sum(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "dapo",
+             max_completion_length: int | None = None) -> tuple[torch.Tensor, int]:
+    """(Σ loss over the loss units, units) of one micro-batch, so that Σ / units summed the training loop's way
+    is loss_type's aggregation: dapo = tokens, normalised over the whole step; bnpo = tokens, per micro-batch;
+    grpo = sequences (each its token mean); dr_grpo = sequences, each its token sum / max_completion_length."""
+    if loss_type not in GRPO_LOSSES:
+        raise ValueError(f"--grpo_loss_type must be one of {', '.join(GRPO_LOSSES)}, got {loss_type!r}")
+    mask = mask.float()
+    if loss_type in ("dapo", "bnpo"):
+        return (per_token * mask).sum(), int(mask.sum())
+    if loss_type == "grpo":
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum(), per_token.shape[0]
+    return (per_token * mask).sum() / (max_completion_length or per_token.shape[1]), per_token.shape[0]
+
+
+def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor | None,
+              advantages: torch.Tensor, mask: torch.Tensor, *, beta: float = 0.04, epsilon_low: float = 0.2,
+              epsilon_high: float | None = None, loss_type: str = "dapo", max_completion_length: int | None = None,
+              num_items: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """(loss, metrics {kl, clip_ratio}) of one micro-batch: per-token log-probs [B, T] under the completion mask.
+
+    num_items: for "dapo", the completion tokens of the whole optimiser step (all micro-batches and processes);
+    default: this micro-batch's. max_completion_length: "dr_grpo"'s constant (default: T)."""
+    per_token, metrics = grpo_per_token(logps, old_logps, ref_logps, advantages, mask, beta=beta,
+                                        epsilon_low=epsilon_low, epsilon_high=epsilon_high)
+    total, units = grpo_sum(per_token, mask, loss_type, max_completion_length)
+    if loss_type == "dapo" and num_items is not None:
+        units = num_items
+    return total / max(float(units), 1.0), metrics
 
 
 # ------------------------------------------------------------------------------------------------------ reference
