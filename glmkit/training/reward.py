@@ -89,13 +89,16 @@ def score(model: RewardModel, tokenizer, prompts: Sequence, answers: Sequence[st
 
 # ------------------------------------------------------------------------------------------------------ folders
 def save_reward_model(model: RewardModel, out_dir: str | Path, method: str, base_model_name_or_path: str,
-                      tokenizer=None) -> Path:
-    """Writes the folder described in the module docstring (the body's part in `method`'s layout)."""
+                      tokenizer=None, body_saved: bool = False) -> Path:
+    """Writes the folder described in the module docstring (the body's part in `method`'s layout; body_saved: a
+    fine-tuning checkpoint already wrote it)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if method == "lora":
+    if body_saved:
+        pass
+    elif method == "lora":
         save_lora_adapter(model.body, out, base_model_name_or_path=base_model_name_or_path)
     elif method == "ptuning":
         save_ptuning_checkpoint(model.body, out)

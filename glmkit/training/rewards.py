@@ -58,11 +58,19 @@ def form_score(prompt: str, poem: str) -> float:
     return 0.5 * right * min(len(pieces), lines) / max(len(pieces), lines)
 
 
-def poem_form(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-    """The poem-form reward for each (prompt, completion)."""
+def prompt_text(prompt) -> str:
+    """A text prompt, or a message list's last user message."""
+    if isinstance(prompt, list):
+        users = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        return str(users[-1]) if users else ""
+    return str(prompt)
+
+
+def poem_form(prompts: Sequence, completions: Sequence[str]) -> list[float]:
+    """The poem-form reward for each (prompt, completion); prompts as text or message lists."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    return [form_score(p, c) for p, c in zip(prompts, completions)]
+    return [form_score(prompt_text(p), c) for p, c in zip(prompts, completions)]
 
 
 def form_share(prompts: Sequence[str], poems: Sequence[str]) -> float:

@@ -128,7 +128,7 @@ def test_renamed_columns_and_prompt_only_rows(tiny):
     pairs = build_pairs(tok, [{"q": PROMPT, "good": POEM, "bad": OTHER}], cols, LENGTHS)
     assert len(pairs) == 1
     prompts = build_prompts(tok, [{"q": PROMPT}], cols, LENGTHS)
-    assert prompts[0]["prompt"] == PROMPT and prompts[0]["input_ids"][-1] == tok.sop_token_id
+    assert prompts[0]["source"] == PROMPT and prompts[0]["input_ids"][-1] == tok.sop_token_id
     with pytest.raises(ValueError, match="--prompt_column"):
         build_prompts(tok, [{"prompt": PROMPT}], cols, LENGTHS)
 

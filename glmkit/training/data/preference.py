@@ -185,14 +185,14 @@ def prompt_example(tok, prompt, lengths: Lengths) -> dict[str, Any]:
 
 def build_prompts(tok, rows: Sequence[dict[str, Any]], columns: PreferenceColumns, lengths: Lengths,
                   source: str = "data") -> list[dict[str, Any]]:
-    """Checked prompt-only rows -> generation prompts, each with its text under "prompt" (for reward functions)."""
+    """Checked prompt-only rows -> generation prompts, each with its row's prompt under "source"."""
     check_preference_rows(rows, columns, source, pairs=False)
     out = []
     for i, row in enumerate(rows):
         prompt = row[columns.prompt]
         _check_prompt_length(tok, prompt, lengths, source, i)
         ex = prompt_example(tok, prompt, lengths)
-        ex["prompt"] = prompt if isinstance(prompt, str) else prompt[-1].get("content", "")
+        ex["source"] = prompt  # what reward functions and reward models are given
         out.append(ex)
     return out
 
