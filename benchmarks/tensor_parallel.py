@@ -59,7 +59,7 @@ def worker(folder: str, prompt: int, decode: int, threads: int, tp: bool) -> Non
         out["peak_rss_per_rank"] = gathered
         if dist.get_rank() == 0:
             print("RESULT " + json.dumps(out), flush=True)
-        from glmkit.distributed.tp import end_worker
+        from glmkit.distributed.launch import end_worker
 
         end_worker(0)
     print("RESULT " + json.dumps(out), flush=True)

@@ -53,6 +53,7 @@ from glmkit.core.convert import UnexpectedWeightError, converter_for
 from glmkit.core.sat import is_sat_checkpoint, iter_sat_tensors, read_sat_config, sat_quantization, split_by_kind
 from glmkit.quant.quantize import QuantizedLinear, default_spec, prepare_model
 from glmkit.quant.sharded import GroupedRowwiseLinear, prepare_sat_model
+from glmkit.distributed.launch import end_worker
 
 COLUMN = ("attn.qkv", "mlp.fc")
 ROW = ("attn.proj", "mlp.proj")
@@ -389,16 +390,3 @@ def _to_device(obj, device):
     if isinstance(obj, dict):
         return {k: _to_device(v, device) for k, v in obj.items()}
     return obj
-
-
-def end_worker(code: int = 0) -> None:
-    """Ends a tensor-parallel worker: barrier, destroy the process group, os._exit (gloo's C++ teardown can abort
-    at interpreter exit; see glmkit.training.pretrain.end_torchrun_worker)."""
-    import sys
-
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)

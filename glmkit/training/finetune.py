@@ -34,11 +34,12 @@ from torch import nn
 from glmkit.adapters.lora import apply_lora, has_lora, load_lora_adapter, mark_only_lora_as_trainable
 from glmkit.adapters.ptuning import attach_prefix, mark_only_prefix_as_trainable
 from glmkit.core.tokenizer import load_tokenizer
+from glmkit.distributed.launch import init_process_group
 from glmkit.loading.loader import load_adapter, load_model
 from glmkit.training.data.finetune import IGNORE_INDEX, Columns, Lengths, build_examples, check_columns, read_rows
 from glmkit.training.finetune_args import FinetuneArgs, resolve_method, validate
-from glmkit.training.finetune_checkpoint import init_distributed
-from glmkit.training.finetune_loop import log, train
+from glmkit.training.finetune_loop import train
+from glmkit.training.trainer import log_line as log
 from glmkit.training.finetune_predict import run_evaluation, save_metrics
 
 __all__ = ["FinetuneArgs", "finetune", "load_adapter_folder", "load_for_finetune"]
@@ -62,7 +63,7 @@ def _finetune(args: FinetuneArgs) -> dict[str, Any]:
     validate(args)
     method = resolve_method(args)
     device = _device(args)
-    rank, world = init_distributed(device)
+    rank, world = init_process_group(device)
     if device.type == "cpu":
         threads = _set_cpu_threads(args.num_threads, world)
         log(f"device cpu, {threads} thread(s) per process", rank)

@@ -1,8 +1,9 @@
 """FinetuneArgs: the options of glmkit.training.finetune.finetune, named as ChatGLM-6B's ptuning/main.py flags.
 
-Every field is the `glmkit finetune` flag of the same name with the same default (`--learning_rate 2e-2` is
-`FinetuneArgs(learning_rate=2e-2, ...)`); a field's `metadata["help"]` is that flag's help text, which the command's
-parser shows. validate() and resolve_method() are the checks finetune() runs before loading anything.
+Every field is the `glmkit finetune` flag (and YAML key) of the same name with the same default (`--learning_rate
+2e-2` is `FinetuneArgs(learning_rate=2e-2, ...)`); glmkit.core.options builds the parser from the fields, and a
+field's `metadata["help"]` is that flag's help text. validate() and resolve_method() are the checks finetune() runs
+before loading anything.
 """
 
 from __future__ import annotations
@@ -47,57 +48,59 @@ class FinetuneArgs:
     model_name_or_path: str = field(metadata={"help": "base model folder, bundled name or HF id"})
     ptuning_checkpoint: str | None = _opt(None, "P-tuning checkpoint folder to load on the base")
     adapter: str | None = _opt(None, "P-tuning or LoRA folder to load on the base")
-    method: str | None = _opt(None, "default: ptuning when --pre_seq_len is given, else full")  # one of METHODS
+    method: Literal["ptuning", "lora", "full"] | None = _opt(None, "default: ptuning when --pre_seq_len is given, "
+                                                                   "else full")
     pre_seq_len: int | None = _opt(None, "P-tuning v2 prefix length")
     prefix_projection: bool = _opt(False, "P-tuning v2 with the two-layer MLP reparam.")
-    quantization_bit: int | None = _opt(None, "load the base as INT4/INT8 (frozen; P-tuning and LoRA train through it)")
-    lora_rank: int = 8
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.1
+    quantization_bit: Literal[4, 8] | None = _opt(None, "load the base as INT4/INT8 (frozen; P-tuning and LoRA "
+                                                        "train through it)")
+    lora_rank: int = _opt(8, "LoRA rank r")
+    lora_alpha: float = _opt(32.0, "LoRA scale numerator: updates are scaled by alpha / r")
+    lora_dropout: float = _opt(0.1, "dropout on the LoRA input")
     lora_target: str = _opt("attn.qkv", "comma-separated modules: attn.qkv, attn.proj, mlp.fc, mlp.proj (or THUDM "
                                         "names), or all")
-    dtype: str = _opt("float32", "dtype of the loaded base weights")  # one of DTYPES
+    dtype: Literal["float32", "bfloat16", "float16"] = _opt("float32", "dtype of the loaded base weights")
     device: str | None = _opt(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
     num_threads: int | None = _opt(None, "CPU threads for torch (default: the cores not already busy, at least 1; on "
                                          "a shared, oversubscribed CPU extra threads make small models many times "
                                          "slower)")
 
     # ---- data (JSON Lines files; one object per line)
-    train_file: str | None = None
-    validation_file: str | None = None
-    test_file: str | None = None
-    prompt_column: str = "content"
-    response_column: str = "summary"
+    train_file: str | None = _opt(None, "training rows (JSON Lines)")
+    validation_file: str | None = _opt(None, "rows for --do_eval")
+    test_file: str | None = _opt(None, "rows for --do_predict")
+    prompt_column: str = _opt("content", "the key of the prompt in each row")
+    response_column: str = _opt("summary", "the key of the answer in each row")
     history_column: str | None = _opt(None, "list of [query, response] pairs (multi-turn data)")
     source_prefix: str = _opt("", "text put before every prompt")
-    max_source_length: int = 64  # prompt tokens kept
-    max_target_length: int = 128  # answer tokens kept
+    max_source_length: int = _opt(64, "prompt tokens kept")
+    max_target_length: int = _opt(128, "answer tokens kept")
     val_max_target_length: int | None = _opt(None, "default: --max_target_length")
-    max_train_samples: int | None = None  # first N rows of each file
-    max_eval_samples: int | None = None
-    max_predict_samples: int | None = None
-    ignore_pad_token_for_loss: bool = True
+    max_train_samples: int | None = _opt(None, "use the first N training rows")
+    max_eval_samples: int | None = _opt(None, "use the first N evaluation rows")
+    max_predict_samples: int | None = _opt(None, "use the first N prediction rows")
+    ignore_pad_token_for_loss: bool = _opt(True, "padding positions carry no loss")
     overwrite_cache: bool = _opt(False, "accepted for main.py compatibility (no cache)")
     preprocessing_num_workers: int | None = _opt(None, "accepted for compatibility")
 
     # ---- training (HF Trainer's defaults)
-    output_dir: str = field(metadata={})  # checkpoints and *_results.json go here
+    output_dir: str = field(metadata={"help": "checkpoint-N folders and *_results.json go here"})
     overwrite_output_dir: bool = _opt(False, "allow an --output_dir with checkpoints")
-    per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
+    per_device_train_batch_size: int = _opt(8, "rows per micro-batch per process")
+    per_device_eval_batch_size: int = _opt(8, "rows per evaluation/generation batch")
+    gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
+    learning_rate: float = _opt(5e-5, "peak learning rate (AdamW), decayed linearly to 0")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    adam_beta1: float = _opt(0.9, "AdamW beta1")
+    adam_beta2: float = _opt(0.999, "AdamW beta2")
+    adam_epsilon: float = _opt(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = off)")
     max_steps: int = _opt(-1, "optimizer steps; -1 = --num_train_epochs")
-    num_train_epochs: float = 3.0
-    warmup_steps: int = 0
-    logging_steps: int = 10
-    save_steps: int = 500
-    seed: int = 42
+    num_train_epochs: float = _opt(3.0, "passes over the training rows (when --max_steps is -1)")
+    warmup_steps: int = _opt(0, "linear learning-rate warmup steps")
+    logging_steps: int = _opt(10, "steps between log lines")
+    save_steps: int = _opt(500, "steps between checkpoint-N folders (one is always written at the end)")
+    seed: int = _opt(42, "seed of the data order, dropout and sampling")
     bf16: bool = _opt(False, "bfloat16 autocast for forward/backward")
     fp16: bool = _opt(False, "accepted for compatibility; use --bf16 on CPU")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward")
@@ -105,14 +108,14 @@ class FinetuneArgs:
     report_to: str | None = _opt(None, "accepted for compatibility (logs go to stdout)")
     deepspeed: str | None = _opt(None, "accepted for ds_train_finetune.sh compatibility; use torchrun")
     local_rank: int = _opt(-1, "set by launchers; torchrun's LOCAL_RANK is used")
-    disable_tqdm: bool = False
+    disable_tqdm: bool = _opt(False, "no progress bars")
 
     # ---- generation (predict_with_generate; defaults as main.py)
     generation_max_length: int | None = _opt(None, "prompt + answer tokens (main.py: 512 for ChatGLM-6B, "
                                                    "source+target+1 for ChatGLM2)")
-    do_sample: bool = True
-    top_p: float = 0.7
-    temperature: float = 0.95
+    do_sample: bool = _opt(True, "sample (false: greedy)")
+    top_p: float = _opt(0.7, "nucleus sampling mass")
+    temperature: float = _opt(0.95, "sampling temperature")
 
     # ---- alignment (--stage rm / dpo / grpo; docs/alignment.md)
     stage: Literal["sft", "rm", "dpo", "grpo"] = _opt("sft", "sft (supervised, main.py's), rm (reward model), dpo (preference pairs), grpo (online "

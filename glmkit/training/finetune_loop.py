@@ -1,17 +1,19 @@
-"""The fine-tuning loop, HF Trainer's default written out: AdamW (β 0.9/0.999, ε 1e-8), linear decay to 0 after
-warmup_steps, gradient clipping at max_grad_norm, gradient accumulation, optional bf16 autocast, checkpoints every
-save_steps and at the end, exact resume.
+"""Fine-tuning as a stage of the training backbone (glmkit.training.trainer): the data are main.py's examples in
+deterministic shuffled micro-batches, the loss is next-token cross-entropy over the answer tokens (main.py's
+labels), averaged per micro-batch as Hugging Face Trainer does. Around it, HF Trainer's defaults: AdamW (β 0.9/0.999,
+ε 1e-8), linear decay to 0 after warmup_steps, gradient clipping at max_grad_norm, gradient accumulation, optional
+bf16 autocast, checkpoint-N folders every save_steps and at the end (finetune_checkpoint.py), exact resume.
 
-Each micro-batch's loss is the mean over its answer tokens (main.py's labels); only the answer positions go through
-the output layer, which is most of the work for a small model with a large vocabulary.
+Only the answer positions go through the output layer, which is most of the work for a small model with a large
+vocabulary.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,44 +23,42 @@ from torch import nn
 
 from glmkit.training.data.finetune import IGNORE_INDEX, SpecialTokens, collate_train
 from glmkit.training.finetune_args import FinetuneArgs
-from glmkit.training.finetune_checkpoint import (
-    TrainerState,
-    load_trainer_state,
-    save_checkpoint,
-    wrap_distributed,
+from glmkit.training.finetune_checkpoint import METHODS, TrainerState, load_trainer_state, save_checkpoint
+from glmkit.training.trainer import (
+    Logger,
+    LoopConfig,
+    Stage,
+    TrainState,
+    fit,
+    head_on_rows,
+    log_line,
+    trainable_parameters,
+    wrap_model,
 )
 
-
-def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+__all__ = ["AnswerLossStage", "MicroBatches", "linear_schedule", "lm_loss", "train"]
 
 
 # ------------------------------------------------------------------------------------------------------ loss
-@contextlib.contextmanager
-def _hidden_states_only(model: nn.Module):
-    """Temporarily makes the model return final hidden states instead of logits (lm_head -> Identity)."""
-    head = model.lm_head
-    model.lm_head = nn.Identity()
-    try:
-        yield head
-    finally:
-        model.lm_head = head
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-            select_positions: bool = True, **model_kwargs) -> tuple[torch.Tensor, int]:
+def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, select_positions: bool = True,
+            raw_model: nn.Module | None = None, **model_kwargs) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over labels != -100 (logits[t] predicts labels[t+1]) and the token count.
 
-    select_positions: run the output layer only on the positions that have a label (same result, less work).
-    model_kwargs: position_ids / attention_mask when the batch lays them out (the original GLM's blank layout).
+    select_positions: run the output layer only on the positions that have a label (same result, less work);
+    raw_model: the module under a DDP/FSDP `model` (found for DDP). model_kwargs: position_ids / attention_mask
+    when the batch lays them out (the original GLM's blank layout).
     """
     target = labels[:, 1:]
     keep = target != IGNORE_INDEX
     n = int(keep.sum())
     if select_positions:
-        with _hidden_states_only(model) as head:
-            hidden = model(input_ids, **model_kwargs)  # (B, T, hidden)
-        logits = head(hidden[:, :-1][keep]).float()  # (N, vocab)
+        rows = F.pad(keep, (0, 1), value=False)  # position t predicts labels[t+1]; the last one predicts nothing
+        with head_on_rows(raw_model if raw_model is not None else _unwrap(model), rows):
+            logits = model(input_ids, **model_kwargs)[0].float()  # (N, vocab)
         loss = F.cross_entropy(logits, target[keep], reduction="sum")
     else:
         logits = model(input_ids, **model_kwargs)[:, :-1].float()  # (B, T-1, vocab)
@@ -102,123 +102,117 @@ class MicroBatches:
 
 
 # ------------------------------------------------------------------------------------------------------ training
-def autocast(device: torch.device, bf16: bool):
-    """bfloat16 autocast on `device` when bf16, else a no-op context."""
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+class AnswerLossStage(Stage):
+    """Supervised fine-tuning as a backbone stage: micro-batch m holds examples MicroBatches.indices(m), the loss
+    is lm_loss over the answer tokens."""
+
+    def __init__(self, examples: list[dict[str, list[int]]], order: MicroBatches, pad_id: int,
+                 grad_accum: int) -> None:
+        self.examples, self.order, self.pad_id, self.grad_accum = examples, order, pad_id, grad_accum
+
+    def batches(self, state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
+        m = state.step * self.grad_accum
+        while True:
+            yield collate_train([self.examples[i] for i in self.order.indices(m)], self.pad_id)
+            m += 1
+
+    def units(self, batch) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def tokens(self, batch) -> int:
+        return int((batch["input_ids"] != self.pad_id).sum())
+
+    def loss(self, state, batch):
+        dev = state.device
+        layout = {k: batch[k].to(dev) for k in ("position_ids", "attention_mask") if k in batch}
+        loss_sum, _ = lm_loss(state.model, batch["input_ids"].to(dev), batch["labels"].to(dev),
+                              raw_model=state.raw_model, **layout)
+        return loss_sum, {}
 
 
-def log(msg: str, rank: int = 0) -> None:
-    """Prints `msg` on the main process only, above any progress bar."""
-    if rank == 0:
-        try:
-            from tqdm import tqdm
+class TrainerStateLogger(Logger):
+    """HF Trainer's log: on each log step, the mean step loss since the last one (averaged over processes), the
+    learning rate, the epoch and tokens/s, appended to trainer_state.log_history and printed as a JSON line."""
 
-            tqdm.write(msg)
-        except ImportError:
-            print(msg, flush=True)
+    def __init__(self, state: TrainState, trainer_state: TrainerState, order: MicroBatches, grad_accum: int) -> None:
+        self.trainer_state, self.order, self.grad_accum = trainer_state, order, grad_accum
+        self.loss_sum, self.steps, self.t, self.tokens = 0.0, 0, time.perf_counter(), state.tokens_seen
+
+    def step(self, state, stats, log):
+        ts = self.trainer_state
+        ts.global_step = state.step
+        ts.epoch = self.order.epoch_of(state.step * self.grad_accum)
+        self.loss_sum += stats["loss"]
+        self.steps += 1
+        if not log:
+            return
+        mean_loss = self.loss_sum / self.steps
+        if state.world_size > 1:  # the logged loss is the mean over processes, as HF Trainer gathers it
+            import torch.distributed as dist
+
+            t = torch.tensor([mean_loss], dtype=torch.float64)
+            dist.all_reduce(t)
+            mean_loss = float(t) / state.world_size
+        elapsed = time.perf_counter() - self.t
+        entry = {"loss": round(mean_loss, 4), "learning_rate": stats["lr"], "epoch": round(ts.epoch, 4),
+                 "tokens_per_second": round((state.tokens_seen - self.tokens) / max(elapsed, 1e-9), 1),
+                 "step": state.step}
+        ts.log_history.append(entry)
+        log_line(json.dumps(entry), state.rank)
+        self.loss_sum, self.steps, self.t, self.tokens = 0.0, 0, time.perf_counter(), state.tokens_seen
 
 
 def train(model: nn.Module, tokenizer, examples: list[dict[str, list[int]]], args: FinetuneArgs,
           method: str, device: torch.device, rank: int = 0, world: int = 1) -> dict[str, Any]:
-    """The fine-tuning loop; returns train metrics (train_loss, train_runtime, ...)."""
+    """Fine-tunes the parameters of `model` that require grad (the method set them) on the backbone; returns train
+    metrics (train_loss, train_runtime, ...)."""
     out = Path(args.output_dir)
     pad_id = SpecialTokens.from_tokenizer(tokenizer).pad
     params = [p for _, p in trainable_parameters(model)]
     if not params:
         raise ValueError("no trainable parameters: nothing to fine-tune")
-    wrapped = wrap_distributed(model, method, device, world)
-    if method == "full" and world > 1:
+    wrapped = wrap_model(model, METHODS[method].distributed, device, world)
+    if wrapped is model and world > 1:
         params = [p for p in model.parameters() if p.requires_grad]  # FSDP replaced them with sharded ones
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   eps=args.adam_epsilon, weight_decay=args.weight_decay)
     accum = args.gradient_accumulation_steps
-    batches = MicroBatches(len(examples), args.per_device_train_batch_size, args.seed, rank, world)
-    total = args.max_steps if args.max_steps > 0 else max(1, math.ceil(args.num_train_epochs * batches.per_epoch
+    order = MicroBatches(len(examples), args.per_device_train_batch_size, args.seed, rank, world)
+    total = args.max_steps if args.max_steps > 0 else max(1, math.ceil(args.num_train_epochs * order.per_epoch
                                                                        / accum))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(args.warmup_steps, total))
-    state = TrainerState(max_steps=total, method=method, seed=args.seed, world_size=world,
-                         train_batch_size=args.per_device_train_batch_size, gradient_accumulation_steps=accum)
+    state = TrainState(model=wrapped, raw_model=model, optimizer=optimizer, scheduler=scheduler, device=device,
+                       autocast_dtype=torch.bfloat16 if args.bf16 else None, rank=rank, world_size=world)
+    trainer_state = TrainerState(max_steps=total, method=method, seed=args.seed, world_size=world,
+                                 train_batch_size=args.per_device_train_batch_size, gradient_accumulation_steps=accum)
     if args.resume_from_checkpoint:
-        state = load_trainer_state(Path(args.resume_from_checkpoint), model, optimizer, scheduler, method, rank,
-                                   world)
-        if state.max_steps != total:
-            raise ValueError(f"the checkpoint was trained for max_steps {state.max_steps}, this run asks for "
-                             f"{total}; the learning-rate schedule would differ")
-        log(f"resumed from {args.resume_from_checkpoint} at step {state.global_step}", rank)
+        trainer_state = load_trainer_state(Path(args.resume_from_checkpoint), state, method)
+        if trainer_state.max_steps != total:
+            raise ValueError(f"the checkpoint was trained for max_steps {trainer_state.max_steps}, this run asks "
+                             f"for {total}; the learning-rate schedule would differ")
+        log_line(f"resumed from {args.resume_from_checkpoint} at step {state.step}", rank)
 
     n_trainable = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
-    log(f"***** Running training ({method}) *****\n  examples = {len(examples)}, steps = {total}, "
-        f"batch = {args.per_device_train_batch_size} x accumulation {accum} x processes {world}\n"
-        f"  trainable parameters = {n_trainable:,} of {n_total:,} ({100 * n_trainable / max(1, n_total):.4f}%)",
-        rank)
-    bar = None
-    if rank == 0 and not args.disable_tqdm:
-        from tqdm import tqdm
+    log_line(f"***** Running training ({method}) *****\n  examples = {len(examples)}, steps = {total}, "
+             f"batch = {args.per_device_train_batch_size} x accumulation {accum} x processes {world}\n"
+             f"  trainable parameters = {n_trainable:,} of {n_total:,} "
+             f"({100 * n_trainable / max(1, n_total):.4f}%)", rank)
+    loop = LoopConfig(max_steps=total, grad_accum=accum,
+                      grad_clip=args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else 0.0,
+                      normalize="micro", log_every=args.logging_steps, save_every=args.save_steps,
+                      progress=not args.disable_tqdm, desc=f"finetune {method}")
 
-        bar = tqdm(total=total, initial=state.global_step, desc=f"finetune {method}", dynamic_ncols=True)
+    def save(s: TrainState) -> None:
+        save_checkpoint(out / f"checkpoint-{s.step}", s, trainer_state, method, tokenizer, args.model_name_or_path)
 
-    wrapped.train()
     t_start = time.perf_counter()
-    t_log, tokens_log, loss_sum_log, steps_log = time.perf_counter(), 0, 0.0, 0
-    loss_total, steps_total = 0.0, 0
-    while state.global_step < total:
-        step_loss = 0.0
-        for micro in range(accum):
-            m = state.global_step * accum + micro
-            batch = collate_train([examples[i] for i in batches.indices(m)], pad_id)
-            ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-            layout = {k: batch[k].to(device) for k in ("position_ids", "attention_mask") if k in batch}
-            with autocast(device, args.bf16):
-                # DDP/FSDP must see the whole forward, so they take the plain full-logits path
-                loss_sum, n = lm_loss(model, ids, labels, **layout) if world == 1 else \
-                    lm_loss(wrapped, ids, labels, select_positions=False, **layout)
-            loss = loss_sum / max(n, 1)
-            (loss / accum).backward()
-            step_loss += float(loss.detach()) / accum
-            tokens_log += int((ids != pad_id).sum())
-        if args.max_grad_norm and args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.global_step += 1
-        state.epoch = batches.epoch_of(state.global_step * accum)
-        loss_sum_log += step_loss
-        steps_log += 1
-        loss_total += step_loss
-        steps_total += 1
-        lr = scheduler.get_last_lr()[0]
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-        if state.global_step % args.logging_steps == 0 or state.global_step == total:
-            elapsed = time.perf_counter() - t_log
-            mean_loss = loss_sum_log / steps_log
-            if world > 1:  # the logged loss is the mean over processes, as HF Trainer gathers it
-                import torch.distributed as dist
-
-                t = torch.tensor([mean_loss], dtype=torch.float64)
-                dist.all_reduce(t)
-                mean_loss = float(t) / world
-            entry = {"loss": round(mean_loss, 4), "learning_rate": lr,
-                     "epoch": round(state.epoch, 4), "tokens_per_second": round(tokens_log * world / elapsed, 1),
-                     "step": state.global_step}
-            state.log_history.append(entry)
-            log(json.dumps(entry), rank)
-            t_log, tokens_log, loss_sum_log, steps_log = time.perf_counter(), 0, 0.0, 0
-        if state.global_step % args.save_steps == 0 or state.global_step == total:
-            save_checkpoint(out / f"checkpoint-{state.global_step}", model if world == 1 or method != "full" else
-                            wrapped, tokenizer, method, optimizer, scheduler, state, rank, world,
-                            args.model_name_or_path)
-    if bar is not None:
-        bar.close()
+    history = fit(state, AnswerLossStage(examples, order, pad_id, accum), loop, save=save,
+                  loggers=[TrainerStateLogger(state, trainer_state, order, accum)])
     wrapped.eval()
     runtime = time.perf_counter() - t_start
-    return {"train_loss": round(loss_total / max(1, steps_total), 4), "train_runtime": round(runtime, 2),
-            "train_samples": len(examples), "train_steps_per_second": round(steps_total / max(runtime, 1e-9), 3),
-            "global_step": state.global_step, "epoch": round(state.epoch, 4)}
-
-
+    steps = len(history)
+    return {"train_loss": round(sum(h["loss"] for h in history) / max(1, steps), 4),
+            "train_runtime": round(runtime, 2), "train_samples": len(examples),
+            "train_steps_per_second": round(steps / max(runtime, 1e-9), 3),
+            "global_step": state.step, "epoch": round(trainer_state.epoch, 4)}

@@ -26,7 +26,8 @@ from glmkit.training.data.finetune import (
     tokenizer_family,
 )
 from glmkit.training.finetune_args import FinetuneArgs
-from glmkit.training.finetune_loop import autocast, lm_loss
+from glmkit.training.finetune_loop import lm_loss
+from glmkit.training.trainer import autocast
 
 
 def generation_length(args: FinetuneArgs, tokenizer) -> int:
@@ -67,7 +68,7 @@ def generate_predictions(model: nn.Module, tokenizer, examples: list[dict[str, A
         if max_length - ids.shape[1] <= 0:
             raise ValueError(f"--generation_max_length {max_length} leaves no room after prompts of "
                              f"{ids.shape[1]} tokens; raise it or lower --max_source_length")
-        with autocast(device, args.bf16):
+        with autocast(device, torch.bfloat16 if args.bf16 else None):
             new = generate(gen_model, ids, attention_mask=mask, max_length=max_length, do_sample=args.do_sample,
                            top_p=args.top_p, temperature=args.temperature, eos_token_id=eos,
                            pad_token_id=special.pad, seed=args.seed + b)
@@ -92,7 +93,7 @@ def evaluate_loss(model: nn.Module, tokenizer, examples: list[dict[str, list[int
     for b in range(0, len(examples), args.per_device_eval_batch_size):
         batch = collate_train(examples[b:b + args.per_device_eval_batch_size], pad_id)
         layout = {k: batch[k].to(device) for k in ("position_ids", "attention_mask") if k in batch}
-        with autocast(device, args.bf16):
+        with autocast(device, torch.bfloat16 if args.bf16 else None):
             loss_sum, n = lm_loss(model, batch["input_ids"].to(device), batch["labels"].to(device), **layout)
         total, count = total + float(loss_sum), count + n
     return total / max(count, 1)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import glmkit
-from glmkit.distributed.tp import end_worker
+from glmkit.distributed.launch import end_worker
 from tests.conftest import GLM130B_DATA
 
 
