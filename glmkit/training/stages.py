@@ -1,8 +1,7 @@
 """The alignment stages of `glmkit finetune --stage rm|dpo|grpo` as training stages: each is the data and the loss
 (`batches(state)` yields micro-batches from `state.step` on, `loss(state, batch)` returns the summed loss over the
 batch's loss units with metrics to log, `units(batch)` counts those units); the fine-tuning loop owns the rest
-(optimizer, schedule, accumulation, clipping, checkpoints, resume, logging). `state` needs model (what forward and
-backward go through: the module or its DDP wrapper), raw_model, device and step.
+(optimizer, schedule, accumulation, clipping, checkpoints, resume, logging): glmkit.training.trainer.fit.
 
 - RewardStage (`rm`): pairs; units = pairs; loss = Bradley-Terry on a RewardModel's last-token scores.
 - PreferenceStage (`dpo`): pairs, chosen and rejected in one forward (TRL's concatenated forward); units = pairs;
@@ -35,7 +34,8 @@ from glmkit.training.alignment import (
 )
 from glmkit.training.data.finetune import IGNORE_INDEX, SpecialTokens, collate_prompts, collate_train, decode_text
 from glmkit.training.data.preference import PairExample, completion_example
-from glmkit.training.reward import RewardModel, reward_batch, rewards_of
+from glmkit.training.reward import RewardModel, reward_batch
+from glmkit.training.trainer import Stage
 
 _LAYOUT = ("position_ids", "attention_mask")
 
@@ -57,7 +57,7 @@ def collate_pairs(pairs: Sequence[PairExample], pad_id: int, reward: bool = Fals
     return batch
 
 
-class _PairData:
+class _PairData(Stage):
     def __init__(self, pairs: list[PairExample], order, pad_id: int, grad_accum: int) -> None:
         self.pairs, self.order, self.pad_id, self.grad_accum = pairs, order, pad_id, grad_accum
 
@@ -160,7 +160,7 @@ def sample_completions(model, tokenizer, prompts: Sequence[dict[str, Any]], *, m
     return out
 
 
-class GRPOStage:
+class GRPOStage(Stage):
     """Online RL: micro-batch m samples --num_generations answers for each of the prompts MicroBatches gives m
     (seeded by seed + m, so a resumed run samples what it would have), scores them and keeps what the loss needs."""
 

@@ -77,30 +77,33 @@ def test_reward_model_stage_trains_saves_and_scores(data, tmp_path):
                             "--learning_rate", "5e-3", "--max_steps", "12", "--logging_steps", "4")) == 0
     results = json.loads((out / "all_results.json").read_text())
     assert 0.0 <= results["eval_accuracy"] <= 1.0 and results["eval_samples"] == 8
-    assert results["eval_accuracy"] >= 0.75  # the toy pairs are easy: the form decides
     log = _history(out / "checkpoint-12")
     assert {"loss", "accuracy", "rewards/chosen", "rewards/rejected", "rewards/margins"} <= set(log[-1])
+    # the folder loads back on its own and scores the held-out pairs as the run's evaluation did
     rm, tok = load_reward_model(out / "checkpoint-12")
-    prompt = "作者#某*體裁#五言絕句*題目#題"
-    good, bad = score(rm, tok, [prompt, prompt], [POEMS["五言絕句"], POEMS["七言律詩"]])
-    assert good > bad
+    rows = [json.loads(line) for line in data["dev"].read_text().splitlines()]
+    good = score(rm, tok, [r["prompt"] for r in rows], [r["chosen"] for r in rows])
+    bad = score(rm, tok, [r["prompt"] for r in rows], [r["rejected"] for r in rows])
+    assert sum(g > b for g, b in zip(good, bad)) / len(rows) == pytest.approx(results["eval_accuracy"])
+    assert sum(good) / len(good) == pytest.approx(results["eval_rewards_chosen"], abs=1e-3)
     assert (tmp_path / "rm" / "tensorboard").is_dir()
 
 
 def test_dpo_from_an_sft_adapter(data, sft_adapter, tmp_path):
     out = tmp_path / "dpo"
+    # two pairs, every step: DPO must move them apart (and --do_eval must see it on the same pairs)
     assert cli_main(_common(out, "--stage", "dpo", "--do_train", "--do_eval", "--train_file", str(data["train"]),
-                            "--validation_file", str(data["dev"]), "--method", "lora", "--adapter",
-                            str(sft_adapter), "--learning_rate", "5e-3", "--max_steps", "6", "--logging_steps",
-                            "1")) == 0
+                            "--validation_file", str(data["train"]), "--max_train_samples", "2",
+                            "--max_eval_samples", "2", "--method", "lora", "--adapter", str(sft_adapter),
+                            "--learning_rate", "5e-3", "--max_steps", "6", "--logging_steps", "1")) == 0
     log = _history(out / "checkpoint-6")
     # step 1: the policy is the start = the reference, so the loss is log 2 and the rewards are 0
     assert log[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
     assert log[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-4)
     assert {"rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"} <= set(log[0])
-    assert log[-1]["rewards/margins"] > 0
+    assert log[-1]["rewards/margins"] > 0 and log[-1]["loss"] < 0.6931
     results = json.loads((out / "all_results.json").read_text())
-    assert results["eval_rewards_margins"] > 0
+    assert results["eval_rewards_margins"] > 0 and results["eval_rewards_accuracies"] == 1.0
     # the checkpoint is the continued SFT adapter: loads like any adapter, differs from the start
     tok = glmkit.load_tokenizer("glm-tiny")
     ids = torch.tensor([tok.encode("作者#某*體裁#五言絕句*題目#題")])
@@ -121,7 +124,8 @@ def test_other_preference_losses_run(data, tmp_path, loss):
 
 def test_dpo_resume_continues_identically(data, sft_adapter, tmp_path):
     args = ["--stage", "dpo", "--do_train", "--train_file", str(data["train"]), "--method", "lora", "--adapter",
-            str(sft_adapter), "--learning_rate", "5e-3", "--save_steps", "2", "--max_steps", "4"]
+            str(sft_adapter), "--learning_rate", "5e-3", "--save_steps", "2", "--max_steps", "4",
+            "--logging_steps", "1"]
     a, b = tmp_path / "a", tmp_path / "b"
     assert cli_main(_common(a, *args)) == 0
     assert cli_main(_common(b, *args, "--resume_from_checkpoint", str(a / "checkpoint-2"))) == 0
@@ -167,14 +171,21 @@ def test_grpo_with_a_reward_model_and_a_reward_file(data, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["chatglm3", "glm"])
-def test_dpo_and_grpo_on_other_families(data, tmp_path, family):
-    model = str(build_tiny_chat_model(tmp_path / "m", "chatglm3")) if family == "chatglm3" else str(GLM_DATA /
-                                                                                                   "chinese")
-    for stage, extra in (("dpo", []), ("grpo", ["--reward_function", "poem_form", "--num_generations", "2",
-                                                 "--max_target_length", "12"])):
+def test_dpo_and_grpo_on_other_families(tmp_path, family):
+    if family == "chatglm3":
+        model, prompt, good, bad = str(build_tiny_chat_model(tmp_path / "m", "chatglm3")), "the cat", "runs", "a dog"
+    else:  # the original GLM's blank layout (max_sequence_length 40)
+        model, prompt, good, bad = str(GLM_DATA / "chinese"), "清华大学位于[MASK]。", "北京", "上海市"
+    train = tmp_path / "pairs.json"
+    train.write_text("".join(json.dumps({"prompt": prompt, "chosen": good, "rejected": bad}, ensure_ascii=False)
+                             + "\n" for _ in range(4)), encoding="utf-8")
+    (tmp_path / "r.py").write_text("def shortest(prompts, completions):\n    return [-len(c) for c in completions]\n")
+    for stage, extra in (("dpo", []), ("grpo", ["--reward_function", f"{tmp_path / 'r.py'}:shortest",
+                                                 "--num_generations", "2"])):
         out = tmp_path / stage
-        assert cli_main(_common(out, "--stage", stage, "--do_train", "--train_file", str(data["train"]), "--method",
-                                "lora", "--max_steps", "1", "--max_source_length", "64", *extra, model=model)) == 0
+        assert cli_main(_common(out, "--stage", stage, "--do_train", "--train_file", str(train), "--method", "lora",
+                                "--max_steps", "1", "--max_source_length", "16", "--max_target_length", "8", *extra,
+                                model=model)) == 0
         assert (out / "checkpoint-1" / "adapter_config.json").is_file()
 
 
