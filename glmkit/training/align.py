@@ -163,7 +163,8 @@ def run_alignment(model: nn.Module, tokenizer, args: FinetuneArgs, method: str, 
     elif stage_name == "dpo":
         reference = start_reference(body, args, method) if args.pref_loss != "simpo" else None
         stage = PreferenceStage(data, order, pad_id, accum, reference, loss_type=args.pref_loss, beta=beta_of(args),
-                                label_smoothing=args.label_smoothing, simpo_gamma=args.simpo_gamma)
+                                label_smoothing=args.label_smoothing, simpo_gamma=args.simpo_gamma,
+                                rpo_alpha=args.rpo_alpha)
     else:
         beta = beta_of(args)
         reference = start_reference(body, args, method) if beta != 0.0 else None

@@ -10,6 +10,8 @@ DPO family (`pref_loss`), with Δ = (log π(y_w) - log π_ref(y_w)) - (log π(y_
   ipo      (Δ' - 1/(2β))²  where Δ' uses per-token AVERAGE log-ratios (TRL normalises IPO by answer length)
   simpo    -(1 - ε) log σ(β (a_w - a_l) - γ)           a = AVERAGE log-prob per answer token, no reference
            (TRL CPOTrainer loss_type="simpo" with cpo_alpha = 0: logits = a_w - a_l - γ/β, loss on β·logits)
+  + rpo_alpha · NLL   (optional, TRL's rpo_alpha: the chosen answers' per-token NLL over the batch, which keeps
+           their likelihood from falling while the margin grows)
   rewards/chosen = β (log π(y_w) - log π_ref(y_w)) (simpo: β a_w), rewards/rejected likewise, margins = their
   difference, accuracies = share of pairs with chosen reward > rejected reward.
 Reward model (Bradley-Terry, TRL RewardTrainer): -log σ(r_w - r_l - margin), mean over pairs.
@@ -129,6 +131,12 @@ def preference_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
         delta = chosen_ratio / chosen_len - rejected_ratio / rejected_len
         losses = (delta - 1 / (2 * beta)) ** 2
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def rpo_nll(chosen_logps: torch.Tensor, chosen_len: torch.Tensor) -> torch.Tensor:
+    """RPO's term (TRL rpo_alpha): the chosen answers' negative log-likelihood per token over the batch,
+    -Σ log π(y_w) / Σ |y_w|; the stage adds rpo_alpha times it to every pair's loss."""
+    return -chosen_logps.sum() / chosen_len.sum().clamp(min=1)
 
 
 def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor,

@@ -128,6 +128,7 @@ class FinetuneArgs:
                                     "(default 0.04)")
     label_smoothing: float = _opt(0.0, "dpo sigmoid/simpo: conservative-DPO label smoothing in [0, 0.5)")
     simpo_gamma: float = _opt(0.5, "simpo: the target reward margin γ")
+    rpo_alpha: float | None = _opt(None, "dpo: add this times the chosen answers' NLL per token (TRL's RPO)")
     reward_model: str | None = _opt(None, "grpo: a reward-model folder (from --stage rm) scoring the answers")
     reward_function: str | None = _opt(None, "grpo: FILE.py:NAME, a function (prompts, completions) -> rewards, "
                                              "or poem_form (built in)")

@@ -29,6 +29,7 @@ from glmkit.training.alignment import (
     preference_loss,
     preference_metrics,
     reward_loss,
+    rpo_nll,
     sequence_logps,
     token_logps,
 )
@@ -99,9 +100,10 @@ class PreferenceStage(_PairData):
     """DPO / IPO / SimPO on the policy (`state.model`); the reference from `reference` (unused by simpo)."""
 
     def __init__(self, pairs, order, pad_id, grad_accum, reference: Reference | None, *, loss_type: str = "sigmoid",
-                 beta: float = 0.1, label_smoothing: float = 0.0, simpo_gamma: float = 0.5) -> None:
+                 beta: float = 0.1, label_smoothing: float = 0.0, simpo_gamma: float = 0.5,
+                 rpo_alpha: float | None = None) -> None:
         super().__init__(pairs, order, pad_id, grad_accum)
-        self.reference = reference
+        self.reference, self.rpo_alpha = reference, rpo_alpha
         self.kw = dict(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma)
 
     def loss(self, state, batch):
@@ -117,7 +119,13 @@ class PreferenceStage(_PairData):
         losses, chosen_rewards, rejected_rewards = preference_loss(
             seq[:B], seq[B:], None if ref is None else ref[:B], None if ref is None else ref[B:], n[:B], n[B:],
             **self.kw)
-        return losses.sum(), preference_metrics(chosen_rewards, rejected_rewards, seq[:B], seq[B:])
+        metrics = preference_metrics(chosen_rewards, rejected_rewards, seq[:B], seq[B:])
+        total = losses.sum()
+        if self.rpo_alpha is not None:
+            nll = rpo_nll(seq[:B], n[:B])
+            total = total + self.rpo_alpha * nll * B
+            metrics["nll_loss"] = float(nll.detach())
+        return total, metrics
 
 
 # ------------------------------------------------------------------------------------------------------ GRPO

@@ -23,6 +23,7 @@ from glmkit.training.alignment import (
     grpo_loss,
     preference_loss,
     reward_loss,
+    rpo_nll,
     sequence_logps,
     token_logps,
 )
@@ -162,6 +163,11 @@ def test_dpo_sigmoid_ipo_simpo_by_hand():
     assert (rc.item(), rr.item()) == pytest.approx((-2.0, -4.0))
     with pytest.raises(ValueError, match="--pref_loss"):
         preference_loss(one, one, one, one, one, one, loss_type="kto")
+
+
+def test_rpo_nll_by_hand():
+    # chosen answers of 2 and 4 tokens with summed log-probs -2 and -8: NLL per token = 10 / 6
+    assert rpo_nll(_t(-2.0, -8.0), _t(2, 4)).item() == pytest.approx(10 / 6)
 
 
 def test_reward_loss_by_hand():
