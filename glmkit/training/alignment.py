@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -145,7 +144,8 @@ def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     return {"rewards/chosen": float(chosen_rewards.mean()), "rewards/rejected": float(rejected_rewards.mean()),
             "rewards/accuracies": float((chosen_rewards > rejected_rewards).float().mean()),
             "rewards/margins": float((chosen_rewards - rejected_rewards).mean()),
-            "logps/chosen": float(chosen_logps.detach().mean()), "logps/rejected": float(rejected_logps.detach().mean())}
+            "logps/chosen": float(chosen_logps.detach().mean()),
+            "logps/rejected": float(rejected_logps.detach().mean())}
 
 
 # ------------------------------------------------------------------------------------------------------ reward model

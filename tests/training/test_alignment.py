@@ -7,11 +7,9 @@ from __future__ import annotations
 import copy
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import glmkit
 from glmkit.adapters.lora import apply_lora, load_lora_adapter, save_lora_adapter
