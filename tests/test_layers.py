@@ -151,6 +151,30 @@ def test_no_import_circles():
     assert not found, "import circles:\n" + "\n".join(" | ".join(circle_edges(graph, c)) for c in found)
 
 
+APPLICATIONS = dict(LAYERS)["applications"]
+
+
+def package_edges(graph: dict[str, set[str]], packages: tuple[str, ...] = APPLICATIONS) -> set[tuple[str, str]]:
+    """(a, b) for each application package a with a module that imports a module of application package b."""
+    def owner(module: str) -> str | None:
+        return next((p for p in packages if module == p or module.startswith(p + ".")), None)
+
+    return {(owner(m), owner(t)) for m, targets in graph.items() for t in targets
+            if owner(m) and owner(t) and owner(m) != owner(t)}
+
+
+def mutual_packages(graph: dict[str, set[str]]) -> list[str]:
+    edges = package_edges(graph)
+    return sorted(f"{a} <-> {b}" for a, b in edges if (b, a) in edges and a < b)
+
+
+def test_applications_do_not_import_each_other_both_ways():
+    """training, evaluation and serving sit side by side: one may use another (training uses evaluation's
+    metrics), never both ways, even through different modules (what they share lives in a lower layer)."""
+    found = mutual_packages(import_graph())
+    assert not found, "application packages importing each other:\n" + "\n".join(found)
+
+
 def test_the_rule_catches_an_upward_import_and_a_circle():
     """A core module that imports a command, even lazily inside a function, is reported with its edge; so is a
     circle through it."""
@@ -160,6 +184,8 @@ def test_the_rule_catches_an_upward_import_and_a_circle():
     looped = import_graph(extra={"glmkit.core.loop_a": "from glmkit.core import loop_b\n",
                                  "glmkit.core.loop_b": "import glmkit.core.loop_a\n"})
     assert ["glmkit.core.loop_a", "glmkit.core.loop_b"] in circles(looped)
+    both = import_graph(extra={"glmkit.evaluation.sneaky": "from glmkit.training import trainer\n"})
+    assert "glmkit.evaluation <-> glmkit.training" in mutual_packages(both)
     with pytest.raises(AssertionError, match="glmkit.core.sneaky"):
         bad = upward_imports(graph)
         assert not bad, "upward imports:\n" + "\n".join(bad)

@@ -165,7 +165,8 @@ def from_dict(cls: type[T], raw: Mapping[str, Any], where: str = "") -> T:
         raise ValueError(f"unknown {where + ' ' if where else ''}options {sorted(bad)}; known: {sorted(fields)}")
     missing = [n for n, f in fields.items() if n not in raw and _default(f) is dataclasses.MISSING]
     if missing:
-        raise ValueError(f"missing required option(s): {', '.join((where + '.' if where else '') + m for m in missing)}")
+        names = ", ".join((where + "." if where else "") + m for m in missing)
+        raise ValueError(f"missing required option(s): {names}")
     hints = _hints(cls)
     values = {k: convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
     return cls(**values)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from glmkit.training.data.corpus import Source, corpus_files, iter_documents, iter_file_documents
+from glmkit.loading.corpus import Source, corpus_files, iter_documents, iter_file_documents
 
 
 @dataclass
@@ -53,7 +53,7 @@ class PplResult:
 
 
 def read_texts(path: str | Path, key: str = "text", limit: int | None = None) -> list[str]:
-    """Documents of a .jsonl/.txt file or folder (see glmkit.training.data.corpus), at most `limit` of them."""
+    """Documents of a .jsonl/.txt file or folder (see glmkit.loading.corpus), at most `limit` of them."""
     texts = []
     for doc in iter_documents(Source(str(path), key=key)):
         texts.append(doc)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from glmkit.training.data.finetune import IGNORE_INDEX, SpecialTokens, collate_t
 from glmkit.training.finetune_args import FinetuneArgs
 from glmkit.training.finetune_checkpoint import METHODS, TrainerState, load_trainer_state, save_checkpoint
 from glmkit.training.trainer import (
+    STEP_KEYS,
     Logger,
     LoopConfig,
     Stage,
@@ -132,11 +133,13 @@ class AnswerLossStage(Stage):
 
 class TrainerStateLogger(Logger):
     """HF Trainer's log: on each log step, the mean step loss since the last one (averaged over processes), the
-    learning rate, the epoch and tokens/s, appended to trainer_state.log_history and printed as a JSON line."""
+    learning rate, the epoch and tokens/s, appended to trainer_state.log_history and printed as a JSON line. A
+    stage's own metrics (Stage.loss's, e.g. a reward accuracy) are logged the same way, as window means."""
 
     def __init__(self, state: TrainState, trainer_state: TrainerState, order: MicroBatches, grad_accum: int) -> None:
         self.trainer_state, self.order, self.grad_accum = trainer_state, order, grad_accum
         self.loss_sum, self.steps, self.t, self.tokens = 0.0, 0, time.perf_counter(), state.tokens_seen
+        self.metric_sums: dict[str, float] = {}
 
     def step(self, state, stats, log):
         ts = self.trainer_state
@@ -144,28 +147,40 @@ class TrainerStateLogger(Logger):
         ts.epoch = self.order.epoch_of(state.step * self.grad_accum)
         self.loss_sum += stats["loss"]
         self.steps += 1
+        for k, v in stats.items():
+            if k not in STEP_KEYS and isinstance(v, (int, float)):
+                self.metric_sums[k] = self.metric_sums.get(k, 0.0) + float(v)
         if not log:
             return
-        mean_loss = self.loss_sum / self.steps
-        if state.world_size > 1:  # the logged loss is the mean over processes, as HF Trainer gathers it
+        names = sorted(self.metric_sums)
+        means = [self.loss_sum / self.steps] + [self.metric_sums[k] / self.steps for k in names]
+        if state.world_size > 1:  # the logged values are means over processes, as HF Trainer gathers them
             import torch.distributed as dist
 
-            t = torch.tensor([mean_loss], dtype=torch.float64)
+            t = torch.tensor(means, dtype=torch.float64)
             dist.all_reduce(t)
-            mean_loss = float(t) / state.world_size
+            means = [float(x) / state.world_size for x in t]
         elapsed = time.perf_counter() - self.t
-        entry = {"loss": round(mean_loss, 4), "learning_rate": stats["lr"], "epoch": round(ts.epoch, 4),
+        entry = {"loss": round(means[0], 4), **{k: round(v, 4) for k, v in zip(names, means[1:])},
+                 "learning_rate": stats["lr"], "epoch": round(ts.epoch, 4),
                  "tokens_per_second": round((state.tokens_seen - self.tokens) / max(elapsed, 1e-9), 1),
                  "step": state.step}
         ts.log_history.append(entry)
         log_line(json.dumps(entry), state.rank)
         self.loss_sum, self.steps, self.t, self.tokens = 0.0, 0, time.perf_counter(), state.tokens_seen
+        self.metric_sums = {}
+        self.metric_sums: dict[str, float] = {}
 
 
-def train(model: nn.Module, tokenizer, examples: list[dict[str, list[int]]], args: FinetuneArgs,
-          method: str, device: torch.device, rank: int = 0, world: int = 1) -> dict[str, Any]:
+def train(model: nn.Module, tokenizer, examples: list[Any], args: FinetuneArgs, method: str, device: torch.device,
+          rank: int = 0, world: int = 1, *,
+          make_stage: Callable[[list[Any], MicroBatches], Stage] | None = None) -> dict[str, Any]:
     """Fine-tunes the parameters of `model` that require grad (the method set them) on the backbone; returns train
-    metrics (train_loss, train_runtime, ...)."""
+    metrics (train_loss, train_runtime, ...).
+
+    make_stage(examples, order): the stage to train (default: AnswerLossStage, supervised fine-tuning). `examples`
+    are whatever that stage collates (answer examples, preference pairs, prompts); `order` is this process's
+    deterministic shuffled micro-batch order over them (resumable), which fixes the epoch arithmetic."""
     out = Path(args.output_dir)
     pad_id = SpecialTokens.from_tokenizer(tokenizer).pad
     params = [p for _, p in trainable_parameters(model)]
@@ -207,7 +222,8 @@ def train(model: nn.Module, tokenizer, examples: list[dict[str, list[int]]], arg
         save_checkpoint(out / f"checkpoint-{s.step}", s, trainer_state, method, tokenizer, args.model_name_or_path)
 
     t_start = time.perf_counter()
-    history = fit(state, AnswerLossStage(examples, order, pad_id, accum), loop, save=save,
+    stage = make_stage(examples, order) if make_stage else AnswerLossStage(examples, order, pad_id, accum)
+    history = fit(state, stage, loop, save=save,
                   loggers=[TrainerStateLogger(state, trainer_state, order, accum)])
     wrapped.eval()
     runtime = time.perf_counter() - t_start

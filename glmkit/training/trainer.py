@@ -243,6 +243,10 @@ def train_step(state: TrainState, stage: Stage, micro_batches: Sequence[Any], lo
 
 
 # -------------------------------------------------------------------------------------------------------- the loop
+# the stats fit() reports for every step; anything else in a step's stats is a stage metric or an evaluation's
+STEP_KEYS = frozenset({"loss", "grad_norm", "units", "step", "lr", "tokens", "tokens_per_s", "elapsed_s"})
+
+
 class Logger:
     """Receives every step's stats on every process; `log` is true on the steps the loop reports (log_every, an
     evaluation, the last step). Subclasses write CSV, TensorBoard, JSON lines; `close` ends the run."""
@@ -291,7 +295,7 @@ def fit(state: TrainState, stage: Stage, loop: LoopConfig, *, save: Callable[[Tr
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}",
                                 tok_s=f"{stats['tokens_per_s']:.0f}")
-            log = state.step % loop.log_every == 0 or evaluated or state.step == end
+            log = bool(loop.log_every and state.step % loop.log_every == 0) or evaluated or state.step == end
             for logger in loggers:
                 logger.step(state, stats, log)
             if save is not None and ((loop.save_every and state.step % loop.save_every == 0) or state.step == end):
