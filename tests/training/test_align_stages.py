@@ -18,7 +18,9 @@ import glmkit
 from glmkit.adapters.lora import apply_lora, save_lora_adapter
 from glmkit.commands.finetune import cli_main
 from glmkit.training.reward import load_reward_model, score
-from tests.conftest import GLM_DATA, build_tiny_chat_model, free_port
+from tests.helpers.chat_models import build_tiny_chat_model
+from tests.helpers.common import free_port
+from tests.helpers.goldens import GLM_DATA
 
 FORMS = ["五言絕句", "七言絕句", "五言律詩", "七言律詩"]
 POEMS = {"五言絕句": "空山不見人，但聞人語響。返景入深林，復照青苔上。",

@@ -36,7 +36,8 @@ from glmkit.training.data.preference import (
 )
 from glmkit.training.reward import RewardModel, load_reward_model, save_reward_model, score
 from glmkit.training.rewards import form_score, form_share, load_reward_function, poem_form
-from tests.conftest import GLM_DATA, build_tiny_chat_model, build_tiny_glm4_model
+from tests.helpers.chat_models import build_tiny_chat_model, build_tiny_glm4_model
+from tests.helpers.goldens import GLM_DATA
 
 PROMPT = "作者#王維*體裁#五言絕句*題目#鹿柴"
 POEM = "空山不見人，但聞人語響。返景入深林，復照青苔上。"
