@@ -72,8 +72,11 @@ def test_repository_paths_named_exist(path):
         name = name.rstrip(".,:;)")
         if any(c in name for c in "*{<[") or "..." in name:
             continue  # a pattern, not a path
+        name, _, test = name.partition("::")  # pytest's file::test names a test in the file
         if not (REPO / name).exists():
             missing.append(name)
+        elif test and f"def {test.split('::')[-1]}(" not in (REPO / name).read_text(encoding="utf-8"):
+            missing.append(f"{name}::{test}")
     assert not missing, f"{path.name} names files that do not exist: {missing}"
 
 

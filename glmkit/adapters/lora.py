@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from glmkit.core.atomic import atomic_dir
 from glmkit.core.extras import require_extra
 from glmkit.quant.linear import QuantizedLinear
 
@@ -138,14 +139,13 @@ def save_lora_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_
     from safetensors.torch import save_file
 
     config = _model_lora_config(model)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(config)  # saving must not change the live config
     config.inference_mode = True
     config.base_model_name_or_path = base_model_name_or_path
-    config.save_pretrained(str(out))
-    save_file(lora_state_dict(model), str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    return out
+    with atomic_dir(out_dir) as out:  # out_dir stays the previous complete adapter until this one is
+        config.save_pretrained(str(out))
+        save_file(lora_state_dict(model), str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return Path(out_dir)
 
 
 def _model_lora_config(model: nn.Module):
@@ -191,12 +191,17 @@ def load_lora_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool
 
 def _read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
     st, binf = adapter_dir / ADAPTER_WEIGHTS, adapter_dir / "adapter_model.bin"
-    if st.is_file():
-        from safetensors.torch import load_file
+    try:
+        if st.is_file():
+            from safetensors.torch import load_file
 
-        return load_file(str(st))
-    if binf.is_file():
-        return torch.load(binf, map_location="cpu", weights_only=True)
+            return load_file(str(st))
+        if binf.is_file():
+            return torch.load(binf, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or corrupt: name the file
+        from glmkit.core.checkpoint import CheckpointError
+
+        raise CheckpointError(f"cannot read the adapter weights in {adapter_dir}: {type(e).__name__}: {e}") from None
     raise FileNotFoundError(f"{adapter_dir} has {ADAPTER_CONFIG} but neither {ADAPTER_WEIGHTS} nor adapter_model.bin")
 
 

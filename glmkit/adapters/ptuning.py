@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from glmkit.core.atomic import atomic_dir
 from glmkit.core.config import GLMConfig
 from glmkit.core.convert import to_hf_config
 
@@ -82,9 +83,9 @@ def prefix_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_ptuning_checkpoint(model: nn.Module, out_dir: str | Path) -> Path:
     """Writes ChatGLM's P-tuning layout: config.json (with pre_seq_len) + pytorch_model.bin (prefix only)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     hf = to_hf_config(model.config)
-    (out / "config.json").write_text(json.dumps(hf, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    torch.save(prefix_state_dict(model), out / "pytorch_model.bin")
-    return out
+    with atomic_dir(out_dir) as out:  # out_dir stays the previous complete checkpoint until this one is
+        (out / "config.json").write_text(json.dumps(hf, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        torch.save(prefix_state_dict(model), out / "pytorch_model.bin")
+    return Path(out_dir)
+

@@ -10,13 +10,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from glmkit.commands.common import parse_options
 from glmkit.core import options
+from glmkit.core.atomic import write_json
 from glmkit.core.extras import require_extra
 from glmkit.core.options import option
 from glmkit.core.tokenizer import load_tokenizer
@@ -123,7 +122,7 @@ def _perplexity(args: PerplexityOptions) -> int:
         print(f"character unigram CE {out['unigram_char_ce']:.4f} nats/char  ->  model is "
               f"{100 * out['reduction_vs_unigram']:.1f}% lower")
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json(args.json, out)
     return 0
 
 

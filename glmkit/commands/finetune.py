@@ -6,6 +6,8 @@
     glmkit finetune --do_predict --test_file poem-gen/dev.json --prompt_column content --response_column summary \\
         --model_name_or_path glm-tiny --ptuning_checkpoint out/pt/checkpoint-300 --output_dir out/pt \\
         --predict_with_generate
+    glmkit finetune --stage dpo --do_train --train_file poem-form/train.json --model_name_or_path glm-tiny \\
+        --method lora --adapter out/sft/checkpoint-400 --output_dir out/dpo --max_steps 200   (docs/alignment.md)
     glmkit finetune --config ft.yaml learning_rate=1e-2 --max_steps 10   (YAML keys = the flag names)
     torchrun --nproc_per_node 2 -m glmkit.commands.finetune --method full ...   (FSDP; gloo on CPU)
 
@@ -27,7 +29,8 @@ PROG = "glmkit finetune"
 # the flag groups of --help: a group starts at the field named
 SECTIONS = {"do_train": "what to do", "model_name_or_path": "model", "train_file": "data (JSON Lines)",
             "output_dir": "training", "generation_max_length": "generation (--predict_with_generate; defaults as "
-                                                               "main.py)"}
+                                                               "main.py)",
+            "stage": "alignment (--stage rm / dpo / grpo; docs/alignment.md)"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from glmkit.core.atomic import atomic_dir
 from glmkit.core.checkpoint import DTYPES, CheckpointError
 from glmkit.core.config import ConfigError, GLMConfig
 
@@ -368,11 +369,16 @@ def convert_sat_checkpoint(src: str | Path, out: str | Path, max_shard_bytes: in
     and the folder's tokenizer file (ice_text.model) when it has one. `glmkit.load_model(out)` then reads it like any
     safetensors checkpoint. Peak memory: one layer's shard set and its merged tensors, plus the output shard being
     filled (at most max_shard_bytes and one layer). dtype: cast floating-point tensors (not quantization scales)."""
+    src = Path(src)
+    config = read_sat_config(src)
+    with atomic_dir(out) as tmp:  # `out` stays the previous complete folder until this one is
+        _convert_into(src, tmp, config, max_shard_bytes, dtype)
+    return Path(out)
+
+
+def _convert_into(src: Path, out: Path, config: GLMConfig, max_shard_bytes: int, dtype: torch.dtype | None) -> None:
     from safetensors.torch import save_file
 
-    src, out = Path(src), Path(out)
-    config = read_sat_config(src)
-    out.mkdir(parents=True, exist_ok=True)
     if dtype is not None:
         config.torch_dtype = str(dtype).removeprefix("torch.")
     names: list[str] = []
@@ -413,4 +419,3 @@ def convert_sat_checkpoint(src: str | Path, out: str | Path, max_shard_bytes: in
     for tok in ("ice_text.model", "tokenizer_config.json"):
         if (src / tok).is_file():
             (out / tok).write_bytes((src / tok).read_bytes())
-    return out

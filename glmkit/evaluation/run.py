@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from glmkit.core.atomic import write_json, write_text
 from glmkit.core.chat import build_chat_input
 from glmkit.core.fill import BLANK_RE
 from glmkit.core.scoring import (
@@ -309,7 +310,7 @@ class PredictionCache:
             done[int(row["i"])] = row["r"]
             good.append(line)
         if sum(map(len, good)) != len(text):
-            path.write_text("".join(good), encoding="utf-8")
+            write_text(path, "".join(good))
         return done
 
     @staticmethod
@@ -432,8 +433,8 @@ def write_results(results: dict[str, Any], output_dir: str | Path, stem: str = "
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     js, md = out / f"{stem}.json", out / f"{stem}.md"
-    js.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    md.write_text(results_markdown(results), encoding="utf-8")
+    write_json(js, results)  # each file whole or the previous one (glmkit.core.atomic)
+    write_text(md, results_markdown(results))
     return js, md
 
 
@@ -490,8 +491,8 @@ def compare_precisions(model_path: str | Path, tasks: Sequence[str | Path], *,
     table = comparison_markdown(runs)
     if output_dir is not None:
         out = Path(output_dir)
-        (out / "compare.md").write_text(table, encoding="utf-8")
-        (out / "compare.json").write_text(json.dumps(runs, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_text(out / "compare.md", table)
+        write_json(out / "compare.json", runs)
     return {"runs": runs, "table": table}
 
 

@@ -5,6 +5,7 @@ checkpoint (`quantize_checkpoint`)."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,12 @@ def merge_lora_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, o
     return save_model(model, output, tokenizer=tokenizer)
 
 
+def calibration_progress_dir(dst: str | os.PathLike) -> Path:
+    """Where `glmkit quantize --calibrate SRC DST` keeps its per-layer progress: a hidden sibling of DST."""
+    dst = Path(dst)
+    return dst.with_name(f".{dst.name}.gptq-progress")
+
+
 def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, bits: int, *, group_size: int | None = None,
                         scheme: str | None = None, symmetric: bool = False, dtype: str | None = None,
                         calibrate: bool = False, calibration_text: str | None = None, calibration_samples: int = 16,
@@ -82,9 +89,15 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, bits: in
     if calibrate:
         # fp16 checkpoints load in bf16 on CPU by default (fast GEMMs; the unquantized parts are saved in bf16)
         model = load_model(src_dir, dtype=dtype)
+        # progress after each layer: a killed run started again with the same arguments resumes where it stopped
+        progress_dir = calibration_progress_dir(dst)
         calibrate_and_quantize(model, load_tokenizer(src_dir), spec["bits"], spec["group_size"], spec["scheme"],
-                               spec["symmetric"], calibration_text, calibration_samples, calibration_length)
+                               spec["symmetric"], calibration_text, calibration_samples, calibration_length,
+                               progress_dir=progress_dir)
         quantize_head(model, head)
+        out = save_quantized(model, dst, src_dir=src_dir)
+        shutil.rmtree(progress_dir, ignore_errors=True)
+        return out
     else:
         name = "group-symmetric" if spec["scheme"] == "group" and spec["symmetric"] else spec["scheme"]
         model = load_model(src_dir, dtype=dtype, quantize=f"int{spec['bits']}", group_size=spec["group_size"],

@@ -18,6 +18,7 @@ from torch import nn
 
 from glmkit.adapters.lora import load_lora_adapter
 from glmkit.adapters.ptuning import PREFIX_KEY, attach_prefix
+from glmkit.core.atomic import atomic_dir
 from glmkit.core.causal_lm import GLMForCausalLM
 from glmkit.core.checkpoint import (
     CheckpointError,
@@ -202,16 +203,20 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, dty
                max_shard_bytes: int | None = None) -> Path:
     """Writes a THUDM-layout folder (config.json + model.safetensors, sharded if asked) that glmkit and the
     original code both load; adds the tokenizer files when a tokenizer is given."""
+    with atomic_dir(out_dir) as tmp:  # out_dir stays the previous complete folder until this one is
+        _save_model(model, tmp, tokenizer, dtype, max_shard_bytes)
+    return Path(out_dir)
+
+
+def _save_model(model: nn.Module, out: Path, tokenizer, dtype, max_shard_bytes) -> None:
     from safetensors.torch import save_file
 
     config: GLMConfig = model.config
     if config.extra.get("quantization"):  # quantized layers have their own portable format and metadata
-        out = save_quantized(model, out_dir)
+        save_quantized(model, out)
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
-        return out
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+        return
     sd = {}
     for name, t in model.state_dict().items():
         if config.tie_word_embeddings and name == "lm_head.weight":
@@ -254,4 +259,3 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, dty
     (out / "config.json").write_text(json.dumps(hf, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    return out

@@ -17,13 +17,16 @@ order, each on the inputs produced by the already-quantized layers before it, as
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from glmkit.core.atomic import torch_save, write_json
 from glmkit.quant import kernels
-from glmkit.quant.formats import default_spec, quantize_group
+from glmkit.quant.formats import default_spec, effective_group_size, quantize_group
 from glmkit.quant.kernels import release_freed_memory
 from glmkit.quant.linear import QuantizedLinear
 from glmkit.quant.transform import layer_linears, record_spec
@@ -148,12 +151,59 @@ def _first_block_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[tuple, dic
     return captured["args"], captured["kwargs"]
 
 
+class LayerProgress:
+    """Per-layer progress of a calibration in a folder, so that a killed run resumes after its last finished layer
+    and ends with the same bits as an uninterrupted one: after layer i, `layer-i.pt` (its rounded linears, as
+    gptq_quantize returned them), `inputs.pt` (the next layer's inputs) and `progress.json` (layers done and a
+    fingerprint of the model, the spec and the calibration ids), each written whole (glmkit.core.atomic). A folder
+    made for other settings is started over."""
+
+    def __init__(self, folder: Path, fingerprint: str) -> None:
+        self.folder, self.fingerprint = Path(folder), fingerprint
+
+    def done(self) -> int:
+        path = self.folder / "progress.json"
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+            if info.get("fingerprint") == self.fingerprint and isinstance(info.get("layers_done"), int):
+                return info["layers_done"]
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    def load(self, i: int) -> dict[str, tuple]:
+        return torch.load(self.folder / f"layer-{i}.pt", map_location="cpu", weights_only=True)
+
+    def inputs(self) -> list[torch.Tensor]:
+        return torch.load(self.folder / "inputs.pt", map_location="cpu", weights_only=True)
+
+    def save(self, i: int, layer: dict[str, tuple], xs: list[torch.Tensor]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        torch_save(layer, self.folder / f"layer-{i}.pt")
+        torch_save([x.cpu() for x in xs], self.folder / "inputs.pt")
+        write_json(self.folder / "progress.json", {"fingerprint": self.fingerprint, "layers_done": i + 1})
+
+
+def calibration_fingerprint(model: nn.Module, ids: torch.Tensor, spec: dict) -> str:
+    """What a calibration's result depends on besides the weights' values: config, dtype, spec, ids, and a sample
+    of the weights (the first and last rows of every parameter)."""
+    h = hashlib.sha256()
+    h.update(json.dumps([model.config.to_dict(), str(model.dtype), spec], sort_keys=True, default=str).encode())
+    h.update(ids.cpu().numpy().tobytes())
+    for name, p in model.state_dict().items():
+        t = p.detach().reshape(p.shape[0], -1) if p.dim() else p.detach().reshape(1)
+        edge = torch.cat([t[:1], t[-1:]]).float().cpu()
+        h.update(name.encode() + edge.numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
 @torch.no_grad()
 def quantize_calibrated(model: nn.Module, ids: torch.Tensor, bits: int, group_size: int | None = None,
                         scheme: str | None = None, symmetric: bool = False, batch_size: int = 4,
-                        progress: bool = True) -> nn.Module:
+                        progress: bool = True, progress_dir: str | Path | None = None) -> nn.Module:
     """Quantizes the four linears of every layer of a float model in place with GPTQ on calibration token ids
-    [n, T] (see calibration_batch). Same spec arguments and result format as glmkit.quant.transform.quantize_model."""
+    [n, T] (see calibration_batch). Same spec arguments and result format as glmkit.quant.transform.quantize_model.
+    progress_dir: save progress there after each layer and resume from it (LayerProgress)."""
     spec = default_spec(bits, group_size, scheme, symmetric)
     linears = {id(m): (parent, attr) for _, parent, attr, m in layer_linears(model)}
     for m in model.modules():
@@ -168,11 +218,21 @@ def quantize_calibrated(model: nn.Module, ids: torch.Tensor, bits: int, group_si
     dtype = model.dtype
     chunks = [_first_block_inputs(model, ids[a:a + batch_size]) for a in range(0, ids.shape[0], batch_size)]
     xs = [args[0] for args, _ in chunks]
+    saved = LayerProgress(Path(progress_dir), calibration_fingerprint(model, ids, spec)) if progress_dir else None
+    start = saved.done() if saved is not None else 0
+    if start:
+        xs = [x.to(ids.device) for x in saved.inputs()]
 
     from tqdm.auto import tqdm
 
-    for block in tqdm(model.h, desc="GPTQ", unit="layer", disable=not progress):
+    for i, block in enumerate(tqdm(model.h, desc="GPTQ", unit="layer", disable=not progress)):
         targets = [m for m in block.modules() if id(m) in linears]
+        names = {id(m): n for n, m in block.named_modules()}
+        if i < start:  # rounded by the run that was interrupted: take its result as it is
+            rounded = saved.load(i)
+            for m in targets:
+                _replace(m, linears[id(m)], spec, dtype, *rounded[names[id(m)]])
+            continue
         hessians = {id(m): torch.zeros(m.in_features, m.in_features, device=m.weight.device) for m in targets}
 
         def accumulate(module, inputs, output):
@@ -186,29 +246,43 @@ def quantize_calibrated(model: nn.Module, ids: torch.Tensor, bits: int, group_si
         finally:
             for h in handles:
                 h.remove()
+        rounded = {}
         for m in targets:
-            parent, attr = linears[id(m)]
-            q_mod = QuantizedLinear(m.in_features, m.out_features, m.bias is not None, bits=spec["bits"],
-                                    scheme=spec["scheme"], group_size=spec["group_size"],
-                                    symmetric=spec["symmetric"], dtype=dtype)
-            q, s, z = gptq_quantize(m.weight, hessians.pop(id(m)), spec["bits"], spec["scheme"], q_mod.group_size,
+            group = effective_group_size(m.in_features, spec["group_size"]) if spec["scheme"] == "group" else None
+            q, s, z = gptq_quantize(m.weight, hessians.pop(id(m)), spec["bits"], spec["scheme"], group,
                                     spec["symmetric"])
             q, s, z = q.cpu(), s.cpu(), z.cpu() if z is not None else None  # the portable form is built on CPU
-            q_mod.load_portable(kernels.pack_int4(q) if spec["bits"] == 4 else q, s, z)
-            if m.bias is not None:
-                q_mod.load_weight_tensor("bias", m.bias.detach())
-            setattr(parent, attr, q_mod.to(m.weight.device))
+            bias = m.bias.detach().cpu().clone() if m.bias is not None else None
+            rounded[names[id(m)]] = (q, s, z, bias)
+            _replace(m, linears[id(m)], spec, dtype, q, s, z, bias)
             del m
         release_freed_memory()
         xs = [block(x, *args[1:], **kwargs) for x, (args, kwargs) in zip(xs, chunks)]  # through the quantized layer
+        if saved is not None:
+            saved.save(i, rounded, xs)
     record_spec(model, spec)
     return model
 
 
+def _replace(m: nn.Linear, where: tuple[nn.Module, str], spec: dict, dtype: torch.dtype, q: torch.Tensor,
+             s: torch.Tensor, z: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+    """Puts the QuantizedLinear holding GPTQ's result (q, s, z) and the float bias in the place of linear m."""
+    parent, attr = where
+    q_mod = QuantizedLinear(m.in_features, m.out_features, m.bias is not None, bits=spec["bits"],
+                            scheme=spec["scheme"], group_size=spec["group_size"], symmetric=spec["symmetric"],
+                            dtype=dtype)
+    q_mod.load_portable(kernels.pack_int4(q) if spec["bits"] == 4 else q, s, z)
+    if bias is not None:
+        q_mod.load_weight_tensor("bias", bias)
+    setattr(parent, attr, q_mod.to(m.weight.device))
+
+
 def calibrate_and_quantize(model: nn.Module, tokenizer, bits: int, group_size: int | None = None,
                            scheme: str | None = None, symmetric: bool = False, text: str | None = None,
-                           num_sequences: int = 16, seq_len: int = 256, progress: bool = True) -> nn.Module:
+                           num_sequences: int = 16, seq_len: int = 256, progress: bool = True,
+                           progress_dir: str | Path | None = None) -> nn.Module:
     """quantize_calibrated on calibration_batch(tokenizer, text, ...): the one call `glmkit quantize
     --calibrate` makes."""
     ids = calibration_batch(tokenizer, text, num_sequences, seq_len).to(model.device)
-    return quantize_calibrated(model, ids, bits, group_size, scheme, symmetric, progress=progress)
+    return quantize_calibrated(model, ids, bits, group_size, scheme, symmetric, progress=progress,
+                               progress_dir=progress_dir)

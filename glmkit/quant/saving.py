@@ -5,13 +5,13 @@ files), which load_model maps back without quantizing again."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from glmkit.core.atomic import atomic_dir
 from glmkit.core.convert import to_hf_config, to_thudm_state_dict
 from glmkit.core.safetensors_io import write_aligned
 from glmkit.quant.formats import QUANT_KEY
@@ -52,9 +52,13 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_quantized(model: nn.Module, out_dir: str | Path, src_dir: str | Path | None = None) -> Path:
     """Writes config.json (SRC's, or the model's own in THUDM layout, with the quantization key added) and
     model.safetensors in THUDM tensor names with the scheme in its metadata, plus SRC's tokenizer files."""
+    with atomic_dir(out_dir) as out:  # out_dir stays the previous complete folder until this one is
+        _save_quantized(model, out, src_dir)
+    return Path(out_dir)
+
+
+def _save_quantized(model: nn.Module, out: Path, src_dir: str | Path | None) -> None:
     spec = model_spec(model)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     config = model.config
     sd = quantized_state_dict(model)
     if getattr(config, "tie_word_embeddings", False):
@@ -69,17 +73,14 @@ def save_quantized(model: nn.Module, out_dir: str | Path, src_dir: str | Path | 
     hf.pop("quantization_bit", None)  # the glmkit key describes these tensors, not THUDM's
     hf[QUANT_KEY] = spec
     hf["torch_dtype"] = getattr(config, "torch_dtype", hf.get("torch_dtype", "float32"))
-    # written next to the target and renamed over it: a model loaded from the old file keeps its memory map of the
-    # old inode (rewriting the file in place would pull the pages from under it)
-    tmp = out / "model.safetensors.tmp"
-    write_aligned(sd, tmp, metadata={"format": "pt", QUANT_KEY: json.dumps(spec)})
-    os.replace(tmp, out / "model.safetensors")
+    # a new folder takes the old one's place (atomic_dir): a model loaded from the old file keeps its memory map of
+    # the old inode (rewriting the file in place would pull the pages from under it)
+    write_aligned(sd, out / "model.safetensors", metadata={"format": "pt", QUANT_KEY: json.dumps(spec)})
     (out / "config.json").write_text(json.dumps(hf, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if src is not None and src.is_dir():
         for f in src.iterdir():
             if f.is_file() and _is_tokenizer_file(f.name):
                 shutil.copy2(f, out / f.name)
-    return out
 
 
 def _is_tokenizer_file(name: str) -> bool:

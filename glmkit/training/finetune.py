@@ -68,6 +68,10 @@ def _finetune(args: FinetuneArgs) -> dict[str, Any]:
         threads = _set_cpu_threads(args.num_threads, world)
         log(f"device cpu, {threads} thread(s) per process", rank)
     out = Path(args.output_dir)
+    if args.resume_from_checkpoint == "last":  # the same command, started again after a crash, continues
+        last = last_checkpoint(out)
+        args.resume_from_checkpoint = str(last) if last is not None else None
+        log(f"resuming from {last}" if last is not None else f"no checkpoint in {out} yet: starting", rank)
     if args.do_train and rank == 0:
         existing = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
         if existing and not args.overwrite_output_dir and not args.resume_from_checkpoint:
@@ -87,7 +91,23 @@ def _finetune(args: FinetuneArgs) -> dict[str, Any]:
     columns = Columns(args.prompt_column, args.response_column, args.history_column)
     results: dict[str, Any] = {}
 
-    if args.do_train:
+    reference = None
+    if args.stage != "sft":  # alignment: glmkit.training.align (docs/alignment.md)
+        from glmkit.training.align import run_alignment, start_reference
+
+        if args.do_train:
+            model, metrics, reference = run_alignment(model, tokenizer, args, method, device, rank, world)
+            if rank == 0:
+                save_metrics(out, "train", metrics)
+            results.update(metrics)
+        elif args.stage == "rm":
+            from glmkit.training.reward import RewardModel, load_reward_head
+
+            model = RewardModel(model)
+            load_reward_head(model, args.adapter or args.ptuning_checkpoint or args.model_name_or_path)
+        elif args.stage == "dpo" and args.do_eval and args.pref_loss != "simpo":
+            reference = start_reference(model, args, method)
+    elif args.do_train:
         rows = read_rows(args.train_file, args.max_train_samples)
         check_columns(rows, columns, args.train_file)
         lengths = Lengths(args.max_source_length, args.max_target_length, args.source_prefix,
@@ -114,10 +134,24 @@ def _finetune(args: FinetuneArgs) -> dict[str, Any]:
                                        (do_predict, "predict", args.test_file, args.max_predict_samples)):
         if not wanted:
             continue
-        rows = read_rows(path, limit)
-        check_columns(rows, columns, path)
-        # main.py writes generated_predictions.txt for --do_predict only
-        metrics = run_evaluation(model, tokenizer, rows, args, device, split, write_predictions=split == "predict")
+        if args.stage in ("rm", "dpo") and split == "eval":  # held-out pairs: pairwise accuracy, reward metrics
+            from glmkit.training.align import evaluate_pairs
+
+            metrics = evaluate_pairs(model, tokenizer, args, device, split, reference)
+        else:
+            if args.stage == "rm":
+                raise ValueError("--stage rm has no --do_predict; score answers with glmkit.training.reward.score")
+            split_args = args
+            if args.stage != "sft":  # the prompt column and the chosen answer as the reference text
+                from glmkit.training.align import predict_args
+
+                split_args = predict_args(args)
+            split_columns = Columns(split_args.prompt_column, split_args.response_column, split_args.history_column)
+            rows = read_rows(path, limit)
+            check_columns(rows, split_columns, path)
+            # main.py writes generated_predictions.txt for --do_predict only
+            metrics = run_evaluation(model, tokenizer, rows, split_args, device, split,
+                                     write_predictions=split == "predict")
         save_metrics(out, split, metrics)
         log(json.dumps(metrics, ensure_ascii=False))
         results.update(metrics)
@@ -152,6 +186,13 @@ def _set_cpu_threads(requested: int | None, world: int) -> int:
     n = max(1, min(int(requested), cores))
     torch.set_num_threads(n)
     return n
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    """The checkpoint-N folder of `out` with the highest N (each is written whole; see glmkit.core.atomic)."""
+    steps = [(int(p.name.split("-", 1)[1]), p) for p in out.glob("checkpoint-*")
+             if p.is_dir() and p.name.split("-", 1)[1].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(steps)[1] if steps else None
 
 
 def load_for_finetune(args: FinetuneArgs, method: str):

@@ -14,6 +14,10 @@ from typing import Any, Literal
 METHODS = ("ptuning", "lora", "full")
 QUANTIZATION_BITS = (4, 8)
 DTYPES = ("float32", "bfloat16", "float16")
+STAGES = ("sft", "rm", "dpo", "grpo")
+PREF_LOSSES = ("sigmoid", "ipo", "simpo")
+GRPO_LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
+SCALE_REWARDS = ("group", "batch", "none")
 # the flag each do_* switch needs
 INPUT_FILES = {"do_train": "train_file", "do_eval": "validation_file", "do_predict": "test_file"}
 
@@ -100,18 +104,43 @@ class FinetuneArgs:
     bf16: bool = _opt(False, "bfloat16 autocast for forward/backward")
     fp16: bool = _opt(False, "accepted for compatibility; use --bf16 on CPU")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward")
-    resume_from_checkpoint: str | None = _opt(None, "an OUT/checkpoint-N folder to continue from")
+    resume_from_checkpoint: str | None = _opt(None, "an OUT/checkpoint-N folder to continue from, or "
+                                                   "'last': the newest one in --output_dir (none yet: start)")
     report_to: str | None = _opt(None, "accepted for compatibility (logs go to stdout)")
     deepspeed: str | None = _opt(None, "accepted for ds_train_finetune.sh compatibility; use torchrun")
     local_rank: int = _opt(-1, "set by launchers; torchrun's LOCAL_RANK is used")
     disable_tqdm: bool = _opt(False, "no progress bars")
 
     # ---- generation (predict_with_generate; defaults as main.py)
-    generation_max_length: int | None = _opt(None, "prompt + answer tokens (main.py: 512 for ChatGLM-6B, "
-                                                   "source+target+1 for ChatGLM2)")
+    generation_max_length: int | None = _opt(None, "prompt + answer tokens (default as main.py: "
+                                                   "max_source_length + max_target_length + 1)")
     do_sample: bool = _opt(True, "sample (false: greedy)")
     top_p: float = _opt(0.7, "nucleus sampling mass")
     temperature: float = _opt(0.95, "sampling temperature")
+
+    # ---- alignment (--stage rm / dpo / grpo; docs/alignment.md)
+    stage: Literal["sft", "rm", "dpo", "grpo"] = _opt("sft", "sft (supervised, main.py's), rm (reward model), dpo (preference pairs), grpo (online "
+                             "RL with a reward)")
+    chosen_column: str = _opt("chosen", "rm/dpo: the preferred answer (text or an assistant message list); "
+                                        "for rm/dpo/grpo --prompt_column's default content means prompt")
+    rejected_column: str = _opt("rejected", "rm/dpo: the other answer")
+    pref_loss: Literal["sigmoid", "ipo", "simpo"] = _opt("sigmoid", "dpo: sigmoid (DPO), ipo, or simpo (reference-free)")
+    beta: float | None = _opt(None, "dpo: β of the loss (default 0.1; simpo: try 2.0); grpo: the KL penalty "
+                                    "(default 0.04)")
+    label_smoothing: float = _opt(0.0, "dpo sigmoid/simpo: conservative-DPO label smoothing in [0, 0.5)")
+    simpo_gamma: float = _opt(0.5, "simpo: the target reward margin γ")
+    rpo_alpha: float | None = _opt(None, "dpo: add this times the chosen answers' NLL per token (TRL's RPO)")
+    reward_model: str | None = _opt(None, "grpo: a reward-model folder (from --stage rm) scoring the answers")
+    reward_function: str | None = _opt(None, "grpo: FILE.py:NAME, a function (prompts, completions) -> rewards, "
+                                             "or poem_form (built in)")
+    num_generations: int = _opt(8, "grpo: answers sampled per prompt (the group)")
+    sample_temperature: float = _opt(1.0, "grpo: sampling temperature")
+    sample_top_p: float = _opt(1.0, "grpo: sampling top-p")
+    sample_top_k: int = _opt(0, "grpo: sampling top-k (0 = off)")
+    epsilon: float = _opt(0.2, "grpo: the ratio clip ε")
+    epsilon_high: float | None = _opt(None, "grpo: the upper clip (default: --epsilon)")
+    grpo_loss_type: Literal["dapo", "grpo", "bnpo", "dr_grpo"] = _opt("dapo", "grpo: dapo (TRL's default), grpo, bnpo or dr_grpo aggregation")
+    scale_rewards: Literal["group", "batch", "none"] = _opt("group", "grpo: group (std per group, TRL's default), batch or none")
 
 
 def validate(args: FinetuneArgs) -> None:
@@ -137,6 +166,32 @@ def validate(args: FinetuneArgs) -> None:
         raise ValueError("set --max_steps or a positive --num_train_epochs")
     if args.ptuning_checkpoint and args.adapter:
         raise ValueError("pass either --ptuning_checkpoint or --adapter, not both")
+    validate_stage(args)
+
+
+def validate_stage(args: FinetuneArgs) -> None:
+    """The alignment options (--stage and what it needs)."""
+    for name, allowed in (("stage", STAGES), ("pref_loss", PREF_LOSSES), ("grpo_loss_type", GRPO_LOSS_TYPES),
+                          ("scale_rewards", SCALE_REWARDS)):
+        if getattr(args, name) not in allowed:
+            raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(args, name)!r}")
+    if args.stage == "grpo" and args.do_train:
+        if bool(args.reward_model) == bool(args.reward_function):
+            raise ValueError("--stage grpo needs one reward: --reward_model DIR or --reward_function FILE.py:NAME")
+        if args.num_generations < 2:
+            raise ValueError(f"--num_generations must be at least 2 (GRPO compares answers within a group), "
+                             f"got {args.num_generations}")
+    if args.stage != "grpo" and (args.reward_model or args.reward_function):
+        raise ValueError("--reward_model / --reward_function are for --stage grpo")
+    if args.beta is not None and args.beta < 0:
+        raise ValueError(f"--beta must be >= 0, got {args.beta}")
+    if args.stage == "dpo" and args.beta is not None and args.beta == 0:
+        raise ValueError("--beta must be positive for dpo")
+
+
+def stage_prompt_column(args: FinetuneArgs) -> str:
+    """--prompt_column, where main.py's default (content) means TRL's (prompt) for the alignment stages."""
+    return "prompt" if args.stage != "sft" and args.prompt_column == "content" else args.prompt_column
 
 
 def resolve_method(args: FinetuneArgs) -> str:

@@ -16,7 +16,9 @@ from torch import nn
 
 from glmkit.adapters.lora import save_lora_adapter
 from glmkit.adapters.ptuning import save_ptuning_checkpoint
+from glmkit.core.atomic import atomic_dir
 from glmkit.core.causal_lm import GLMForCausalLM
+from glmkit.core.checkpoint import CheckpointError
 from glmkit.loading.loader import save_model
 from glmkit.training.trainer import (
     TrainState,
@@ -89,13 +91,14 @@ def save_checkpoint(ckpt: Path, state: TrainState, trainer_state: TrainerState, 
         full_sd, optim_sd = full_state_dicts(state.raw_model, state.optimizer)
     rngs = gather_rng_states(state)
     if state.is_main:
-        ckpt.mkdir(parents=True, exist_ok=True)
-        METHODS[method].save(state.raw_model, ckpt, tokenizer, base_model_name_or_path, full_sd)
-        torch.save(optim_sd if optim_sd is not None else state.optimizer.state_dict(), ckpt / "optimizer.pt")
-        torch.save(state.scheduler.state_dict(), ckpt / "scheduler.pt")
-        torch.save(rngs, ckpt / "rng_state.pth")
-        (ckpt / "trainer_state.json").write_text(json.dumps(trainer_state.__dict__, indent=2, ensure_ascii=False)
-                                                 + "\n", encoding="utf-8")
+        # one folder, committed whole: a kill leaves the previous checkpoint-N folders and no half-written one
+        with atomic_dir(ckpt) as tmp:
+            METHODS[method].save(state.raw_model, tmp, tokenizer, base_model_name_or_path, full_sd)
+            torch.save(optim_sd if optim_sd is not None else state.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(state.scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(rngs, tmp / "rng_state.pth")
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state.__dict__, indent=2,
+                                                               ensure_ascii=False) + "\n", encoding="utf-8")
     if state.world_size > 1:
         import torch.distributed as dist
 
@@ -109,19 +112,31 @@ def load_trainer_state(ckpt: Path, state: TrainState, method: str) -> TrainerSta
     if missing:
         raise FileNotFoundError(f"{ckpt} lacks {missing}; --resume_from_checkpoint needs a checkpoint written by "
                                 "glmkit finetune")
-    saved = TrainerState(**json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8")))
+    try:
+        saved = TrainerState(**json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{ckpt / 'trainer_state.json'} is corrupt ({e})") from None
     if saved.method != method:
         raise ValueError(f"{ckpt} is a {saved.method} checkpoint but this run is --method {method}")
     if saved.world_size != state.world_size:
         raise ValueError(f"{ckpt} was written by {saved.world_size} processes; resume with the same number "
                          f"(now {state.world_size}) so every process continues its own data and RNG stream")
-    optim_sd = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
+    optim_sd = _load(ckpt / "optimizer.pt")
     if _sharded(state):
         load_full_state_dicts(state.raw_model, state.optimizer, None, optim_sd)
     else:
         state.optimizer.load_state_dict(optim_sd)
-    state.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=False))
-    rngs = torch.load(ckpt / "rng_state.pth", map_location="cpu", weights_only=False)
+    state.scheduler.load_state_dict(_load(ckpt / "scheduler.pt"))
+    rngs = _load(ckpt / "rng_state.pth")
     set_rng_state(rngs[state.rank])
     state.step = saved.global_step
     return saved
+
+
+def _load(path: Path):
+    """A resume file, loaded with weights_only=True (a crafted pickle runs no code); a corrupt one is a
+    CheckpointError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from glmkit.core.atomic import atomic_file, write_text
 from glmkit.core.blank import BlankInfillingView, blank_rows
 from glmkit.core.generate import generate
 from glmkit.evaluation.metrics import compute_metrics
@@ -23,7 +24,6 @@ from glmkit.training.data.finetune import (
     collate_prompts,
     collate_train,
     decode_text,
-    tokenizer_family,
 )
 from glmkit.training.finetune_args import FinetuneArgs
 from glmkit.training.finetune_loop import lm_loss
@@ -31,12 +31,12 @@ from glmkit.training.trainer import autocast
 
 
 def generation_length(args: FinetuneArgs, tokenizer) -> int:
-    """prompt + answer tokens to generate: --generation_max_length, else main.py's default for the family."""
+    """prompt + answer tokens to generate: --generation_max_length, else main.py's max_source_length +
+    max_target_length + 1 (ChatGLM-6B's main.py since its May 2023 fix, which replaced a fixed 512, and
+    ChatGLM2's; a fixed 512 let answers that never stop run to several times the answers' length)."""
     if args.generation_max_length:
         return args.generation_max_length
-    if tokenizer_family(tokenizer) == "chatglm":
-        return 512  # main.py: trainer.predict(..., max_length=512)
-    return args.max_source_length + args.max_target_length + 1  # ChatGLM2's main.py
+    return args.max_source_length + args.max_target_length + 1
 
 
 @torch.no_grad()
@@ -115,7 +115,7 @@ def run_evaluation(model, tokenizer, rows, args: FinetuneArgs, device, prefix: s
         metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
         if write_predictions:
             path = Path(args.output_dir) / "generated_predictions.txt"
-            with open(path, "w", encoding="utf-8") as f:
+            with atomic_file(path, "w", encoding="utf-8") as f:
                 for p, l in zip(preds, labels):
                     f.write(json.dumps({"labels": l, "predict": p}, ensure_ascii=False) + "\n")
     else:
@@ -130,8 +130,8 @@ def run_evaluation(model, tokenizer, rows, args: FinetuneArgs, device, prefix: s
 
 def save_metrics(out: Path, split: str, metrics: dict[str, Any]) -> None:
     """HF Trainer.save_metrics: {split}_results.json, merged into all_results.json."""
-    (out / f"{split}_results.json").write_text(json.dumps(metrics, indent=4, sort_keys=True) + "\n", encoding="utf-8")
+    write_text(out / f"{split}_results.json", json.dumps(metrics, indent=4, sort_keys=True) + "\n")
     all_path = out / "all_results.json"
     merged = json.loads(all_path.read_text(encoding="utf-8")) if all_path.exists() else {}
     merged.update(metrics)
-    all_path.write_text(json.dumps(merged, indent=4, sort_keys=True) + "\n", encoding="utf-8")
+    write_text(all_path, json.dumps(merged, indent=4, sort_keys=True) + "\n")

@@ -19,9 +19,7 @@ Config file sections: `model` (a preset name plus GLMConfig overrides), `tokeniz
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +30,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from glmkit.core import options
+from glmkit.core.atomic import torch_save, write_json
+from glmkit.core.checkpoint import CheckpointError
 from glmkit.core.config import GLMConfig
 from glmkit.core.model import GLM
 from glmkit.core.tokenizer import load_tokenizer
@@ -372,8 +372,7 @@ def fit(state: State, stop_after: int | None = None) -> list[dict[str, float]]:
     out = Path(t.out_dir)
     if state.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "pretrain_config.json").write_text(json.dumps(dataclasses.asdict(state.config), indent=2,
-                                                             ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json(out / "pretrain_config.json", dataclasses.asdict(state.config))
     loggers = [CSVLogger(state, out / "log.csv", CSV_COLUMNS), TensorBoardLogger(state, out / "tensorboard",
                                                                                  "glmkit pretrain")]
     history = train_loop(state, BlankInfillingStage(state), loop_config(t, state.config.eval),
@@ -395,15 +394,16 @@ def save_checkpoint(state: State, path: Path) -> None:
                    "step": state.step, "tokens_seen": state.tokens_seen, "train_seconds": state.train_seconds,
                    "world_size": state.world_size,
                    "config": dataclasses.asdict(state.config), "model_config": state.model_config.to_dict()}
-        tmp = path.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        torch_save(payload, path)  # temporary sibling, fsync, rename: the previous checkpoint until this one is whole
     if state.world_size > 1:
         dist.barrier()
 
 
 def load_checkpoint(state: State, path: Path) -> None:
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights_only: a crafted pickle runs no code
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
     if payload["world_size"] != state.world_size:
         # the data position is per process; rows would be split differently
         raise ValueError(f"{path} was written by {payload['world_size']} processes; resume with the same number "

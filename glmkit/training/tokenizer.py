@@ -12,6 +12,7 @@ from typing import Any, Iterator, Sequence
 
 import sentencepiece as spm
 
+from glmkit.core.atomic import atomic_dir
 from glmkit.core.extras import require_extra
 
 from glmkit.core.tokenizer import Tokenizer, load_tokenizer
@@ -135,15 +136,14 @@ def train_tokenizer(inputs: Sequence[str | Path], vocab_size: int, family: str, 
         for b in range(256):
             proto.pieces.append(Piece(piece=f"<0x{b:02X}>", score=0.0, type=Piece.BYTE))
         proto.trainer_spec.byte_fallback = True
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if family == "chatglm":
-        model_path = out / "ice_text.model"
-        cfg: dict[str, Any] = {"num_image_tokens": 0}
-    else:
-        model_path = out / "tokenizer.model"
-        cfg = {"glmkit_family": family}
-    model_path.write_bytes(proto.SerializeToString())
-    tok = ChatGLMTokenizer(model_path, cfg) if family == "chatglm" else ChatGLM2Tokenizer(model_path, cfg, family)
-    tok.save_pretrained(out)
-    return load_tokenizer(out)
+    with atomic_dir(output_dir) as out:  # output_dir stays the previous complete tokenizer until this one is
+        if family == "chatglm":
+            model_path = out / "ice_text.model"
+            cfg: dict[str, Any] = {"num_image_tokens": 0}
+        else:
+            model_path = out / "tokenizer.model"
+            cfg = {"glmkit_family": family}
+        model_path.write_bytes(proto.SerializeToString())
+        tok = ChatGLMTokenizer(model_path, cfg) if family == "chatglm" else ChatGLM2Tokenizer(model_path, cfg, family)
+        tok.save_pretrained(out)
+    return load_tokenizer(Path(output_dir))

@@ -219,6 +219,26 @@ def test_ptuning_trains_only_the_prefix(v1, tmp_path):
     assert not torch.equal(model.prefix_encoder.embedding.weight, prefix)
 
 
+def test_ptuning_prefix_trains_in_fp32_over_a_bf16_base(v1, tmp_path):
+    # main.py: model.half(), then prefix_encoder.float(). A bf16 prefix would round away Adam's steps of about lr
+    # on elements of magnitude ~1 (bf16 spacing there is 2^-7), so the prefix would stop learning as lr decays.
+    lr = 1e-3
+    args = _args(*_common(v1, tmp_path, "--do_train", "--train_file", str(v1["train"]), "--pre_seq_len", "4",
+                          "--max_steps", "1", "--learning_rate", str(lr), "--per_device_train_batch_size", "4",
+                          "--dtype", "bfloat16"))
+    model, tok = load_for_finetune(args, "ptuning")
+    assert model.h[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.prefix_encoder.parameters())
+    before = model.prefix_encoder.embedding.weight.detach().clone()
+    from glmkit.training.data.finetune import build_examples, read_rows
+
+    examples = build_examples(tok, read_rows(args.train_file), Columns(), Lengths(16, 24), train=True)
+    train(model, tok, examples, args, "ptuning", torch.device("cpu"))
+    step = (model.prefix_encoder.embedding.weight.detach() - before).abs()
+    # Adam's first step moves every element with a gradient by lr (prefix dropout may zero a few gradients)
+    assert float(((step > 0.5 * lr) & (step < 1.5 * lr)).float().mean()) > 0.9
+
+
 def test_zero_length_prefix_equals_base(v1):
     from glmkit.adapters.ptuning import attach_prefix
     from glmkit.loading.loader import load_model
@@ -271,6 +291,19 @@ def test_ptuning_checkpoints_resume_and_predict(v1, tmp_path):
     assert len(lines) == len(dev) and all(set(x) == {"labels", "predict"} for x in lines)
     assert [x["labels"] for x in lines] == [v1["tok"].decode(v1["tok"].encode(r["summary"], False)).strip()
                                             for r in dev]
+
+
+def test_generation_length_is_main_pys_source_plus_target_plus_one(v1, v2):
+    # ChatGLM-6B's main.py (since its May 2023 fix) and ChatGLM2's generate up to max_source_length +
+    # max_target_length + 1 tokens in all; the first release's fixed 512 is gone from both
+    from glmkit.training.finetune_predict import generation_length
+
+    for env in (v1, v2):
+        args = _args("--model_name_or_path", str(env["model"]), "--output_dir", "x", "--do_predict", "--test_file",
+                     "t.json", "--max_source_length", "64", "--max_target_length", "128")
+        assert generation_length(args, env["tok"]) == 193
+        args.generation_max_length = 300
+        assert generation_length(args, env["tok"]) == 300
 
 
 def test_prefix_projection_checkpoint_keys(v1, tmp_path):

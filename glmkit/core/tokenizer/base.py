@@ -4,7 +4,6 @@ rules (`split_on`), and GLMTokenizerBase (batching with left padding, special-to
 from __future__ import annotations
 
 import abc
-import json
 import re
 import shutil
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 import sentencepiece as spm
 
+from glmkit.core.atomic import atomic_path, write_json
 from glmkit.core.chat_template import apply_chat_template as _apply_chat_template
 
 # ---------------------------------------------------------------------------------------------------------- constants
@@ -32,6 +32,29 @@ TOKENIZER_FILES = ["ice_text.model", "tokenizer.model", "tokenizer_config.json",
 
 class TokenizerError(ValueError):
     """A tokenizer folder glmkit cannot read."""
+
+
+def check_text(text: Any) -> None:
+    """Refuses what is not encodable text: a non-string, or a string with an unpaired surrogate."""
+    if not isinstance(text, str):
+        raise TokenizerError(f"expected text (str), got {type(text).__name__}")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise TokenizerError(f"the text holds an unpaired surrogate {text[e.start]!r} at position {e.start} "
+                                 "(not valid Unicode)") from None
+
+
+def _checks_text(method):
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, text, *args, **kwargs):
+        check_text(text)
+        return method(self, text, *args, **kwargs)
+
+    return wrapper
 
 
 def blank_token(length: int) -> str:
@@ -140,6 +163,14 @@ class GLMTokenizerBase(abc.ABC):
         self.init_kwargs: dict[str, Any] = dict(config or {})
         self.name_or_path = str(Path(vocab_file).parent)
         self.clean_up_tokenization_spaces = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        # every family's encode/tokenize refuses text that is not valid Unicode (SentencePiece and tiktoken fail
+        # on it with opaque errors)
+        super().__init_subclass__(**kwargs)
+        for name in ("encode", "tokenize"):
+            if name in cls.__dict__:
+                setattr(cls, name, _checks_text(cls.__dict__[name]))
 
     # -- each family provides these
     @abc.abstractmethod
@@ -286,9 +317,10 @@ class GLMTokenizerBase(abc.ABC):
         out.mkdir(parents=True, exist_ok=True)
         vocab_out = out / self.vocab_file_name
         if Path(self.vocab_file).resolve() != vocab_out.resolve():
-            shutil.copyfile(self.vocab_file, vocab_out)
+            with atomic_path(vocab_out) as tmp:  # each file whole or the previous one (glmkit.core.atomic)
+                shutil.copyfile(self.vocab_file, tmp)
         cfg_out = out / "tokenizer_config.json"
-        cfg_out.write_text(json.dumps(self._config_to_save(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        write_json(cfg_out, self._config_to_save())
         return [str(vocab_out), str(cfg_out)]
 
     def __repr__(self) -> str:

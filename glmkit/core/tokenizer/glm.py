@@ -34,6 +34,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
+from glmkit.core.atomic import atomic_path, write_json
 from glmkit.core.hub import read_json_object
 from glmkit.core.tokenizer.base import (
     STRIP_BOTH,
@@ -311,7 +312,8 @@ class GLMHubTokenizer(GLMTokenizerBase):
         for name in self._vocab_files():
             src, dst = self.folder / name, out / name
             if src.resolve() != dst.resolve():
-                shutil.copyfile(src, dst)
+                with atomic_path(dst) as tmp:  # each file whole or the previous one (glmkit.core.atomic)
+                    shutil.copyfile(src, tmp)
             written.append(str(dst))
         cfg = {**self.init_kwargs, "tokenizer_class": self.tokenizer_class,
                "auto_map": {"AutoTokenizer": [f"tokenization_glm.{self.tokenizer_class}", None]}}
@@ -324,7 +326,7 @@ class GLMHubTokenizer(GLMTokenizerBase):
             smap["additional_special_tokens"] = [s.text for s in self._additional]
         for name, data in (("tokenizer_config.json", cfg), ("special_tokens_map.json", smap),
                            ("added_tokens.json", self.added_tokens_encoder)):
-            (out / name).write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+            write_json(out / name, data)
             written.append(str(out / name))
         return written
 

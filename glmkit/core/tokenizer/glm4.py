@@ -7,6 +7,7 @@ import binascii
 from pathlib import Path
 from typing import Any, Iterable
 
+from glmkit.core.atomic import atomic_file
 from glmkit.core.tokenizer.base import (
     GLM4_PATTERN,
     GLM4_SPECIAL_TOKENS,
@@ -206,7 +207,7 @@ def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
 
 
 def write_tiktoken_ranks(ranks: dict[bytes, int], path: str | Path) -> None:
-    with open(path, "wb") as f:
+    with atomic_file(path, "wb") as f:
         for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
             f.write(base64.b64encode(tok) + b" " + str(rank).encode() + b"\n")
 
