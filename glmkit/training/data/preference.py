@@ -31,15 +31,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from glmkit.core.chat import build_chat_input
-from glmkit.core.chat_template import apply_chat_template
+from glmkit.core.chat_template import apply_chat_template, chatglm2_prompt, chatglm_prompt
 from glmkit.core.fill import BLANK_RE
 from glmkit.training.data.finetune import (
     IGNORE_INDEX,
     Columns,
     Lengths,
     SpecialTokens,
-    chatglm2_prompt,
-    chatglm_prompt,
     eval_example,
     tokenizer_family,
     train_example,
@@ -116,7 +114,7 @@ def prompt_ids(tok, prompt: str | list[dict[str, Any]], lengths: Lengths) -> lis
         text = text if BLANK_RE.search(text) else text + "[gMASK]"
         return [tok.cls_token_id] + tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
     if family == "chatglm":
-        return tok.encode(chatglm_prompt(text, [], use_template=False), add_special_tokens=False) + \
+        return tok.encode(chatglm_prompt(text, []), add_special_tokens=False) + \
             [special.gmask, special.sop]
     if family == "chatglm2":
         return [special.gmask, special.sop] + tok.encode(chatglm2_prompt(text, []), add_special_tokens=False)
