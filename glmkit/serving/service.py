@@ -26,7 +26,8 @@ from glmkit.serving.scheduler import ContinuousEngine
 class ChatService:
     """A loaded model ready to answer: its name, its decoding engine, its chat format and its metrics.
 
-    `engine_options` are the ContinuousEngine's kv_cache_memory, block_size, prefill_chunk, prefix_caching.
+    `engine_options` are the ContinuousEngine's kv_cache_memory, block_size, prefill_chunk, prefix_caching,
+    max_batched_tokens.
     request_timeout: seconds a request may take from arrival to its last token (None = no limit); past it the
     request ends with a 504 error and its row is freed.
     """
