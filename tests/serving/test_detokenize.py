@@ -11,7 +11,8 @@ from glmkit.serving.detokenize import IncrementalDetokenizer
 from tests.helpers.chat_models import TOOL_DATA
 
 CORPUS = ["你好，世界！今天天气很好。", "the cat runs fast , isn't it ? we 're here .", "床前明月光，疑是地上霜。",
-          "emoji 😀 and ü é ß 한국어 ∑ ≤", "tabs\tand  double  spaces\nnew lines\n\n", "<n> < n > <|tab|> ' s 've"]
+          "emoji 😀 and ü é ß 한국어 ∑ ≤", "tabs\tand  double  spaces\nnew lines\n\n",
+          "<n> < n > <|tab|> ' s 've"]
 
 
 @pytest.fixture(scope="module")
