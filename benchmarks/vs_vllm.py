@@ -139,7 +139,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--lengths", choices=sorted(LENGTHS), default="uniform")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each server (default 1)")
     parser.add_argument("--max-running", type=int, default=16, help="most requests running at once (default 16)")
-    parser.add_argument("--kv-cache-gib", type=int, default=2, help="KV cache of each server in GiB (default 2)")
+    parser.add_argument("--kv-cache-gib", type=int, default=1, help="KV cache of each server in GiB (default 1)")
     parser.add_argument("--venv", default=str(Path.home() / ".cache" / "glmkit" / "vs-vllm-venv"))
     parser.add_argument("--servers", default="vllm,glmkit", help="which to run, in order (default vllm,glmkit)")
     parser.add_argument("--seed", type=int, default=0)
