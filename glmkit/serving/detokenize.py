@@ -4,7 +4,8 @@ last tokens, not the whole answer again, so streaming an answer of n tokens cost
 The window runs from `prefix` (tokens already emitted once, kept for context: a SentencePiece piece's leading "▁"
 is dropped only at the start of a decode, byte pieces join across tokens) to the end; the text the window adds over
 its first part [prefix, read) is the new text. New text is held back while it could still change:
-  - it ends in U+FFFD (an incomplete UTF-8 character, byte-fallback pieces that are not yet whole);
+  - it ends in U+FFFD (an incomplete UTF-8 character, byte-fallback pieces that are not yet whole): the last 3
+    of those wait, the text before them is final;
   - it ends in the beginning of something the tokenizer's decode rewrites across pieces (transformers' clean-up of
     " ." / " n't" ..., ChatGLM-6B's "<n>" / "<|tab|>" / "<|blank_k|>"), so a later piece could rewrite it;
   - the window's text does not start with its first part's text (a decode that is not piecewise there).
@@ -18,6 +19,7 @@ from typing import Any
 from glmkit.core.tokenizer.base import TAB_TOKEN, blank_token
 
 # transformers' clean_up_tokenization patterns (glmkit.core.tokenizer.base.clean_up_tokenization)
+MAX_UNFINISHED = 3  # U+FFFD characters an unfinished UTF-8 character can decode to (3 of its 4 bytes, one each)
 CLEAN_UP = (" .", " ?", " !", " ,", " ' ", " n't", " 'm", " 's", " 've", " 're")
 
 
@@ -40,7 +42,8 @@ class IncrementalDetokenizer:
         self.prefix = 0  # window start: tokens before it are never decoded again
         self.read = 0  # tokens before it are emitted in `text`
         self.text = ""
-        self._pending: str | None = ""  # the window's text past `text` (None: not a continuation of it)
+        self._pending: str | None = ""  # the window's text past its first part (None: not a continuation of it)
+        self._sent = 0  # characters of _pending already in `text` (the final part before an unfinished character)
         self._heads = {p[:n] for p in rewrites(tokenizer) for n in range(1, len(p))}
         self._longest = max(map(len, self._heads), default=0)
 
@@ -50,18 +53,26 @@ class IncrementalDetokenizer:
         window = self.decode(self.tokens[self.prefix:])
         before = self.decode(self.tokens[self.prefix:self.read]) if self.read > self.prefix else ""
         self._pending = window[len(before):] if window.startswith(before) else None
-        if (not self._pending or window.endswith("\ufffd") or self._open(window)):
+        if not self._pending or self._open(window):
             return self.text
-        self.text += self._pending
-        self._pending = ""
-        self.prefix, self.read = self.read, len(self.tokens)
+        # A trailing U+FFFD may be an unfinished character: one for a byte-level decode, one per byte (at most 3)
+        # for SentencePiece's byte fallback. Those wait; the text before them is final (UTF-8 resynchronizes), so a
+        # model that emits invalid bytes still streams, at most 3 characters late.
+        run = len(self._pending) - len(self._pending.rstrip("\ufffd"))
+        stable = len(self._pending) - min(run, MAX_UNFINISHED)
+        if stable > self._sent:
+            self.text += self._pending[self._sent:stable]
+            self._sent = stable
+        if stable == len(self._pending):  # all of it final: the window moves on
+            self._pending, self._sent = "", 0
+            self.prefix, self.read = self.read, len(self.tokens)
         return self.text
 
     def current(self) -> str:
         """The whole decode of the tokens so far, held-back tail included (what a stop string is looked for in)."""
         if self._pending is None:  # a window whose decode is not piecewise: decode it all
             return self.decode(self.tokens)
-        return self.text + self._pending
+        return self.text + self._pending[self._sent:]
 
     def _open(self, text: str) -> bool:
         """Does text end in a proper beginning of a rewritten string?"""

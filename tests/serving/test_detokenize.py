@@ -79,3 +79,16 @@ def test_byte_pieces_are_held_until_whole(tokenizers):
     texts = [detok.push(i) for i in tok.encode("你好", add_special_tokens=False) + byte_ids]
     assert texts[-1] == "你好😀" and all("\ufffd" not in t for t in texts)
     assert texts[-2] == "你好"  # three of four bytes of the emoji: nothing shown yet
+
+
+@pytest.mark.parametrize("family", ["chatglm2", "glm4"])
+def test_invalid_bytes_still_stream(tokenizers, family):
+    """A model that emits bytes that never make a character (a random model can) still streams, a few characters
+    late, and what it streams stays a prefix of the final decode."""
+    tok = tokenizers[family]
+    byte = tok.mergeable_ranks[b"\xc0"] if family == "glm4" else tok.convert_tokens_to_ids("<0xC0>")
+    detok = IncrementalDetokenizer(tok)
+    texts = [detok.push(byte) for _ in range(10)]
+    final = tok.decode([byte] * 10)
+    assert texts[-1] and all(final.startswith(t) for t in texts)
+    assert len(final) - len(texts[-1]) <= 3
