@@ -186,6 +186,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of each server (OMP_NUM_THREADS); on a shared, oversubscribed host "
                              "1 avoids OpenMP barrier stalls that swamp a small model (default: torch's own)")
+    parser.add_argument("--server-args", default="",
+                        help="more `glmkit serve` options, e.g. --server-args='--max-batched-tokens 512'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=600, help="client timeout per request (s)")
     parser.add_argument("--json", help="also write the results here")
@@ -200,7 +202,8 @@ def main(argv: list[str]) -> int:
         layers, hidden = (int(x) for x in args.random.split(","))
         model = str(random_model(tmp / f"random-{layers}x{hidden}", layers, hidden))
         print(f"random model: {layers} layers x {hidden} ({model})", file=sys.stderr)
-    extra = ["--max-batch-size", str(args.max_batch_size), "--max-queue", "100000", "--device", args.device]
+    extra = ["--max-batch-size", str(args.max_batch_size), "--max-queue", "100000", "--device", args.device,
+             *args.server_args.split()]
     results: dict[str, dict[float, dict]] = {engine: {} for engine in engines}
     servers: dict[str, Server] = {}
     try:

@@ -17,7 +17,7 @@ from glmkit.core.options import option
 from glmkit.loading.checkpoint_ops import model_name
 from glmkit.serving.jobs import MAX_BATCH_SIZE, MAX_QUEUE
 from glmkit.serving.protocol import MAX_BODY_BYTES
-from glmkit.serving.scheduler import BLOCK_SIZE, PREFILL_CHUNK
+from glmkit.serving.scheduler import BLOCK_SIZE, MAX_BATCHED_TOKENS, PREFILL_CHUNK
 
 
 def parse_bytes(text: str) -> int:
@@ -50,6 +50,9 @@ class ServeOptions(ModelOptions):
     block_size: int = option(BLOCK_SIZE, help=f"tokens per KV cache block (default {BLOCK_SIZE})")
     prefill_chunk: int = option(PREFILL_CHUNK, help=f"most prompt tokens prefilled per decode step (default "
                                                     f"{PREFILL_CHUNK})")
+    max_batched_tokens: int = option(MAX_BATCHED_TOKENS, help="most tokens one step computes, decode rows and prefill "
+                                                              "together (vLLM's max_num_batched_tokens; default "
+                                                              f"{MAX_BATCHED_TOKENS})")
     prefix_caching: bool = option(True, flags=("--no-prefix-cache",), action="store_false",
                                   help="do not keep prompts' KV blocks for later requests sharing their prefix")
     request_timeout: float | None = option(None, help="seconds a request may take, queueing included; past it: 504 "
@@ -70,7 +73,8 @@ def cli_main(argv: list[str]) -> int:
     args = parse_options(ServeOptions, build_parser(), argv)
     require_extra("serve")  # before the model load: a missing extra fails at once
     from glmkit.serving.openai_api import serve  # FastAPI and prometheus_client: the serve extra
-    for name in ("port", "max_batch_size", "max_queue", "max_body_bytes", "block_size", "prefill_chunk"):
+    for name in ("port", "max_batch_size", "max_queue", "max_body_bytes", "block_size", "prefill_chunk",
+                 "max_batched_tokens"):
         if getattr(args, name) < (0 if name == "port" else 1):
             print(f"glmkit serve: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}",
                   file=sys.stderr)
@@ -87,7 +91,8 @@ def cli_main(argv: list[str]) -> int:
         serve(model, tokenizer, model_name(args.model), args.host, args.port, api_key=args.api_key,
               max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
               log_level=args.log_level, request_timeout=args.request_timeout, kv_cache_memory=args.kv_cache_memory,
-              block_size=args.block_size, prefill_chunk=args.prefill_chunk, prefix_caching=args.prefix_caching)
+              block_size=args.block_size, prefill_chunk=args.prefill_chunk, prefix_caching=args.prefix_caching,
+              max_batched_tokens=args.max_batched_tokens)
     except ValueError as err:  # e.g. a KV cache too small for one context
         print(f"glmkit serve: {err}", file=sys.stderr)
         return 2

@@ -82,7 +82,7 @@ def create_app(model: Any, tokenizer: Any, name: str, *, api_key: str | None = N
     max_body_bytes: largest request body accepted (413 above it).
     max_batch_size: most requests decoded together; max_queue: most requests waiting before new ones get 503
     (with Retry-After). engine_options: the continuous engine's kv_cache_memory (bytes), block_size, prefill_chunk,
-    prefix_caching (glmkit.serving.scheduler.ContinuousEngine). request_timeout: seconds per request (504 past it;
+    prefix_caching, max_batched_tokens (glmkit.serving.scheduler.ContinuousEngine). request_timeout: seconds per request (504 past it;
     None = no limit).
     The app's lifespan starts and stops the decoding thread; its ChatService is `app.state.service`.
     """

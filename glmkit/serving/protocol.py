@@ -200,7 +200,11 @@ class ChatFormat:
         """The answer text of the generated tokens (stop token excluded), post-processed as the family's chat()
         does it. ChatGLM3/GLM-4 answers start with a metadata line, empty for a plain answer; a non-empty one
         (a tool call) is returned as the model wrote it."""
-        text = self.tokenizer.decode(token_ids)
+        return self.finish(self.tokenizer.decode(token_ids))
+
+    def finish(self, text: str) -> str:
+        """The family's post-processing of an answer's decoded text (text() = finish(decode)); whole-text, since
+        ChatGLM-6B's punctuation fix looks at both neighbours and every family strips."""
         if self.style is not None:  # reasoning and calls are parsed from the text as written (answer())
             return text
         if self.family == "chatglm":

@@ -3,9 +3,10 @@
 One thread owns the model. Every step it
   1. retires cancelled requests (a client that left, a stop string, a timeout) and gives their KV blocks back;
   2. admits waiting requests while rows and KV blocks allow (the oldest first; preempted ones first of all);
-  3. prefills admitted prompts, at most `prefill_chunk` tokens per step in total, so a long prompt never stalls the
-     rows already decoding (ChatGLM-6B's bidirectional context, everything before <sop>, is one chunk: its tokens
-     see each other);
+  3. prefills admitted prompts, at most `prefill_chunk` tokens per step in total and, as vLLM's
+     max_num_batched_tokens, at most `max_batched_tokens` minus the rows decoding this step (never less than a
+     block), so a long prompt never stalls the rows already decoding and a full batch keeps a steady pace
+     (ChatGLM-6B's bidirectional context, everything before <sop>, is one chunk: its tokens see each other);
   4. runs one decode forward for every row whose prompt is in the cache (its last token is fed there, so a request's
      first token comes from the same place as every other), samples each row with its own SamplingParams
      (temperature, top-p/k, penalties, seed, max_tokens, a forced tool-call line, logprobs) and retires finished
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 16  # tokens per KV block
 PREFILL_CHUNK = 512  # most prompt tokens prefilled per step
+MAX_BATCHED_TOKENS = 256  # most tokens (decode rows + prefill) one step computes
 CUDA_FREE_FRACTION = 0.5  # default pool on CUDA: this share of the free memory (the rest: activations)
 CPU_RAM_FRACTION = 0.25  # default pool on CPU: at most this share of the available RAM
 
@@ -181,9 +183,12 @@ class ContinuousEngine:
 
     def __init__(self, model: Any, tokenizer: Any, *, max_batch_size: int = MAX_BATCH_SIZE,
                  max_queue: int = MAX_QUEUE, kv_cache_memory: int | None = None, block_size: int = BLOCK_SIZE,
-                 prefill_chunk: int = PREFILL_CHUNK, prefix_caching: bool = True) -> None:
-        if prefill_chunk < 1 or block_size < 1:
-            raise ValueError(f"need prefill_chunk >= 1 and block_size >= 1, got {prefill_chunk} and {block_size}")
+                 prefill_chunk: int = PREFILL_CHUNK, prefix_caching: bool = True,
+                 max_batched_tokens: int = MAX_BATCHED_TOKENS) -> None:
+        if prefill_chunk < 1 or block_size < 1 or max_batched_tokens < 1:
+            raise ValueError(f"need prefill_chunk, block_size and max_batched_tokens >= 1, got {prefill_chunk}, "
+                             f"{block_size} and {max_batched_tokens}")
+        self.max_batched_tokens = max_batched_tokens
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
         self.context = int(model.config.max_seq_len)
@@ -385,7 +390,9 @@ class ContinuousEngine:
         self.stats["preempted"] += 1
 
     def _prefill(self) -> None:
-        budget = self.prefill_chunk
+        decoding = sum(seq.cached == len(seq.tokens) - 1 for seq in self._running)
+        # the step's token budget less its decode rows; at least a block, so prompts still move under a full batch
+        budget = min(self.prefill_chunk, max(self.max_batched_tokens - decoding, self.block_size))
         for seq in sorted(self._running, key=lambda s: s.order):
             if budget <= 0:
                 break

@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator
 
 from glmkit.core.chat import find_stop, partial_stop
 from glmkit.core.tools import ForcedCall
+from glmkit.serving.detokenize import IncrementalDetokenizer
 from glmkit.serving.jobs import MAX_BATCH_SIZE, MAX_QUEUE, Job
 from glmkit.serving.metrics import ServerMetrics
 from glmkit.serving.protocol import APIError, ChatFormat, SamplingParams
@@ -25,7 +26,8 @@ from glmkit.serving.scheduler import ContinuousEngine
 class ChatService:
     """A loaded model ready to answer: its name, its decoding engine, its chat format and its metrics.
 
-    `engine_options` are the ContinuousEngine's kv_cache_memory, block_size, prefill_chunk, prefix_caching.
+    `engine_options` are the ContinuousEngine's kv_cache_memory, block_size, prefill_chunk, prefix_caching,
+    max_batched_tokens.
     request_timeout: seconds a request may take from arrival to its last token (None = no limit); past it the
     request ends with a 504 error and its row is freed.
     """
@@ -48,7 +50,9 @@ class ChatService:
         """Yields Updates (text so far, finish reason or None, tokens, logprobs); the last carries the finish reason.
 
         Text that might still turn into a stop string is held back, so the texts only ever grow and the last one
-        (cut before the first stop string) extends them all. With incremental=False (and no stop strings) only the
+        (cut before the first stop string) extends them all. The text is decoded incrementally (serving.detokenize:
+        a tail that may still change, such as half a UTF-8 character, waits for the next token) and the last one
+        from all the tokens. With incremental=False (and no stop strings) only the
         final item is produced, saving a decode per token.
         """
         constraint = ForcedCall(self.engine.tokenizer, params.forced_tools) if params.forced_tools else None
@@ -58,6 +62,7 @@ class ChatService:
         deadline = None if self.request_timeout is None else started + self.request_timeout
         tokens: list[int] = []
         logprobs: list[dict] = []
+        detokenizer = IncrementalDetokenizer(self.engine.tokenizer)
         try:
             while True:
                 try:
@@ -88,12 +93,13 @@ class ChatService:
                     logprobs.append(entry)
                 if not (incremental or stop):
                     continue
-                text = self.format.text(tokens)
+                text = self.format.finish(detokenizer.push(token))
                 if stop:
-                    cut = find_stop(text, stop)
+                    whole = self.format.finish(detokenizer.current())  # a stop string may end in the held tail
+                    cut = find_stop(whole, stop)
                     if cut is not None:
                         job.cancel()
-                        yield Update(text[:cut], "stop", list(tokens), list(logprobs))
+                        yield Update(whole[:cut], "stop", list(tokens), list(logprobs))
                         return
                     text = text[:len(text) - partial_stop(text, stop)]
                 yield Update(text, None, list(tokens), list(logprobs))

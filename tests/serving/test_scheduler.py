@@ -210,6 +210,40 @@ def test_chunked_prefill_does_not_stall_running_rows(families, make_engine):
     assert len(during) >= len(long) // 2 - 2, f"only {len(during)} tokens while a {len(long)}-token prompt prefilled"
 
 
+def test_step_token_budget_leaves_the_decode_rows_their_share(families, make_engine):
+    """max_batched_tokens: each step's prefill takes at most the budget less the rows decoding in it (at least a
+    block), and the answers stay those each request gets alone."""
+    model, tok = families["chatglm2"]
+    engine = make_engine(model, tok, max_batch_size=4, block_size=4, prefill_chunk=512, max_batched_tokens=7,
+                         prefix_caching=False)
+    fmt = ChatFormat(tok, model.config.max_seq_len)
+    short = [fmt.prompt_ids(q, [], None) for q in ("hi", "hello")]
+    long = fmt.prompt_ids("the cat runs fast " * 6, [], None)
+    requests = [(ids, SamplingParams(max_new_tokens=60 - len(ids))) for ids in short] + [
+        (long, SamplingParams(max_new_tokens=3))]
+    expected = [alone(model, tok, ids, p) for ids, p in requests]
+    steps = []  # (rows decoding when the step's prefill began, tokens it prefilled)
+    prefill, forward = engine._prefill, engine._forward
+
+    def counted_prefill():
+        steps.append([sum(s.cached == len(s.tokens) - 1 for s in engine._running), 0])
+        prefill()
+
+    def counted_forward(rows, start=None, end=None):
+        if start is not None:
+            steps[-1][1] += end - start
+        return forward(rows, start, end)
+
+    engine._prefill, engine._forward = counted_prefill, counted_forward
+    results, _ = run(engine, requests, [0.0, 0.0, None])  # the long prompt arrives while both short ones decode
+    assert [r[0] for r in results] == expected
+    assert all(done <= max(7 - decoding, 4) for decoding, done in steps), steps
+    # the long prompt was prefilled beside two decode rows: 5 tokens a step, not all at once
+    assert any(decoding == 2 and done == 5 for decoding, done in steps), steps
+    with pytest.raises(ValueError, match="max_batched_tokens"):
+        ContinuousEngine(model, tok, max_batched_tokens=0)
+
+
 def test_cancellation_frees_kv_blocks(families, make_engine):
     model, tok = families["chatglm3"]
     engine = make_engine(model, tok, max_batch_size=4, block_size=4)
