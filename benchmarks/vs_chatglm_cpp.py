@@ -22,7 +22,14 @@ What it does, in order:
    chatglm.cpp through its Python binding (`Pipeline`, `generate_next_token` as its streaming generator calls it);
    glmkit through `glmkit.load_model(dir, quantize=...)` with its defaults and `model.stream_generate` (what
    `model.generate` runs). Each process also reports its load time and peak RSS (VmHWM).
-5. Prints one table with ratios against chatglm.cpp q4_0, and the machine's load average before and after.
+5. Accuracy of every configuration (benchmarks/quant_formats.py; `--no-accuracy` skips it): the relative logits
+   error against the float model on this same checkpoint (a 32-token prompt; chatglm.cpp's types as ggml's
+   reference quantizers produce them, reimplemented there, applied to the same tensors chatglm.cpp quantizes), and
+   glm-tiny's held-out cross-entropy delta and logits error under the same format (random weights have no
+   meaningful cross-entropy). The reference is the fp32 model when it fits in memory, else bf16 (printed).
+6. Prints one table with ratios against chatglm.cpp q4_0, weight bytes read per decoded token, the accuracy
+   columns, and the machine's load average before and after. `--no-speed` prints bytes and accuracy alone (no
+   chatglm-cpp build).
 
 Threads: chatglm.cpp uses as many as the machine has cores up to 4 (half above that), glmkit torch's default (the
 core count) unless `--threads` sets it; both are printed. Not part of CI (it needs a compiler, ~15 min and GBs).
@@ -174,6 +181,46 @@ def child_convert(job: dict) -> dict:
     return {}
 
 
+def accuracy_formats(names: list[str]) -> dict:
+    """Config name -> benchmarks/quant_formats.py format tuple (how its weights are stored)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quant_formats as QF
+
+    out = {}
+    for name in names:
+        engine, _, what = name.partition(" ")
+        if engine == "chatglm.cpp":
+            if what not in QF.GGML_TYPES:
+                raise ValueError(f"no reference quantizer for ggml type {what!r} (known: {list(QF.GGML_TYPES)})")
+            out[name] = QF.GGML_TYPES[what]
+            continue
+        precision, _, head = what.partition(":head=")
+        if precision == "bf16":
+            out[name] = ("float", None, 16.0, 16.0)
+        else:  # "saved" is the default INT4 written by `glmkit quantize` and mapped back: the same numbers
+            out[name] = QF.glmkit_format("int4" if precision == "saved" else precision, quantize_head=head or None)
+    return out
+
+
+def child_accuracy(job: dict) -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quant_formats as QF
+
+    torch.set_num_threads(job["threads"] or torch.get_num_threads())
+    formats = accuracy_formats(job["names"])
+    folder = Path(job["folder"])
+    fp32_bytes = 4 * sum(int(torch.Size(shape).numel()) for _, shape in tensor_specs(job["layers"]))
+    available = next((int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable")),
+                     0)
+    dtype = torch.float32 if 1.6 * fp32_bytes < available else torch.bfloat16
+    big = QF.big_table(folder, formats, dtype=dtype)
+    tiny = QF.tiny_table({k: v for k, v in formats.items() if v[0] != "float"}, job["texts"])
+    return {"reference": str(dtype).replace("torch.", ""), "big": big,
+            "tiny": {k: v for k, v in tiny.items() if not k.startswith("_")}}
+
+
 def prompt_ids(n: int, seed: int = 1) -> list[int]:
     import random
 
@@ -278,23 +325,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", default="0.4.2", help="chatglm-cpp version to build")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "glmkit" / "bench")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-accuracy", action="store_true", help="skip the accuracy columns")
+    parser.add_argument("--no-speed", action="store_true", help="bytes per token and accuracy only (no chatglm-cpp "
+                        "build, no timing)")
+    parser.add_argument("--texts", type=int, default=300, help="glm-tiny held-out poems for the CE delta")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         job = json.loads(args.child)
-        fn = {"convert": child_convert, "chatglm_cpp": child_chatglm_cpp, "glmkit": child_glmkit}[job["kind"]]
+        fn = {"convert": child_convert, "chatglm_cpp": child_chatglm_cpp, "glmkit": child_glmkit,
+              "accuracy": child_accuracy}[job["kind"]]
         print("RESULT " + json.dumps(fn(job)), flush=True)
         return 0
 
     print(f"load average before: {load_average()}", flush=True)
-    site = ensure_chatglm_cpp(args.cache, args.version)
+    types = [t for t in args.chatglm_cpp.split(",") if t]
+    site = ensure_chatglm_cpp(args.cache, args.version) if types and not args.no_speed else None
     folder = write_checkpoint(args.cache / f"chatglm-6b-shape-{args.layers}l-seed{args.seed}", args.layers, args.seed)
     configs = []
-    for t in filter(None, args.chatglm_cpp.split(",")):
-        configs.append((f"chatglm.cpp {t}", {"kind": "chatglm_cpp", "path": str(convert(site, folder, t))}))
+    for t in types:
+        path = "" if args.no_speed else str(convert(site, folder, t))
+        configs.append((f"chatglm.cpp {t}", {"kind": "chatglm_cpp", "path": path}))
     for p in filter(None, args.glmkit.split(",")):
         path = folder
-        if p == "saved":  # `glmkit quantize` once, then the memory-mapped load of its output
+        if p == "saved" and not args.no_speed:  # `glmkit quantize` once, then the memory-mapped load of its output
             path = folder / "glmkit-int4"
             if not (path / "model.safetensors").exists():
                 from glmkit.loading.checkpoint_ops import quantize_checkpoint
@@ -302,8 +356,14 @@ def main(argv: list[str] | None = None) -> int:
                 quantize_checkpoint(folder, path, 4)
         configs.append((f"glmkit {p}", {"kind": "glmkit", "precision": p, "path": str(path)}))
     common = dict(prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, threads=args.threads)
+    accuracy = None
+    if not args.no_accuracy:
+        formats = accuracy_formats([name for name, _ in configs])  # unknown types fail before the long runs
+        print("accuracy: " + ", ".join(formats), flush=True)
+        accuracy = run_child({"kind": "accuracy", "folder": str(folder), "layers": args.layers, "threads": args.threads,
+                              "texts": args.texts, "names": [name for name, _ in configs]})
     rounds: dict[str, list[dict]] = {name: [] for name, _ in configs}
-    for r in range(args.repeats):
+    for r in range(0 if args.no_speed else args.repeats):
         for name, job in configs:
             result = run_child({**job, **common}, site if job["kind"] == "chatglm_cpp" else None)
             rounds[name].append(result)
@@ -312,7 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     best = {name: {"prefill_tok_s": max(x["prefill_tok_s"] for x in rs), "decode_tok_s": max(x["decode_tok_s"]
                    for x in rs), "load_s": min(x["load_s"] for x in rs), "peak_rss": max(x["peak_rss"] for x in rs),
                    "load_rss": max(x["load_rss"] for x in rs), "threads": rs[0].get("threads")}
-            for name, rs in rounds.items()}
+            for name, rs in rounds.items() if rs}
+    formats = accuracy_formats([name for name, _ in configs])
+    if args.no_speed:
+        print_accuracy(args, formats, accuracy)
+        return 0
     base = best.get("chatglm.cpp q4_0")
     print(f"\nChatGLM-6B shape, {args.layers} layers, tied output layer, batch 1, {args.prompt_tokens}-token prompt, "
           f"{args.decode_tokens} greedy tokens, best of {args.repeats} interleaved rounds; chatglm-cpp "
@@ -324,7 +388,28 @@ def main(argv: list[str] | None = None) -> int:
         ratio = (lambda k: f"{b[k] / base[k]:.2f}x") if base else (lambda k: "-")
         print(f"| {name} | {b['prefill_tok_s']:.1f} | {b['decode_tok_s']:.2f} | {ratio('prefill_tok_s')} | "
               f"{ratio('decode_tok_s')} | {b['load_s']:.1f} | {b['load_rss'] / 1e9:.2f} | {b['peak_rss'] / 1e9:.2f} |")
+    print_accuracy(args, formats, accuracy)
     return 0
+
+
+def print_accuracy(args, formats: dict, accuracy: dict | None) -> None:
+    """Weight bytes per decoded token and, unless skipped, the accuracy columns, one row per configuration."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quant_formats as QF
+
+    q4 = QF.bytes_per_token(4.5, 4.5, args.layers)
+    ref = accuracy["reference"] if accuracy else "-"
+    print(f"\nbytes: weights read per decoded token; logits error: relative L2 against the {ref} model on this "
+          f"checkpoint; glm-tiny: held-out CE delta (nats/char) and logits error under the same format")
+    print("| | bits/weight layers / head | GB/token | vs q4_0 | logits error | glm-tiny CE delta | glm-tiny logits error |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for name, (_, _, lb, hb) in formats.items():
+        gb = QF.bytes_per_token(lb, hb, args.layers)
+        big = accuracy["big"].get(name) if accuracy else None
+        tiny = accuracy["tiny"].get(name) if accuracy else None
+        cells = [f"{big:.4f}" if big is not None else "-", f"{tiny['ce_delta']:+.4f}" if tiny else "-",
+                 f"{tiny['logits_error']:.4f}" if tiny else "-"]
+        print(f"| {name} | {lb:.2f} / {hb:.2f} | {gb / 1e9:.3f} | {gb / q4:.2f}x | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
