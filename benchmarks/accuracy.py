@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import glmkit  # noqa: E402
-import glmkit.quant.quantize as Q  # noqa: E402
+import glmkit.quant.formats as F  # noqa: E402  (quantize-on-load calls formats.quantize_group)
 from glmkit.core.config import GLMConfig  # noqa: E402
 from glmkit.core.model import GLM  # noqa: E402
 from glmkit.evaluation.perplexity import score_texts  # noqa: E402
@@ -60,13 +60,13 @@ HEADS = {"int4, head float": dict(quantize="int4", quantize_head="none"),
          "int8, head int8 (default)": dict(quantize="int8")}
 def load(folder: Path, dtype: torch.dtype = torch.float32, mse_fit: bool = False, **kw) -> GLM:
     """glmkit.load_model, with mse_fit=True under the earlier INT4 rounding (quantize_group's MSE fit)."""
-    plain = Q.quantize_group
+    plain = F.quantize_group
     if mse_fit:
-        Q.quantize_group = lambda w, group_size, symmetric=False: plain(w, group_size, symmetric, mse_fit=True)
+        F.quantize_group = lambda w, group_size, symmetric=False: plain(w, group_size, symmetric, mse_fit=True)
     try:
         return glmkit.load_model(folder, dtype=dtype, **kw)
     finally:
-        Q.quantize_group = plain
+        F.quantize_group = plain
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
