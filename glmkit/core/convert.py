@@ -104,12 +104,17 @@ HF_GLM4X: dict[str, str | None] = {
     "model.layers.{}.self_attn.q_a_proj.": "h.{}.attn.q_a.",  # multi-head latent attention (GLM-4.7-Flash)
     "model.layers.{}.self_attn.q_a_layernorm.weight": "h.{}.attn.q_a_norm.weight",
     "model.layers.{}.self_attn.q_b_proj.": "h.{}.attn.q_b.",
-    "model.layers.{}.self_attn.q_proj.weight": "h.{}.attn.q.weight",  # MLA without q_lora_rank (else fused q/k/v)
+    "model.layers.{}.self_attn.q_proj.": "h.{}.attn.q.",  # MLA without q_lora_rank (else fused q/k/v)
     "model.layers.{}.self_attn.kv_a_proj_with_mqa.": "h.{}.attn.kv_a.",
     "model.layers.{}.self_attn.kv_a_layernorm.weight": "h.{}.attn.kv_a_norm.weight",
     "model.layers.{}.self_attn.kv_b_proj.": "h.{}.attn.kv_b.",
-    "model.layers.{}.mlp.gate_up_proj.weight": "h.{}.mlp.fc.weight",  # GLM-4-0414: [gate | up] already fused
-    "model.layers.{}.mlp.down_proj.weight": "h.{}.mlp.proj.weight",
+    "model.layers.{}.mlp.gate_up_proj.": "h.{}.mlp.fc.",  # GLM-4-0414: [gate | up] already fused
+    "model.layers.{}.mlp.down_proj.": "h.{}.mlp.proj.",
+    # glmkit's saved quantized files only: a quantized fused layer cannot be split back into q/k/v or gate/up (its
+    # scales and packed layouts are the fused layer's), so it is written under one fused name
+    "model.layers.{}.self_attn.qkv_proj.": "h.{}.attn.qkv.",
+    "model.layers.{}.mlp.experts.{}.gate_up_proj.": "h.{}.mlp.experts.{}.fc.",
+    "model.layers.{}.mlp.shared_experts.gate_up_proj.": "h.{}.mlp.shared.fc.",
     "model.layers.{}.mlp.experts.{}.down_proj.": "h.{}.mlp.experts.{}.proj.",
     "model.layers.{}.mlp.shared_experts.down_proj.": "h.{}.mlp.shared.proj.",
     "model.layers.{}.mlp.gate.weight": "h.{}.mlp.router.weight",  # fp32 on the hub
@@ -252,12 +257,12 @@ def to_hf_glm4x_state_dict(state_dict: dict[str, torch.Tensor], config: GLMConfi
     out = {}
     for name, t in state_dict.items():
         m = re.match(r"h\.(\d+)\.attn\.qkv\.(weight|bias)$", name)
-        if m:
+        if m and t.is_floating_point():  # a quantized (integer) weight keeps its fused name, see HF_GLM4X
             for part, piece in zip("qkv", t.split([q, kv, kv], dim=0)):
                 out[f"model.layers.{m[1]}.self_attn.{part}_proj.{m[2]}"] = piece.contiguous()
             continue
         m = re.match(r"h\.(\d+)\.mlp\.(experts\.\d+\.|shared\.|)fc\.weight$", name)
-        if m and not (c.sandwich_norm and not m[2]):  # GLM-4-0414 keeps its dense gate_up_proj fused
+        if m and t.is_floating_point() and not (c.sandwich_norm and not m[2]):  # GLM-4-0414 keeps its dense gate_up_proj fused
             where = {"shared.": "shared_experts."}.get(m[2], m[2])
             gate, up = t.chunk(2, dim=0)
             out[f"model.layers.{m[1]}.mlp.{where}gate_proj.weight"] = gate.contiguous()
