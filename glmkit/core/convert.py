@@ -133,6 +133,13 @@ GLM4X_FUSED: list[tuple[re.Pattern, tuple[str, ...], str]] = [
      "h.{0}.mlp.shared.fc.{2}"),
 ]
 MTP_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+# An MTP layer's own tensors (vLLM's glm4_moe_mtp.py names) -> MTPLayer's; the rest of `model.layers.{L}.` is its
+# decoder layer (`mtp.{i}.block.`). Its embedding copy is dropped: MTP layers share the main model's embedding.
+MTP_NAMES: dict[str, str | None] = {
+    "enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+    "shared_head.norm.weight": "head_norm.weight", "shared_head.head.weight": "head.weight",
+    "embed_tokens.weight": None,
+}
 
 
 class UnexpectedWeightError(KeyError):
@@ -195,7 +202,7 @@ class Glm4xConverter(Converter):
     """transformers' glm4 / glm4_moe / glm4_moe_lite layouts: the table above, q/k/v and gate/up pairs fused as
     glmkit's Attention.qkv and MLP.fc hold them, and the multi-token-prediction layers (indices num_layers ..
     num_layers + num_mtp_layers - 1, GLM-4.5's `model.layers.46.*` / `92.*`) read and dropped: they are counted in
-    `skipped_mtp`, and a layer index past them is an error."""
+    `skipped_mtp`, and a layer index past them is an error; with config.mtp they are kept as `mtp.{i}` (MTP_NAMES)."""
 
     def __init__(self, config: GLMConfig) -> None:
         super().__init__(HF_GLM4X)
@@ -203,6 +210,7 @@ class Glm4xConverter(Converter):
         self.fused = GLM4X_FUSED[1:] if config.kv_lora_rank else GLM4X_FUSED  # MLA has no q/k/v projections
         self.pending: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
         self.skipped_mtp: list[str] = []
+        self.keep_mtp = config.mtp
 
     def _fused(self, name: str):
         for pattern, parts, target in self.fused:
@@ -227,9 +235,22 @@ class Glm4xConverter(Converter):
         return super().passthrough_target(name)
 
     def feed(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-        if self._is_mtp(name):
+        if not self._is_mtp(name):
+            yield from self._feed_layer(name, tensor)
+            return
+        layer = int(MTP_LAYER.match(name).group(1))
+        rest = name[MTP_LAYER.match(name).end():]
+        if not self.keep_mtp or (rest in MTP_NAMES and MTP_NAMES[rest] is None):
             self.skipped_mtp.append(name)
             return
+        i = layer - self.num_layers
+        if rest in MTP_NAMES:
+            yield f"mtp.{i}.{MTP_NAMES[rest]}", tensor
+            return
+        for target, t in self._feed_layer(name, tensor):  # the decoder layer, named as a main one first
+            yield target.replace(f"h.{layer}.", f"mtp.{i}.block.", 1), t
+
+    def _feed_layer(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         fused = self._fused(name)
         if fused is None:
             yield from super().feed(name, tensor)
