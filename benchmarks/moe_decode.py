@@ -14,8 +14,10 @@ Models (random weights, built in memory; GLMConfig.from_name("glm-4.7-flash") wi
 
 Each model decodes `--new-tokens` tokens after a 16-token prompt, `--repeats` times; the table gives the median
 tokens/s of the decode steps (prefill excluded). "experts run / token / layer" is counted with forward hooks on
-the expert MLPs while decoding: it shows that a decode step runs (and so reads) only the routed experts. Quantized
-experts (INT8/INT4) are not in glmkit yet, so the table has bf16 only.
+the expert MLPs while decoding: it shows that a decode step runs (and so reads) only the routed experts.
+`--quantize int4` (or int8) quantizes both models as `glmkit.load_model(..., quantize=)` does (every linear of every
+layer, the routed and shared experts included; the router and latent attention's kv_b stay float; INT8 output layer
+and embedding under INT4) before decoding.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from glmkit.core.causal_lm import GLMForCausalLM  # noqa: E402
 from glmkit.core.config import GLMConfig  # noqa: E402
 from glmkit.core.generate import generate_stream  # noqa: E402
+from glmkit.quant.transform import quantize_model  # noqa: E402
 
 
 def configs(layers: int) -> tuple[GLMConfig, GLMConfig]:
@@ -106,15 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quantize", choices=("int8", "int4"), default=None)
     args = parser.parse_args(argv)
     rows = []
     for label, config in zip(("moe (GLM-4.7-Flash layers)", "dense-active"), configs(args.layers)):
         model = build(config)
-        total, active = count(model, False), count(model, True)
+        total, active = count(model, False), count(model, True)  # counted on the float model
+        if args.quantize:
+            quantize_model(model, int(args.quantize[-1]))
         rate, experts = decode_rate(model, args.new_tokens, args.repeats)
         rows.append((label, total, active, experts, rate))
         del model
-    print(f"{args.layers} layers, batch 1, bf16, {args.new_tokens} decoded tokens after a 16-token prompt, "
+    print(f"{args.layers} layers, batch 1, {args.quantize or 'bf16'}, {args.new_tokens} decoded tokens after a 16-token prompt, "
           f"median of {args.repeats}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| model | parameters | active / token | experts run / token / MoE layer | decode tokens/s |")
     print("|---|---|---|---|---|")

@@ -102,8 +102,10 @@ class GLMConfig:
     routed_scaling_factor: float = 1.0
     mlp_layer_types: list[str] | None = None  # "dense" | "sparse" per layer; None = all dense
     # Multi-token-prediction layers the checkpoint holds after the last layer (`num_nextn_predict_layers`); glmkit
-    # reads and skips them (they are not used for plain decoding).
+    # reads and skips them unless `mtp` (load_model(mtp=True)) keeps them for self-speculative decoding
+    # (glmkit.core.speculative).
     num_mtp_layers: int = 0
+    mtp: bool = False
     # Multi-head latent attention (kv_lora_rank set; GLM-4.7-Flash): q through an optional q_lora_rank bottleneck,
     # keys/values from one kv_lora_rank latent plus a shared rotary key of qk_rope_head_dim. The KV cache holds the
     # latent row [latent | rotary key], so for MLA num_kv_heads is 1 and head_dim is kv_lora_rank + qk_rope_head_dim
@@ -208,6 +210,8 @@ class GLMConfig:
 
     # ------------------------------------------------------------------ derived
     def is_moe_layer(self, i: int) -> bool:
+        if self.mlp_layer_types is not None and i >= len(self.mlp_layer_types):  # an MTP layer: MoE in a MoE model
+            return self.num_experts > 0
         return self.mlp_layer_types is not None and self.mlp_layer_types[i] == "sparse"
 
     @property

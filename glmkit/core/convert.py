@@ -104,12 +104,17 @@ HF_GLM4X: dict[str, str | None] = {
     "model.layers.{}.self_attn.q_a_proj.": "h.{}.attn.q_a.",  # multi-head latent attention (GLM-4.7-Flash)
     "model.layers.{}.self_attn.q_a_layernorm.weight": "h.{}.attn.q_a_norm.weight",
     "model.layers.{}.self_attn.q_b_proj.": "h.{}.attn.q_b.",
-    "model.layers.{}.self_attn.q_proj.weight": "h.{}.attn.q.weight",  # MLA without q_lora_rank (else fused q/k/v)
+    "model.layers.{}.self_attn.q_proj.": "h.{}.attn.q.",  # MLA without q_lora_rank (else fused q/k/v)
     "model.layers.{}.self_attn.kv_a_proj_with_mqa.": "h.{}.attn.kv_a.",
     "model.layers.{}.self_attn.kv_a_layernorm.weight": "h.{}.attn.kv_a_norm.weight",
     "model.layers.{}.self_attn.kv_b_proj.": "h.{}.attn.kv_b.",
-    "model.layers.{}.mlp.gate_up_proj.weight": "h.{}.mlp.fc.weight",  # GLM-4-0414: [gate | up] already fused
-    "model.layers.{}.mlp.down_proj.weight": "h.{}.mlp.proj.weight",
+    "model.layers.{}.mlp.gate_up_proj.": "h.{}.mlp.fc.",  # GLM-4-0414: [gate | up] already fused
+    "model.layers.{}.mlp.down_proj.": "h.{}.mlp.proj.",
+    # glmkit's saved quantized files only: a quantized fused layer cannot be split back into q/k/v or gate/up (its
+    # scales and packed layouts are the fused layer's), so it is written under one fused name
+    "model.layers.{}.self_attn.qkv_proj.": "h.{}.attn.qkv.",
+    "model.layers.{}.mlp.experts.{}.gate_up_proj.": "h.{}.mlp.experts.{}.fc.",
+    "model.layers.{}.mlp.shared_experts.gate_up_proj.": "h.{}.mlp.shared.fc.",
     "model.layers.{}.mlp.experts.{}.down_proj.": "h.{}.mlp.experts.{}.proj.",
     "model.layers.{}.mlp.shared_experts.down_proj.": "h.{}.mlp.shared.proj.",
     "model.layers.{}.mlp.gate.weight": "h.{}.mlp.router.weight",  # fp32 on the hub
@@ -128,6 +133,13 @@ GLM4X_FUSED: list[tuple[re.Pattern, tuple[str, ...], str]] = [
      "h.{0}.mlp.shared.fc.{2}"),
 ]
 MTP_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+# An MTP layer's own tensors (vLLM's glm4_moe_mtp.py names) -> MTPLayer's; the rest of `model.layers.{L}.` is its
+# decoder layer (`mtp.{i}.block.`). Its embedding copy is dropped: MTP layers share the main model's embedding.
+MTP_NAMES: dict[str, str | None] = {
+    "enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+    "shared_head.norm.weight": "head_norm.weight", "shared_head.head.weight": "head.weight",
+    "embed_tokens.weight": None,
+}
 
 
 class UnexpectedWeightError(KeyError):
@@ -196,7 +208,7 @@ class Glm4xConverter(Converter):
     """transformers' glm4 / glm4_moe / glm4_moe_lite layouts: the table above, q/k/v and gate/up pairs fused as
     glmkit's Attention.qkv and MLP.fc hold them, and the multi-token-prediction layers (indices num_layers ..
     num_layers + num_mtp_layers - 1, GLM-4.5's `model.layers.46.*` / `92.*`) read and dropped: they are counted in
-    `skipped_mtp`, and a layer index past them is an error."""
+    `skipped_mtp`, and a layer index past them is an error; with config.mtp they are kept as `mtp.{i}` (MTP_NAMES)."""
 
     def __init__(self, config: GLMConfig) -> None:
         super().__init__(HF_GLM4X)
@@ -204,6 +216,7 @@ class Glm4xConverter(Converter):
         self.fused = GLM4X_FUSED[1:] if config.kv_lora_rank else GLM4X_FUSED  # MLA has no q/k/v projections
         self.pending: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
         self.skipped_mtp: list[str] = []
+        self.keep_mtp = config.mtp
 
     def _fused(self, name: str):
         for pattern, parts, target in self.fused:
@@ -228,9 +241,22 @@ class Glm4xConverter(Converter):
         return super().passthrough_target(name)
 
     def feed(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-        if self._is_mtp(name):
+        if not self._is_mtp(name):
+            yield from self._feed_layer(name, tensor)
+            return
+        layer = int(MTP_LAYER.match(name).group(1))
+        rest = name[MTP_LAYER.match(name).end():]
+        if not self.keep_mtp or (rest in MTP_NAMES and MTP_NAMES[rest] is None):
             self.skipped_mtp.append(name)
             return
+        i = layer - self.num_layers
+        if rest in MTP_NAMES:
+            yield f"mtp.{i}.{MTP_NAMES[rest]}", tensor
+            return
+        for target, t in self._feed_layer(name, tensor):  # the decoder layer, named as a main one first
+            yield target.replace(f"h.{layer}.", f"mtp.{i}.block.", 1), t
+
+    def _feed_layer(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         fused = self._fused(name)
         if fused is None:
             yield from super().feed(name, tensor)
@@ -258,12 +284,12 @@ def to_hf_glm4x_state_dict(state_dict: dict[str, torch.Tensor], config: GLMConfi
     out = {}
     for name, t in state_dict.items():
         m = re.match(r"h\.(\d+)\.attn\.qkv\.(weight|bias)$", name)
-        if m:
+        if m and t.is_floating_point():  # a quantized (integer) weight keeps its fused name, see HF_GLM4X
             for part, piece in zip("qkv", t.split([q, kv, kv], dim=0)):
                 out[f"model.layers.{m[1]}.self_attn.{part}_proj.{m[2]}"] = piece.contiguous()
             continue
         m = re.match(r"h\.(\d+)\.mlp\.(experts\.\d+\.|shared\.|)fc\.weight$", name)
-        if m and not (c.sandwich_norm and not m[2]):  # GLM-4-0414 keeps its dense gate_up_proj fused
+        if m and t.is_floating_point() and not (c.sandwich_norm and not m[2]):  # GLM-4-0414 keeps its dense gate_up_proj fused
             where = {"shared.": "shared_experts."}.get(m[2], m[2])
             gate, up = t.chunk(2, dim=0)
             out[f"model.layers.{m[1]}.mlp.{where}gate_proj.weight"] = gate.contiguous()

@@ -509,6 +509,28 @@ class MLAttention(nn.Module):
 MLA_NORM_EPS = 1e-6  # transformers' Glm4MoeLiteRMSNorm default, which q_a_layernorm and kv_a_layernorm use
 
 
+class MTPLayer(nn.Module):
+    """One of GLM-4.5's multi-token-prediction layers (`model.layers.{num_layers + i}`, DeepSeek-V3's design, as
+    vLLM's glm4_moe_mtp.py computes it): at position t it reads the main model's final-norm hidden state h_t and the
+    embedding of token t+1 (zero at position 0) and predicts token t+2:
+    x = eh_proj([enorm(embed) | hnorm(h)]); x = block(x); logits = head(head_norm(x)). The embedding is the main
+    model's (MTP layers share it; the checkpoint's per-layer copy is not kept)."""
+
+    def __init__(self, config: GLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.enorm, self.hnorm = make_norm(config), make_norm(config)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.block = Block(config, layer_idx)
+        self.head_norm = make_norm(config)  # shared_head.norm
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # shared_head.head
+
+    def forward(self, embeds, hidden, cos_sin, mask, input_pos=None):
+        """embeds, hidden (B, T, hidden) -> (logits (B, T, vocab) float32, this layer's hidden (B, T, hidden))."""
+        x = self.eh_proj(torch.cat((self.enorm(embeds), self.hnorm(hidden)), dim=-1))
+        x = self.block(x, cos_sin, mask, input_pos)
+        return self.head(self.head_norm(x)).float(), x
+
+
 # ------------------------------------------------------------------------------------------------------------ model
 class GLM(nn.Module):
     def __init__(self, config: GLMConfig) -> None:
@@ -524,6 +546,8 @@ class GLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
+        self.mtp = (nn.ModuleList(MTPLayer(config, config.num_layers + i) for i in range(config.num_mtp_layers))
+                    if config.mtp and config.num_mtp_layers else None)
         self.prefix_encoder: nn.Module | None = None  # set by glmkit.adapters.ptuning.attach_prefix
         self.gradient_checkpointing = False
 
@@ -636,12 +660,15 @@ class GLM(nn.Module):
             dtype = self.dtype
             if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
                 dtype = torch.float32
-        for block in self.h:
+        for block in self._cached_blocks():
             block.attn.kv_cache = KVCache(batch_size, max_seq_len, block.attn.n_kv_heads, c.head_dim, dtype, device)
 
     def clear_cache(self) -> None:
-        for block in self.h:
+        for block in self._cached_blocks():
             block.attn.kv_cache = None
+
+    def _cached_blocks(self) -> list:
+        return list(self.h) + ([m.block for m in self.mtp] if self.mtp is not None else [])
 
     def reorder_cache(self, index: torch.Tensor) -> None:
         """Beam search: row b of every cache becomes row index[b]."""
@@ -652,7 +679,7 @@ class GLM(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, input_pos: torch.Tensor | None = None,
-                last_logits_only: bool = False) -> torch.Tensor:
+                last_logits_only: bool = False, return_hidden: bool = False) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] (float32).
 
         position_ids: [B, T], or [B, 2, T] (positions, block positions) for ChatGLM-6B and the original GLM;
@@ -662,6 +689,7 @@ class GLM(nn.Module):
         original GLM's own form: every row sees the first sep tokens and itself causally (tril + [:, :sep]).
         input_pos: [T] cache slots of these tokens (only with setup_cache()).
         last_logits_only: return logits [B, 1, vocab] for the last position only (prefill needs no more).
+        return_hidden: return (logits, the final norm's output [B, T|1, hidden]), what MTP layers read.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -740,7 +768,24 @@ class GLM(nn.Module):
         if last_logits_only:
             x = x[:, -1:]
         x = self.ln_f(x)
-        return self.lm_head(x).float()
+        logits = self.lm_head(x).float()
+        return (logits, x) if return_hidden else logits
+
+    def mtp_forward(self, i: int, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
+                    mask: torch.Tensor | None, input_pos: torch.Tensor | None = None):
+        """MTP layer i (load_model(mtp=True)): input_ids [B, T] (the tokens after those `hidden` [B, T, hidden]
+        stands for), position_ids [B, T] those of `hidden`, mask bool [B, 1, T, S] or None (causal) -> (logits
+        [B, T, vocab] for the tokens two ahead, the layer's hidden [B, T, hidden])."""
+        if self.mtp is None:
+            raise ValueError("the model has no MTP layers: load it with load_model(..., mtp=True)")
+        embeds = self.wte(input_ids)
+        embeds = embeds.masked_fill((position_ids == 0)[..., None], 0.0)  # as vLLM: position 0 sees no embedding
+        if mask is None and input_pos is None:
+            T = input_ids.shape[1]
+            mask = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()[None, None]
+        elif mask is not None and input_pos is not None:
+            mask = mask[..., : int(input_pos[-1]) + 1]
+        return self.mtp[i](embeds, hidden, self.rotary.cos_sin(position_ids), mask, input_pos)
 
     # ------------------------------------------------------------------ utilities
     @torch.no_grad()

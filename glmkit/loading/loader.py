@@ -53,7 +53,8 @@ from glmkit.quant.sharded import prepare_sat_model, sat_spec
 # ------------------------------------------------------------------------------------------------ loading
 def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device: str = "cpu",
                adapter: str | os.PathLike | None = None, quantize: str | None = None, group_size: int | None = None,
-               scheme: str | None = None, quantize_head: str | None = None, tensor_parallel: bool = False):
+               scheme: str | None = None, quantize_head: str | None = None, tensor_parallel: bool = False,
+               mtp: bool = False):
     """Loads a GLM-family checkpoint folder (or bundled name, or Hugging Face id) as a GLMForCausalLM.
 
     dtype: torch dtype or name; default = config.json's torch_dtype, as transformers does with
@@ -66,9 +67,13 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None
     tensor-parallel degree, float or quantized by its convert_tp.py) load merged (glmkit.core.sat).
     tensor_parallel=True (under torchrun, one process per device): each rank loads only its shard of the heads, MLP
     columns and vocabulary and the ranks compute together through torch.distributed (glmkit.distributed).
+    mtp=True keeps GLM-4.5's multi-token-prediction layers (`model.mtp`, kept in floating point under quantize=) for
+    self-speculative decoding (glmkit.core.speculative.generate_mtp); by default they are read and dropped.
     """
     folder = resolve_model_dir(path_or_id)
     if tensor_parallel:
+        if mtp:
+            raise ValueError("mtp=True is not supported with tensor_parallel=True")
         if adapter is not None:
             raise ValueError("adapters are not supported with tensor_parallel=True")
         from glmkit.distributed.tp import load_tensor_parallel
@@ -87,6 +92,10 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None
         except ConfigError as e:
             raise ConfigError(f"{folder / 'config.json'}: {e}") from None
         files = weight_files(folder)
+    if mtp:
+        if not config.num_mtp_layers:
+            raise ValueError(f"mtp=True: {folder} has no multi-token-prediction layers (num_nextn_predict_layers)")
+        config.mtp = True
     target_dtype = as_dtype(dtype) if dtype is not None else default_dtype(config.torch_dtype, device)
     config.torch_dtype = str(target_dtype).removeprefix("torch.")
 

@@ -1,5 +1,5 @@
 """Saving a quantized model: `save_quantized` writes the folder `glmkit quantize` makes (config.json with the
-spec, model.safetensors in THUDM tensor names through glmkit.core.safetensors_io.write_aligned, the tokenizer
+spec, model.safetensors in THUDM tensor names (transformers' for glm4 / glm4_moe / glm4_moe_lite) through glmkit.core.safetensors_io.write_aligned, the tokenizer
 files), which load_model maps back without quantizing again."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from glmkit.core.atomic import atomic_dir
-from glmkit.core.convert import to_hf_config, to_thudm_state_dict
+from glmkit.core.config import GLM4X_LAYOUTS
+from glmkit.core.convert import to_hf_config, to_hf_glm4x_config, to_hf_glm4x_state_dict, to_thudm_state_dict
 from glmkit.core.safetensors_io import write_aligned
 from glmkit.quant.formats import QUANT_KEY
 from glmkit.quant.linear import QuantizedLinear
@@ -64,12 +65,13 @@ def _save_quantized(model: nn.Module, out: Path, src_dir: str | Path | None) -> 
     if getattr(config, "tie_word_embeddings", False):
         for name in [k for k in sd if k.startswith("lm_head.")]:
             del sd[name]
-    sd = to_thudm_state_dict(sd, config)
+    glm4x = config.extra.get("hf_layout") in GLM4X_LAYOUTS  # transformers' names: there is no THUDM layout
+    sd = to_hf_glm4x_state_dict(sd, config) if glm4x else to_thudm_state_dict(sd, config)
     src = Path(src_dir) if src_dir is not None else None
     if src is not None and (src / "config.json").is_file():
         hf = json.loads((src / "config.json").read_text(encoding="utf-8"))
     else:
-        hf = to_hf_config(config)
+        hf = to_hf_glm4x_config(config) if glm4x else to_hf_config(config)
     hf.pop("quantization_bit", None)  # the glmkit key describes these tensors, not THUDM's
     hf[QUANT_KEY] = spec
     hf["torch_dtype"] = getattr(config, "torch_dtype", hf.get("torch_dtype", "float32"))

@@ -2,8 +2,10 @@
 (`prepare_model`: quantize-on-load, pre-quantized checkpoints) or from its float weights (`quantize_model`,
 `quantize_head`).
 
-What is quantized: the four linears of every layer (`attn.qkv`, `attn.proj`, `mlp.fc`, `mlp.proj`; THUDM's
-query_key_value, dense, dense_h_to_4h, dense_4h_to_h), as in GLM-130B and ChatGLM-6B, and by default also the
+What is quantized: every nn.Linear inside the layers (`layer_linears`; for GLM/ChatGLM/GLM-4 the four `attn.qkv`,
+`attn.proj`, `mlp.fc`, `mlp.proj`, THUDM's query_key_value, dense, dense_h_to_4h, dense_4h_to_h, as in GLM-130B and
+ChatGLM-6B; for the MoE generations also every routed and shared expert's, and the latent attention's q_a/q_b/q/kv_a
+projections), except those FLOAT_LINEARS names, and by default also the
 output layer and the embedding (the "head", INT8 by default whatever the layers' bits; ``head="int4"`` or
 ``"none"`` to choose). The output layer is read whole for every token: ChatGLM-6B's 130528x4096 one is 1.07 GB
 in bf16, more than a quarter of an INT4 model's bytes per token. A tied model (ChatGLM-6B) keeps one quantized
@@ -25,18 +27,32 @@ from glmkit.quant.formats import default_spec, head_spec, validate_spec
 from glmkit.quant.kernels import release_freed_memory
 from glmkit.quant.linear import QuantizedEmbedding, QuantizedLinear
 
+# The four linears of a GLM/ChatGLM/GLM-4 layer (THUDM's query_key_value, dense, dense_h_to_4h, dense_4h_to_h).
 QUANTIZED_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+# Linears inside a layer that stay in floating point, by their last name. MLAttention.kv_b: the absorbed latent
+# attention reads its weight as a tensor for every step (q_nope·W_uk, W_uv·out), so a quantized one would be
+# dequantized per token; it is small (kv_lora_rank x heads·(nope + v)). GLM-4.5's router is not an nn.Linear (an
+# fp32 weight that Router keeps fp32) and norms are not linears, so neither is ever picked.
+FLOAT_LINEARS = ("kv_b",)
 
 
 def layer_linears(model: nn.Module):
+    """(name, parent, attribute, module) of every linear inside the layers that is quantized: each nn.Linear (or
+    already QuantizedLinear) under `h.N` but FLOAT_LINEARS, in module order: for a MoE layer the routed experts
+    (`mlp.experts.E.fc`/`.proj`) and the shared expert (`mlp.shared.*`), for latent attention `attn.q_a`, `q_b` (or
+    `q`), `kv_a` and `proj`."""
     blocks = getattr(model, "h", None)
     if blocks is None:
         raise ValueError("model has no .h block list (expected a glmkit GLM model)")
     for i, block in enumerate(blocks):
-        for path in QUANTIZED_LINEARS:
+        for path, module in block.named_modules():
+            if not isinstance(module, (nn.Linear, QuantizedLinear)):
+                continue
             parent_name, _, attr = path.rpartition(".")
-            parent = block.get_submodule(parent_name)
-            yield f"h.{i}.{path}", parent, attr, getattr(parent, attr)
+            if attr in FLOAT_LINEARS or any(part.startswith("lora_") for part in path.split(".")):
+                continue  # LoRA's own A/B matrices (PEFT's lora_A/lora_B) stay float
+            parent = block.get_submodule(parent_name) if parent_name else block
+            yield f"h.{i}.{path}", parent, attr, module
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -51,7 +67,7 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 
 def prepare_model(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
-    """Swaps the four linears of every layer for empty QuantizedLinear modules (no allocation), ready for
+    """Swaps the linears of every layer (layer_linears) for empty QuantizedLinear modules (no allocation), ready for
     ``load_weight_tensor``, and with a ``head`` in the spec the embedding and output layer for QuantizedEmbedding /
     QuantizedLinear (one QuantizedEmbedding for both when they are tied). Call on a model built on the meta device
     (the loader does)."""
@@ -131,7 +147,7 @@ def quantize_head(model: nn.Module, head: str | dict | None = None, bits: int = 
 
 def quantize_model(model: nn.Module, bits: int, group_size: int | None = None, scheme: str | None = None,
                    symmetric: bool = False, head: str | dict | None = None) -> nn.Module:
-    """Quantizes the four linears of every layer of a materialised float model in place (one layer at a time,
+    """Quantizes the linears of every layer (layer_linears) of a materialised float model in place (one layer at a time,
     each float weight freed as soon as its quantized form exists), and the embedding / output layer as `head`
     says (default as load_model's quantize= does: floating point under INT8 layers, INT8 under INT4)."""
     spec = default_spec(bits, group_size, scheme, symmetric)
