@@ -88,7 +88,7 @@ def test_finetune_killed_and_restarted_equals_uninterrupted(base, tmp_path, meth
 
 
 def test_calibrated_quantize_killed_and_restarted_equals_uninterrupted(base, tmp_path, seed):
-    from glmkit.loading.tools import calibration_progress_dir
+    from glmkit.loading.checkpoint_ops import calibration_progress_dir
 
     def cmd(out):
         return [sys.executable, "-m", "glmkit", "quantize", str(base["model"]), str(out), "--bits", "4",
