@@ -30,7 +30,7 @@ PROG = "glmkit finetune"
 SECTIONS = {"do_train": "what to do", "model_name_or_path": "model", "train_file": "data (JSON Lines)",
             "output_dir": "training", "generation_max_length": "generation (--predict_with_generate; defaults as "
                                                                "main.py)",
-            "stage": "alignment (--stage rm / dpo / grpo; docs/alignment.md)"}
+            "stage": "alignment (--stage rm / dpo / grpo / pairs; docs/alignment.md)"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,6 +35,7 @@ from glmkit.training.reward import (
     rewards_of,
     save_reward_model,
 )
+from glmkit.training.pairs import build_preference_pairs, write_pairs
 from glmkit.training.rewards import load_reward_function
 from glmkit.training.stages import (
     GRPOStage,
@@ -284,3 +285,29 @@ def predict_args(args: FinetuneArgs) -> FinetuneArgs:
     reference text (ROUGE/BLEU against it)."""
     return dataclasses.replace(args, prompt_column=stage_prompt_column(args), response_column=args.chosen_column,
                                history_column=None)
+
+
+def run_pairs(model: nn.Module, tokenizer, args: FinetuneArgs, device: torch.device) -> dict[str, Any]:
+    """--stage pairs: --num_generations answers per --train_file prompt from the model (+ --adapter), sampled at
+    --sample_temperature/--sample_top_p/--sample_top_k, scored by the reward, best vs worst written to
+    OUTPUT_DIR/pairs.json (TRL's format, for --stage dpo)."""
+    rows = read_rows(args.train_file, args.max_train_samples)
+    prompts = build_prompts(tokenizer, rows, columns_of(args), lengths_of(args), source=args.train_file)
+    if args.reward_model:
+        rm, rm_tok = load_reward_model(args.reward_model, device=str(device))
+        reward_fn = reward_model_function(rm, rm_tok, args.max_source_length, args.max_target_length)
+    else:
+        reward_fn = load_reward_function(args.reward_function)
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        if not args.disable_tqdm:
+            log_line(f"pairs: {done}/{total} prompts sampled ({time.perf_counter() - t0:.0f}s)")
+
+    pairs, stats = build_preference_pairs(
+        model, tokenizer, prompts, reward_fn, args.num_generations, max_new_tokens=args.max_target_length,
+        temperature=args.sample_temperature, top_p=args.sample_top_p, top_k=args.sample_top_k,
+        batch_size=args.per_device_train_batch_size, seed=args.seed, progress=progress)
+    path = write_pairs(pairs, Path(args.output_dir) / "pairs.json")
+    log_line(f"wrote {len(pairs)} pairs from {len(prompts)} prompts to {path}")
+    return {f"pairs_{k}": round(v, 4) if isinstance(v, float) else v for k, v in stats.items()}

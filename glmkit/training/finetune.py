@@ -92,6 +92,15 @@ def _finetune(args: FinetuneArgs) -> dict[str, Any]:
     results: dict[str, Any] = {}
 
     reference = None
+    if args.stage == "pairs":  # on-policy preference pairs for dpo (docs/alignment.md)
+        from glmkit.training.align import run_pairs
+
+        if world > 1:
+            raise ValueError("--stage pairs runs on one process")
+        results.update(run_pairs(model, tokenizer, args, device))
+        save_metrics(out, "pairs", results)
+        log(json.dumps(results, ensure_ascii=False))
+        return results
     if args.stage != "sft":  # alignment: glmkit.training.align (docs/alignment.md)
         from glmkit.training.align import run_alignment, start_reference
 

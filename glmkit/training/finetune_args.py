@@ -14,7 +14,7 @@ from typing import Any, Literal
 METHODS = ("ptuning", "lora", "full")
 QUANTIZATION_BITS = (4, 8)
 DTYPES = ("float32", "bfloat16", "float16")
-STAGES = ("sft", "rm", "dpo", "grpo")
+STAGES = ("sft", "rm", "dpo", "grpo", "pairs")
 PREF_LOSSES = ("sigmoid", "ipo", "simpo")
 GRPO_LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -118,9 +118,9 @@ class FinetuneArgs:
     top_p: float = _opt(0.7, "nucleus sampling mass")
     temperature: float = _opt(0.95, "sampling temperature")
 
-    # ---- alignment (--stage rm / dpo / grpo; docs/alignment.md)
-    stage: Literal["sft", "rm", "dpo", "grpo"] = _opt("sft", "sft (supervised, main.py's), rm (reward model), dpo (preference pairs), grpo (online "
-                             "RL with a reward)")
+    # ---- alignment (--stage rm / dpo / grpo / pairs; docs/alignment.md)
+    stage: Literal["sft", "rm", "dpo", "grpo", "pairs"] = _opt("sft", "sft (supervised, main.py's), rm (reward model), dpo (preference pairs), grpo (online "
+                             "RL with a reward), pairs (sample on-policy pairs for dpo into OUTPUT_DIR/pairs.json)")
     chosen_column: str = _opt("chosen", "rm/dpo: the preferred answer (text or an assistant message list); "
                                         "for rm/dpo/grpo --prompt_column's default content means prompt")
     rejected_column: str = _opt("rejected", "rm/dpo: the other answer")
@@ -130,13 +130,13 @@ class FinetuneArgs:
     label_smoothing: float = _opt(0.0, "dpo sigmoid/simpo: conservative-DPO label smoothing in [0, 0.5)")
     simpo_gamma: float = _opt(0.5, "simpo: the target reward margin γ")
     rpo_alpha: float | None = _opt(None, "dpo: add this times the chosen answers' NLL per token (TRL's RPO)")
-    reward_model: str | None = _opt(None, "grpo: a reward-model folder (from --stage rm) scoring the answers")
-    reward_function: str | None = _opt(None, "grpo: FILE.py:NAME, a function (prompts, completions) -> rewards, "
-                                             "or poem_form (built in)")
-    num_generations: int = _opt(8, "grpo: answers sampled per prompt (the group)")
-    sample_temperature: float = _opt(1.0, "grpo: sampling temperature")
-    sample_top_p: float = _opt(1.0, "grpo: sampling top-p")
-    sample_top_k: int = _opt(0, "grpo: sampling top-k (0 = off)")
+    reward_model: str | None = _opt(None, "grpo/pairs: a reward-model folder (from --stage rm) scoring the answers")
+    reward_function: str | None = _opt(None, "grpo/pairs: FILE.py:NAME, a function (prompts, completions) -> "
+                                             "rewards, or poem_form (built in)")
+    num_generations: int = _opt(8, "grpo/pairs: answers sampled per prompt (the group)")
+    sample_temperature: float = _opt(1.0, "grpo/pairs: sampling temperature")
+    sample_top_p: float = _opt(1.0, "grpo/pairs: sampling top-p")
+    sample_top_k: int = _opt(0, "grpo/pairs: sampling top-k (0 = off)")
     epsilon: float = _opt(0.2, "grpo: the ratio clip ε")
     epsilon_high: float | None = _opt(None, "grpo: the upper clip (default: --epsilon)")
     grpo_loss_type: Literal["dapo", "grpo", "bnpo", "dr_grpo"] = _opt("dapo", "grpo: dapo (TRL's default), grpo, bnpo or dr_grpo aggregation")
@@ -151,7 +151,7 @@ def validate(args: FinetuneArgs) -> None:
         raise ValueError(f"--quantization_bit must be 4 or 8, got {args.quantization_bit}")
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
-    if not (args.do_train or args.do_eval or args.do_predict):
+    if not (args.do_train or args.do_eval or args.do_predict or args.stage == "pairs"):
         raise ValueError("nothing to do: pass --do_train, --do_eval and/or --do_predict")
     for flag, file_field in INPUT_FILES.items():
         if getattr(args, flag) and not getattr(args, file_field):
@@ -175,14 +175,17 @@ def validate_stage(args: FinetuneArgs) -> None:
                           ("scale_rewards", SCALE_REWARDS)):
         if getattr(args, name) not in allowed:
             raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(args, name)!r}")
-    if args.stage == "grpo" and args.do_train:
+    if (args.stage == "grpo" and args.do_train) or args.stage == "pairs":
         if bool(args.reward_model) == bool(args.reward_function):
-            raise ValueError("--stage grpo needs one reward: --reward_model DIR or --reward_function FILE.py:NAME")
+            raise ValueError(f"--stage {args.stage} needs one reward: --reward_model DIR or --reward_function "
+                             "FILE.py:NAME")
         if args.num_generations < 2:
-            raise ValueError(f"--num_generations must be at least 2 (GRPO compares answers within a group), "
+            raise ValueError(f"--num_generations must be at least 2 (answers are compared within a group), "
                              f"got {args.num_generations}")
-    if args.stage != "grpo" and (args.reward_model or args.reward_function):
-        raise ValueError("--reward_model / --reward_function are for --stage grpo")
+        if args.stage == "pairs" and not args.train_file:
+            raise ValueError("--stage pairs needs --train_file (its prompts)")
+    if args.stage not in ("grpo", "pairs") and (args.reward_model or args.reward_function):
+        raise ValueError("--reward_model / --reward_function are for --stage grpo and pairs")
     if args.beta is not None and args.beta < 0:
         raise ValueError(f"--beta must be >= 0, got {args.beta}")
     if args.stage == "dpo" and args.beta is not None and args.beta == 0:
