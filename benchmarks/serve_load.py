@@ -68,18 +68,20 @@ def random_model(out: Path, layers: int, hidden: int) -> Path:
 
 
 class Server:
-    def __init__(self, model: str, engine: str, extra: list[str], log: Path, threads: int | None) -> None:
-        self.port = free_port()
+    """A server process on loopback (the `--port` of `cmd`), started and waited for until GET /health answers;
+    stop() sends SIGINT, on which glmkit serve and vLLM's server both shut down cleanly."""
+
+    def __init__(self, name: str, cmd: list[str], log: Path, env: dict[str, str] | None = None,
+                 timeout: float = 300) -> None:
+        self.name, self.port = name, int(cmd[cmd.index("--port") + 1])
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log.open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "glmkit", "serve", "--model", model, "--port",
-                                      str(self.port), "--log-level", "warning", *extra],
-                                     cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})})
-        deadline = time.monotonic() + 300
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})}, start_new_session=True)
+        deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise SystemExit(f"glmkit serve --engine {engine} exited; see {log}")
+                raise SystemExit(f"{name} exited with {self.proc.returncode}; see {log}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
@@ -87,7 +89,7 @@ class Server:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise SystemExit(f"glmkit serve --engine {engine} never became healthy; see {log}")
+                raise SystemExit(f"{name} never became healthy; see {log}")
             time.sleep(0.3)
 
     def stop(self) -> None:
@@ -97,7 +99,14 @@ class Server:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
         self.log.close()
+
+
+def glmkit_server(model: str, extra: list[str], log: Path, threads: int | None) -> Server:
+    cmd = [sys.executable, "-m", "glmkit", "serve", "--model", model, "--port", str(free_port()), "--log-level",
+           "warning", *extra]
+    return Server("glmkit serve", cmd, log, env={"OMP_NUM_THREADS": str(threads)} if threads else None)
 
 
 LENGTHS = {
@@ -208,7 +217,7 @@ def main(argv: list[str]) -> int:
     servers: dict[str, Server] = {}
     try:
         for engine in engines:  # both up at once (an idle one costs nothing); rates alternate which goes first
-            servers[engine] = Server(model, engine, extra, tmp / f"serve-{engine}.log", args.threads)
+            servers[engine] = glmkit_server(model, extra, tmp / f"serve-{engine}.log", args.threads)
             asyncio.run(drive(servers[engine].url, workload(4, 4.0, args.seed + 99), args.timeout))  # warm-up
         for k, rate in enumerate(rates):
             reqs = workload(args.requests, rate, args.seed + int(rate * 1000), args.lengths)

