@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import glmkit  # noqa: E402
+from accuracy import poem_ids  # noqa: E402  (the same held-out rows as benchmarks/accuracy.py)
 from glmkit.evaluation.perplexity import score_texts  # noqa: E402
 
 TINY = ROOT / "glmkit" / "assets" / "glm-tiny"
@@ -229,22 +230,6 @@ def heldout_texts(n: int = 300) -> list[str]:
     """The last n Tang poems: held out from glm-tiny's tokenizer and training (scripts/train_glm_tiny.sh)."""
     lines = SHARED.read_text(encoding="utf-8").splitlines()[-n:]
     return [json.loads(line)["text"] for line in lines]
-
-
-def poem_ids(folder: Path, n: int = 8, length: int = 48) -> torch.Tensor:
-    config = json.loads((folder / "config.json").read_text())
-    gmask, sop = config["gmask_token_id"], config["bos_token_id"]
-    if not SHARED.exists():
-        return torch.randint(10, gmask - 10, (n, length), generator=torch.Generator().manual_seed(0))
-    tok = glmkit.load_tokenizer(folder)
-    rows = []
-    for line in reversed(SHARED.read_text(encoding="utf-8").splitlines()):
-        ids = list(tok.encode(json.loads(line)["text"]))
-        if len(ids) >= length:
-            rows.append(ids[:length - 2] + [gmask, sop])
-        if len(rows) == n:
-            break
-    return torch.tensor(rows)
 
 
 def tiny_table(names, n_texts: int = 300) -> dict[str, dict]:

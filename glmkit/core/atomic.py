@@ -109,26 +109,8 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> Ite
     """`with atomic_file(p, "w", encoding="utf-8") as f: f.write(...)`: `p` is replaced only when the block ends
     without an exception, by a complete, fsync'ed file. Inside an atomic_dir the file is written in place (the
     folder is committed as a whole)."""
-    path = Path(path)
-    if _inside_open_dir(path):
-        with open(path, mode, **open_kwargs) as f:
-            yield f
-        return
-    remove_leftovers(path)
-    tmp = _tmp_name(path, "tmp")
-    try:
-        with open(tmp, mode, **open_kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if _is_write_error(e):
-            raise _fail(path, e) from e
-        raise
-    fsync_dir(path.parent)
+    with atomic_path(path) as target, open(target, mode, **open_kwargs) as f:
+        yield f  # inside an atomic_dir, target is path itself; otherwise a temporary sibling, fsync'ed and renamed
 
 
 @contextlib.contextmanager
