@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,8 @@ from glmkit.training.alignment import Reference, disable_dropout, preference_los
 from glmkit.training.data.finetune import Lengths, SpecialTokens, read_rows
 from glmkit.training.data.preference import PreferenceColumns, build_pairs, build_prompts
 from glmkit.training.finetune_args import FinetuneArgs, stage_prompt_column
-from glmkit.training.finetune_checkpoint import METHODS, TrainerState, load_trainer_state, save_checkpoint
-from glmkit.training.finetune_loop import MicroBatches, linear_schedule
+from glmkit.training.finetune_checkpoint import METHODS, TrainerState, save_checkpoint
+from glmkit.training.finetune_loop import MicroBatches, start_state
 from glmkit.training.reward import (
     RewardModel,
     load_reward_head,
@@ -189,21 +188,10 @@ def run_alignment(model: nn.Module, tokenizer, args: FinetuneArgs, method: str, 
         params = [p for p in model.parameters() if p.requires_grad]  # FSDP replaced them with sharded ones
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   eps=args.adam_epsilon, weight_decay=args.weight_decay)
-    total = args.max_steps if args.max_steps > 0 else max(1, math.ceil(args.num_train_epochs * order.per_epoch
-                                                                       / accum))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(args.warmup_steps, total))
-    # raw_model is the GLM body: the output-layer hook and the method's checkpoint (adapter or model) are its
-    state = TrainState(model=wrapped, raw_model=body, optimizer=optimizer, scheduler=scheduler, device=device,
-                       autocast_dtype=torch.bfloat16 if args.bf16 else None, rank=rank, world_size=world)
     kind = f"{stage_name}-{method}"
-    trainer_state = TrainerState(max_steps=total, method=kind, seed=args.seed, world_size=world,
-                                 train_batch_size=args.per_device_train_batch_size, gradient_accumulation_steps=accum)
-    if args.resume_from_checkpoint:
-        trainer_state = load_trainer_state(Path(args.resume_from_checkpoint), state, kind)
-        if trainer_state.max_steps != total:
-            raise ValueError(f"the checkpoint was trained for max_steps {trainer_state.max_steps}, this run asks "
-                             f"for {total}; the learning-rate schedule would differ")
-        log_line(f"resumed from {args.resume_from_checkpoint} at step {state.step}", rank)
+    # raw_model is the GLM body: the output-layer hook and the method's checkpoint (adapter or model) are its
+    state, trainer_state, total = start_state(args, wrapped, body, optimizer, order.per_epoch, device, rank, world,
+                                              kind)
 
     n_trainable = sum(p.numel() for p in params)
     unit = {"rm": "pairs", "dpo": "pairs", "grpo": f"prompts x {args.num_generations} answers"}[stage_name]

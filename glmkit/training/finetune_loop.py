@@ -193,19 +193,8 @@ def train(model: nn.Module, tokenizer, examples: list[Any], args: FinetuneArgs, 
                                   eps=args.adam_epsilon, weight_decay=args.weight_decay)
     accum = args.gradient_accumulation_steps
     order = MicroBatches(len(examples), args.per_device_train_batch_size, args.seed, rank, world)
-    total = args.max_steps if args.max_steps > 0 else max(1, math.ceil(args.num_train_epochs * order.per_epoch
-                                                                       / accum))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(args.warmup_steps, total))
-    state = TrainState(model=wrapped, raw_model=model, optimizer=optimizer, scheduler=scheduler, device=device,
-                       autocast_dtype=torch.bfloat16 if args.bf16 else None, rank=rank, world_size=world)
-    trainer_state = TrainerState(max_steps=total, method=method, seed=args.seed, world_size=world,
-                                 train_batch_size=args.per_device_train_batch_size, gradient_accumulation_steps=accum)
-    if args.resume_from_checkpoint:
-        trainer_state = load_trainer_state(Path(args.resume_from_checkpoint), state, method)
-        if trainer_state.max_steps != total:
-            raise ValueError(f"the checkpoint was trained for max_steps {trainer_state.max_steps}, this run asks "
-                             f"for {total}; the learning-rate schedule would differ")
-        log_line(f"resumed from {args.resume_from_checkpoint} at step {state.step}", rank)
+    state, trainer_state, total = start_state(args, wrapped, model, optimizer, order.per_epoch, device, rank, world,
+                                              method)
 
     n_trainable = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
@@ -232,3 +221,24 @@ def train(model: nn.Module, tokenizer, examples: list[Any], args: FinetuneArgs, 
             "train_runtime": round(runtime, 2), "train_samples": len(examples),
             "train_steps_per_second": round(steps / max(runtime, 1e-9), 3),
             "global_step": state.step, "epoch": round(trainer_state.epoch, 4)}
+
+
+def start_state(args: FinetuneArgs, wrapped: nn.Module, raw_model: nn.Module, optimizer, per_epoch: int,
+                device, rank: int, world: int, kind: str) -> tuple[TrainState, TrainerState, int]:
+    """The loop's state for a fine-tuning or alignment stage: total steps (max_steps, or epochs of `per_epoch`
+    micro-batches), HF Trainer's linear schedule, and on --resume_from_checkpoint the checkpoint's state (refused
+    when it was trained for another number of steps, whose schedule would differ)."""
+    accum = args.gradient_accumulation_steps
+    total = args.max_steps if args.max_steps > 0 else max(1, math.ceil(args.num_train_epochs * per_epoch / accum))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(args.warmup_steps, total))
+    state = TrainState(model=wrapped, raw_model=raw_model, optimizer=optimizer, scheduler=scheduler, device=device,
+                       autocast_dtype=torch.bfloat16 if args.bf16 else None, rank=rank, world_size=world)
+    trainer_state = TrainerState(max_steps=total, method=kind, seed=args.seed, world_size=world,
+                                 train_batch_size=args.per_device_train_batch_size, gradient_accumulation_steps=accum)
+    if args.resume_from_checkpoint:
+        trainer_state = load_trainer_state(Path(args.resume_from_checkpoint), state, kind)
+        if trainer_state.max_steps != total:
+            raise ValueError(f"the checkpoint was trained for max_steps {trainer_state.max_steps}, this run asks "
+                             f"for {total}; the learning-rate schedule would differ")
+        log_line(f"resumed from {args.resume_from_checkpoint} at step {state.step}", rank)
+    return state, trainer_state, total
